@@ -1,0 +1,1 @@
+"""The outside of orderledger: settings, the HTTP API and the command line."""

@@ -1,0 +1,177 @@
+"""The append-only event store: the library's recorders, made immutable and able to list one order.
+
+Both recorders add database triggers that reject ``UPDATE`` and ``DELETE`` on the events
+table, created with the table, and a query for one aggregate's events with their global
+positions (the notification ids) for audit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+from uuid import UUID
+
+from eventsourcing.persistence import Notification
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from psycopg.sql import SQL, Identifier
+
+IMMUTABLE_MESSAGE = "events are immutable"
+
+
+class PositionedRecorder(Protocol):
+    """What the ledger needs beyond the library's ApplicationRecorder."""
+
+    def select_aggregate_notifications(
+        self, originator_id: UUID, *, lte_version: int | None = None
+    ) -> Sequence[Notification]: ...
+
+    def max_notification_id(self) -> int | None: ...
+
+
+class SQLiteEventRecorder(SQLiteApplicationRecorder):
+    """The library's SQLite recorder with immutability triggers and per-order positions."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        table = self.events_table_name
+        return [
+            *super().construct_create_table_statements(),
+            *(
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{IMMUTABLE_MESSAGE}: {op} on {table} "
+                "is not allowed'); END"
+                for op in ("UPDATE", "DELETE")
+            ),
+        ]
+
+    def select_aggregate_notifications(
+        self, originator_id: UUID, *, lte_version: int | None = None
+    ) -> Sequence[Notification]:
+        statement = (  # noqa: S608 - our own table name; values are bound parameters
+            f"SELECT rowid, originator_id, originator_version, topic, state "
+            f"FROM {self.events_table_name} WHERE originator_id = ?"
+        )
+        params: list[Any] = [originator_id.hex]
+        if lte_version is not None:
+            statement += " AND originator_version <= ?"
+            params.append(lte_version)
+        statement += " ORDER BY originator_version"
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(statement, params)
+            return [
+                Notification(
+                    id=row["rowid"],
+                    originator_id=self.convert_originator_id(row["originator_id"]),
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=row["state"],
+                )
+                for row in c.fetchall()
+            ]
+
+
+class PostgresEventRecorder(PostgresApplicationRecorder):
+    """The library's PostgreSQL recorder with immutability triggers and per-order positions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        schema = Identifier(self.datastore.schema)
+        table = Identifier(self.events_table_name)
+        function = Identifier(f"{self.events_table_name}_reject_change")
+        # Wrapped in DO blocks so several processes starting at once do not trip over each other.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $do$ BEGIN "
+                "CREATE FUNCTION {schema}.{function}() RETURNS trigger LANGUAGE plpgsql AS $fn$ "
+                "BEGIN RAISE EXCEPTION '" + IMMUTABLE_MESSAGE + ": % on % is not allowed', "
+                "TG_OP, TG_TABLE_NAME USING ERRCODE = 'restrict_violation'; END $fn$; "
+                "EXCEPTION WHEN duplicate_function OR unique_violation THEN NULL; END $do$"
+            ).format(schema=schema, function=function)
+        )
+        for name, timing in (
+            ("no_update_delete", "BEFORE UPDATE OR DELETE ON {schema}.{table} FOR EACH ROW"),
+            ("no_truncate", "BEFORE TRUNCATE ON {schema}.{table} FOR EACH STATEMENT"),
+        ):
+            self.sql_create_statements.append(
+                SQL(
+                    "DO $do$ BEGIN CREATE TRIGGER {trigger} " + timing + " "
+                    "EXECUTE FUNCTION {schema}.{function}(); "
+                    "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $do$"
+                ).format(
+                    trigger=Identifier(f"{self.events_table_name}_{name}"),
+                    schema=schema,
+                    table=table,
+                    function=function,
+                )
+            )
+        self._select_aggregate_statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{table} WHERE originator_id = %s AND originator_version <= %s "
+            "ORDER BY originator_version"
+        ).format(schema=schema, table=table)
+
+    def select_aggregate_notifications(
+        self, originator_id: UUID, *, lte_version: int | None = None
+    ) -> Sequence[Notification]:
+        limit = lte_version if lte_version is not None else 2**62
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._select_aggregate_statement, (originator_id, limit), prepare=True)
+            return [
+                Notification(
+                    id=row["notification_id"],
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+                for row in curs.fetchall()
+            ]
+
+
+def event_store_env(database_url: str) -> dict[str, str]:
+    """Translate a database URL into the library's environment for our recorders.
+
+    ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (parent directories
+    are created); ``postgresql://user:password@host:port/dbname?schema=name``.
+    """
+    parts = urlsplit(database_url)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme == "sqlite":
+        path = unquote(database_url.split(":///", 1)[1]) if ":///" in database_url else ""
+        if not path or path == ":memory:":
+            raise ValueError(
+                "the SQLite store needs a file path, e.g. sqlite:///var/orderledger.db"
+            )
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": path,
+            "SQLITE_LOCK_TIMEOUT": "30",
+            "APPLICATION_RECORDER_TOPIC": f"{__name__}:SQLiteEventRecorder",
+            "CREATE_TABLE": "y",
+        }
+    if scheme in ("postgresql", "postgres"):
+        dbname = unquote(parts.path.lstrip("/"))
+        if not dbname:
+            raise ValueError("the PostgreSQL URL needs a database name, e.g. postgresql://host/db")
+        query = parse_qs(parts.query)
+        env = {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": dbname,
+            "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+            "POSTGRES_PORT": str(parts.port or 5432),
+            "POSTGRES_USER": unquote(parts.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(parts.password or ""),
+            "POSTGRES_SCHEMA": query.get("schema", ["public"])[0],
+            "POSTGRES_POOL_SIZE": "5",
+            "POSTGRES_MAX_OVERFLOW": "10",
+            "POSTGRES_LOCK_TIMEOUT": "30",
+            "APPLICATION_RECORDER_TOPIC": f"{__name__}:PostgresEventRecorder",
+            "CREATE_TABLE": "y",
+        }
+        return env
+    raise ValueError(
+        f"unsupported database URL scheme {parts.scheme!r}: use sqlite:/// or postgresql://"
+    )

@@ -1,0 +1,373 @@
+"""OrderLedger: the application service. One method per command, plus the audit reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    IdempotencyKeyReusedError,
+    InvalidCommandError,
+    OrderNotFoundError,
+)
+from domain.eventstore import PositionedRecorder, event_store_env
+from domain.idempotency import IdempotencyRecord, record_id
+from domain.order import EVENT_TYPES, Order
+
+EVENT_NAMES: dict[type[Aggregate.Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# Without an expected version a command that loses a race re-runs against the new state.
+_UNCONDITIONAL_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command did: the order, its new version and the global position of its last event."""
+
+    order_id: UUID
+    version: int
+    position: int
+    replayed: bool = False
+    """True when an idempotency key returned the first result instead of recording again."""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One recorded event of an order, for audit."""
+
+    position: int
+    version: int
+    type: str
+    timestamp: datetime
+    data: dict[str, Any]
+
+
+class OrderLedger(Application[UUID]):
+    """Places and changes orders, and reads back their full history."""
+
+    name = "OrderLedger"
+
+    @classmethod
+    def from_url(cls, database_url: str) -> OrderLedger:
+        """Open the ledger on a ``sqlite:///`` or ``postgresql://`` store, creating tables."""
+        return cls(env=event_store_env(database_url))
+
+    @property
+    def store(self) -> PositionedRecorder:
+        return cast(PositionedRecorder, self.recorder)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def place_order(
+        self,
+        *,
+        customer_id: str,
+        currency: str,
+        lines: Sequence[Mapping[str, Any]],
+        shipping_address: str | None = None,
+        client_reference: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Place a new order."""
+        args = {
+            "customer_id": customer_id,
+            "currency": currency,
+            "lines": [dict(line) for line in lines],
+            "shipping_address": shipping_address,
+            "client_reference": client_reference,
+        }
+        return self._execute("place_order", None, args, None, idempotency_key)
+
+    def add_line(
+        self,
+        order_id: UUID,
+        *,
+        sku: str,
+        quantity: int,
+        unit_price: int,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Add a line to an order that has no payment yet."""
+        args = {"sku": sku, "quantity": quantity, "unit_price": unit_price}
+        return self._execute("add_line", order_id, args, expected_version, idempotency_key)
+
+    def remove_line(
+        self,
+        order_id: UUID,
+        *,
+        sku: str,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Remove a line from an order that has no payment yet."""
+        return self._execute(
+            "remove_line", order_id, {"sku": sku}, expected_version, idempotency_key
+        )
+
+    def capture_payment(
+        self,
+        order_id: UUID,
+        *,
+        amount: int,
+        payment_reference: str,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Capture part or all of an order's balance."""
+        args = {"amount": amount, "payment_reference": payment_reference}
+        return self._execute("capture_payment", order_id, args, expected_version, idempotency_key)
+
+    def ship_order(
+        self,
+        order_id: UUID,
+        *,
+        carrier: str,
+        tracking_number: str,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Ship a fully paid order."""
+        args = {"carrier": carrier, "tracking_number": tracking_number}
+        return self._execute("ship", order_id, args, expected_version, idempotency_key)
+
+    def deliver_order(
+        self,
+        order_id: UUID,
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Record a shipped order's delivery."""
+        return self._execute("deliver", order_id, {}, expected_version, idempotency_key)
+
+    def cancel_order(
+        self,
+        order_id: UUID,
+        *,
+        reason: str,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Cancel an order that has not shipped."""
+        return self._execute(
+            "cancel", order_id, {"reason": reason}, expected_version, idempotency_key
+        )
+
+    def issue_refund(
+        self,
+        order_id: UUID,
+        *,
+        amount: int,
+        reason: str,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Refund money captured on an order."""
+        args = {"amount": amount, "reason": reason}
+        return self._execute("issue_refund", order_id, args, expected_version, idempotency_key)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get_order(self, order_id: UUID, *, version: int | None = None) -> Order:
+        """The order now, or as it was at a version."""
+        if version is not None and version < 1:
+            raise InvalidCommandError("version must be 1 or more")
+        try:
+            order: Aggregate = self.repository.get(order_id, version=version)
+        except AggregateNotFoundError:
+            raise OrderNotFoundError(f"order {order_id} not found") from None
+        if not isinstance(order, Order):
+            raise OrderNotFoundError(f"order {order_id} not found")
+        if version is not None and order.version < version:
+            raise OrderNotFoundError(
+                f"order {order_id} has no version {version} (latest is {order.version})"
+            )
+        return order
+
+    def order_history(self, order_id: UUID) -> list[HistoryEntry]:
+        """Every event of the order, oldest first, with its global position."""
+        entries = []
+        for notification in self.store.select_aggregate_notifications(order_id):
+            domain_event = cast(Aggregate.Event, self.mapper.to_domain_event(notification))
+            event_name = EVENT_NAMES.get(type(domain_event))
+            if event_name is None:
+                raise OrderNotFoundError(f"order {order_id} not found")
+            entries.append(
+                HistoryEntry(
+                    position=notification.id,
+                    version=notification.originator_version,
+                    type=event_name,
+                    timestamp=domain_event.timestamp,
+                    data=_event_data(domain_event),
+                )
+            )
+        if not entries:
+            raise OrderNotFoundError(f"order {order_id} not found")
+        return entries
+
+    def order_as_of(
+        self, order_id: UUID, *, version: int | None = None, at: datetime | None = None
+    ) -> Order:
+        """The order as it was at a version, or at a moment in time (timezone-aware)."""
+        if version is not None and at is not None:
+            raise InvalidCommandError("give either a version or a moment, not both")
+        if at is None:
+            return self.get_order(order_id, version=version)
+        if at.tzinfo is None:
+            raise InvalidCommandError("the moment must include a timezone, e.g. 2026-01-31T12:00Z")
+        history = self.order_history(order_id)
+        versions = [entry.version for entry in history if entry.timestamp <= at]
+        if not versions:
+            raise OrderNotFoundError(f"order {order_id} did not exist yet at {at.isoformat()}")
+        return self.get_order(order_id, version=versions[-1])
+
+    def head_position(self) -> int:
+        """The global position of the newest event in the store (0 when empty)."""
+        return self.store.max_notification_id() or 0
+
+    # -- the one path every command takes -------------------------------------------------------
+
+    def _execute(
+        self,
+        command: str,
+        order_id: UUID | None,
+        args: dict[str, Any],
+        expected_version: int | None,
+        idempotency_key: str | None,
+    ) -> CommandResult:
+        fingerprint = None
+        if idempotency_key is not None:
+            if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+                raise InvalidCommandError(
+                    f"idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
+                )
+            fingerprint = _fingerprint(command, order_id, args)
+            earlier = self._recorded_result(idempotency_key, fingerprint)
+            if earlier is not None:
+                return earlier
+        retries = _UNCONDITIONAL_RETRIES if expected_version is None else 0
+        while True:
+            order = self._apply(command, order_id, args, expected_version)
+            pending: list[Aggregate] = [order]
+            if idempotency_key is not None and fingerprint is not None:
+                pending.append(
+                    IdempotencyRecord(
+                        key=idempotency_key,
+                        fingerprint=fingerprint,
+                        order_id=order.id,
+                        order_version=order.version,
+                    )
+                )
+            try:
+                recordings = self.save(*pending)
+            except IntegrityError:
+                if idempotency_key is not None and fingerprint is not None:
+                    earlier = self._recorded_result(idempotency_key, fingerprint)
+                    if earlier is not None:
+                        return earlier
+                if retries > 0 and order_id is not None:
+                    retries -= 1
+                    continue
+                current = self._current_version(order_id)
+                raise ConcurrencyConflictError(
+                    f"order {order_id} changed while the command ran "
+                    f"(now at version {current}); nothing was recorded",
+                    current_version=current,
+                ) from None
+            position = max(
+                r.notification.id for r in recordings if r.domain_event.originator_id == order.id
+            )
+            return CommandResult(order_id=order.id, version=order.version, position=position)
+
+    def _apply(
+        self,
+        command: str,
+        order_id: UUID | None,
+        args: dict[str, Any],
+        expected_version: int | None,
+    ) -> Order:
+        if order_id is None:
+            return Order.place(**args)
+        order = self.get_order(order_id)
+        if expected_version is not None and order.version != expected_version:
+            raise ConcurrencyConflictError(
+                f"order {order_id} is at version {order.version}, "
+                f"not the expected {expected_version}; nothing was recorded",
+                current_version=order.version,
+            )
+        _COMMANDS[command](order, args)
+        return order
+
+    def _recorded_result(self, key: str, fingerprint: str) -> CommandResult | None:
+        try:
+            record: Aggregate = self.repository.get(record_id(key))
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(record, IdempotencyRecord)
+        if record.fingerprint != fingerprint:
+            raise IdempotencyKeyReusedError(
+                f"idempotency key {key!r} was already used for a different command"
+            )
+        notifications = self.store.select_aggregate_notifications(
+            record.order_id, lte_version=record.order_version
+        )
+        return CommandResult(
+            order_id=record.order_id,
+            version=record.order_version,
+            position=notifications[-1].id,
+            replayed=True,
+        )
+
+    def _current_version(self, order_id: UUID | None) -> int | None:
+        if order_id is None:
+            return None
+        try:
+            return self.get_order(order_id).version
+        except OrderNotFoundError:
+            return None
+
+
+_COMMANDS: dict[str, Callable[[Order, dict[str, Any]], None]] = {
+    "add_line": lambda order, a: order.add_line(**a),
+    "remove_line": lambda order, a: order.remove_line(**a),
+    "capture_payment": lambda order, a: order.capture_payment(**a),
+    "ship": lambda order, a: order.ship(**a),
+    "deliver": lambda order, a: order.deliver(),
+    "cancel": lambda order, a: order.cancel(**a),
+    "issue_refund": lambda order, a: order.issue_refund(**a),
+}
+
+
+def _fingerprint(command: str, order_id: UUID | None, args: dict[str, Any]) -> str:
+    body = json.dumps(
+        {"command": command, "order_id": str(order_id) if order_id else None, "args": args},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _event_data(domain_event: object) -> dict[str, Any]:
+    skip = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+    data: dict[str, Any] = {}
+    for key, value in vars(domain_event).items():
+        if key in skip:
+            continue
+        if isinstance(value, UUID):
+            data[key] = str(value)
+        elif isinstance(value, datetime):
+            data[key] = value.isoformat()
+        else:
+            data[key] = value
+    return data
