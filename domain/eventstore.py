@@ -49,10 +49,9 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None
     ) -> Sequence[Notification]:
-        statement = (  # noqa: S608 - our own table name; values are bound parameters
-            f"SELECT rowid, originator_id, originator_version, topic, state "
-            f"FROM {self.events_table_name} WHERE originator_id = ?"
-        )
+        columns = "rowid, originator_id, originator_version, topic, state"
+        # Our own table name; the values are bound parameters.
+        statement = f"SELECT {columns} FROM {self.events_table_name} WHERE originator_id = ?"  # noqa: S608
         params: list[Any] = [originator_id.hex]
         if lte_version is not None:
             statement += " AND originator_version <= ?"
