@@ -167,9 +167,9 @@ MINOR_UNITS: dict[str, int] = {
 MAX_AMOUNT = 2**63 - 1
 
 
-def validate_currency(code: str) -> str:
+def validate_currency(code: object) -> str:
     """Return the code if it is an active ISO 4217 currency, else raise InvalidCurrencyError."""
-    if code not in MINOR_UNITS:
+    if not isinstance(code, str) or code not in MINOR_UNITS:
         raise InvalidCurrencyError(f"{code!r} is not an ISO 4217 currency code (e.g. 'EUR')")
     return code
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,8 +36,12 @@ MAX_ADDRESS_LENGTH = 500
 MAX_REASON_LENGTH = 500
 
 
-def bounded_text(value: object, *, name: str, max_length: int) -> str:
-    """Return the text if it is non-blank, printable and at most max_length characters."""
+def bounded_text(value: object, *, name: str, max_length: int, multiline: bool = False) -> str:
+    """Return the text if it is non-blank, printable and at most max_length characters.
+
+    Only free text (``multiline``) may hold newlines and tabs. Lone surrogates are refused
+    because they cannot be encoded as UTF-8, so the store could never record them.
+    """
     if not isinstance(value, str):
         raise InvalidCommandError(f"{name} must be a string")
     if not value.strip():
@@ -45,14 +50,23 @@ def bounded_text(value: object, *, name: str, max_length: int) -> str:
         raise InvalidCommandError(
             f"{name} must be at most {max_length} characters, got {len(value)}"
         )
-    if any(ord(ch) < 32 and ch not in "\n\t" for ch in value):
-        raise InvalidCommandError(f"{name} must not contain control characters")
+    allowed = "\n\t" if multiline else ""
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category == "Cc" and ch not in allowed:
+            raise InvalidCommandError(f"{name} must not contain control characters")
+        if category == "Cs":
+            raise InvalidCommandError(f"{name} must not contain unpaired surrogates")
     return value
 
 
-def optional_text(value: object, *, name: str, max_length: int) -> str | None:
+def optional_text(
+    value: object, *, name: str, max_length: int, multiline: bool = False
+) -> str | None:
     """Like bounded_text, but None passes through."""
-    return None if value is None else bounded_text(value, name=name, max_length=max_length)
+    if value is None:
+        return None
+    return bounded_text(value, name=name, max_length=max_length, multiline=multiline)
 
 
 @dataclass(frozen=True)
@@ -130,15 +144,25 @@ class Order(Aggregate):
         amount: int
         payment_reference: str
 
+    # The aggregate's modified_on moves to the event's time only after the event is applied,
+    # so events that stamp a moment on the order read their own timestamp here.
+
     class Shipped(Aggregate.Event):
         carrier: str
         tracking_number: str
 
+        def apply(self, aggregate: Any) -> None:
+            aggregate.shipped_at = self.timestamp
+
     class Delivered(Aggregate.Event):
-        pass
+        def apply(self, aggregate: Any) -> None:
+            aggregate.delivered_at = self.timestamp
 
     class Cancelled(Aggregate.Event):
         reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.cancelled_at = self.timestamp
 
     class RefundIssued(Aggregate.Event):
         amount: int
@@ -185,26 +209,32 @@ class Order(Aggregate):
         """Place a new order after checking every part of it."""
         customer_id = bounded_text(customer_id, name="customer_id", max_length=MAX_ID_LENGTH)
         currency = validate_currency(currency)
-        validated: list[OrderLine] = []
+        if isinstance(lines, str | bytes | Mapping) or not isinstance(lines, Iterable):
+            raise InvalidCommandError("lines must be a list of lines")
+        validated: dict[str, OrderLine] = {}
         for raw in lines:
+            # Stop at the first line too many, so an endless input costs nothing to refuse.
+            if len(validated) >= MAX_LINES:
+                raise InvalidCommandError(f"an order has at most {MAX_LINES} lines")
+            if not isinstance(raw, Mapping):
+                raise InvalidCommandError("each line must have a sku, quantity and unit_price")
             line = OrderLine.validated(raw.get("sku"), raw.get("quantity"), raw.get("unit_price"))
-            if any(existing.sku == line.sku for existing in validated):
+            if line.sku in validated:
                 raise DuplicateLineError(f"SKU {line.sku!r} appears on more than one line")
-            validated.append(line)
+            validated[line.sku] = line
         if not validated:
             raise InvalidCommandError("an order needs at least one line")
-        if len(validated) > MAX_LINES:
-            raise InvalidCommandError(
-                f"an order has at most {MAX_LINES} lines, got {len(validated)}"
-            )
-        if sum(line.amount for line in validated) > MAX_AMOUNT:
+        if sum(line.amount for line in validated.values()) > MAX_AMOUNT:
             raise InvalidAmountError("the order total exceeds the largest storable amount")
         return cls(
             customer_id=customer_id,
             currency=currency,
-            lines=[line.as_dict() for line in validated],
+            lines=[line.as_dict() for line in validated.values()],
             shipping_address=optional_text(
-                shipping_address, name="shipping_address", max_length=MAX_ADDRESS_LENGTH
+                shipping_address,
+                name="shipping_address",
+                max_length=MAX_ADDRESS_LENGTH,
+                multiline=True,
             ),
             client_reference=optional_text(
                 client_reference, name="client_reference", max_length=MAX_REFERENCE_LENGTH
@@ -225,6 +255,7 @@ class Order(Aggregate):
 
     def remove_line(self, *, sku: str) -> None:
         """Remove the line for a SKU, as long as another line remains."""
+        sku = bounded_text(sku, name="sku", max_length=MAX_ID_LENGTH)
         self._check_lines_editable()
         if sku not in self.lines:
             raise LineNotFoundError(f"order has no line for SKU {sku!r}")
@@ -277,7 +308,7 @@ class Order(Aggregate):
 
     def cancel(self, *, reason: str) -> None:
         """Cancel the order; only before shipment."""
-        reason = bounded_text(reason, name="reason", max_length=MAX_REASON_LENGTH)
+        reason = bounded_text(reason, name="reason", max_length=MAX_REASON_LENGTH, multiline=True)
         if self.is_cancelled:
             raise OrderCancelledError("order is already cancelled")
         if self.is_shipped:
@@ -287,7 +318,7 @@ class Order(Aggregate):
     def issue_refund(self, *, amount: int, reason: str) -> None:
         """Give back money captured and not yet refunded."""
         validate_amount(amount, name="amount")
-        reason = bounded_text(reason, name="reason", max_length=MAX_REASON_LENGTH)
+        reason = bounded_text(reason, name="reason", max_length=MAX_REASON_LENGTH, multiline=True)
         refundable = self.captured - self.refunded
         if amount > refundable:
             raise RefundExceedsCapturedError(
@@ -323,16 +354,14 @@ class Order(Aggregate):
     def _shipped(self, carrier: str, tracking_number: str) -> None:
         self.carrier = carrier
         self.tracking_number = tracking_number
-        self.shipped_at = self.modified_on
 
     @event(Delivered)
     def _delivered(self) -> None:
-        self.delivered_at = self.modified_on
+        """Delivered.apply stamps the time."""
 
     @event(Cancelled)
     def _cancelled(self, reason: str) -> None:
         self.cancellation_reason = reason
-        self.cancelled_at = self.modified_on
 
     @event(RefundIssued)
     def _refund_issued(self, amount: int, reason: str) -> None:
