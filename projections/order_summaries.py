@@ -1,0 +1,345 @@
+"""order_summaries: one row per order with its status and money figures; its queries."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import singledispatchmethod
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    insert,
+    or_,
+    select,
+    update,
+)
+
+from domain.order import Order
+from domain.summary import balance_due, order_status, refund_due
+from projections.base import Batch, Projection
+from projections.source import RecordedEvent
+
+_CHUNK = 500
+
+
+class OrderSummaryProjection(Projection):
+    """Per order: status, customer, currency, lines, total, captured, refunded and dues."""
+
+    name = "order_summaries"
+    version = 1
+    handles = (
+        Order.Placed,
+        Order.LineAdded,
+        Order.LineRemoved,
+        Order.PaymentCaptured,
+        Order.Shipped,
+        Order.Delivered,
+        Order.Cancelled,
+        Order.RefundIssued,
+    )
+
+    def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
+        table = Table(
+            f"order_summaries{suffix}",
+            metadata,
+            Column("order_id", String(36), primary_key=True),
+            Column("status", String(20), nullable=False),
+            Column("customer_id", String(64), nullable=False),
+            Column("currency", String(3), nullable=False),
+            Column("line_count", Integer, nullable=False),
+            Column("lines", Text, nullable=False),
+            Column("total", BigInteger, nullable=False),
+            Column("captured", BigInteger, nullable=False),
+            Column("refunded", BigInteger, nullable=False),
+            Column("refund_due", BigInteger, nullable=False),
+            Column("balance_due", BigInteger, nullable=False),
+            Column("shipped", Boolean, nullable=False),
+            Column("delivered", Boolean, nullable=False),
+            Column("cancelled", Boolean, nullable=False),
+            Column("placed_at", DateTime(timezone=True), nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+            Column("version", Integer, nullable=False),
+            Column("last_position", BigInteger, nullable=False),
+            Index(f"order_summaries{suffix}_placed", "placed_at", "order_id"),
+            Index(f"order_summaries{suffix}_customer", "customer_id", "placed_at", "order_id"),
+            Index(f"order_summaries{suffix}_status", "status", "placed_at", "order_id"),
+        )
+        return {"order_summaries": table}
+
+    def batch(self, conn: Connection, tables: dict[str, Table]) -> Batch:
+        return OrderSummaryBatch(conn, tables)
+
+
+class OrderSummaryBatch(Batch):
+    """Folds a batch of order events into summary rows held in memory."""
+
+    def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
+        super().__init__(conn, tables)
+        self.table = tables["order_summaries"]
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.lines: dict[str, dict[str, list[int]]] = {}
+        self.existing: set[str] = set()
+        self.changed: set[str] = set()
+
+    def load(self, events: Sequence[RecordedEvent]) -> None:
+        ids = list({str(r.event.originator_id) for r in events})
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            for row in self.conn.execute(
+                select(self.table).where(self.table.c.order_id.in_(chunk))
+            ):
+                values = dict(row._mapping)
+                self.rows[values["order_id"]] = values
+                self.lines[values["order_id"]] = json.loads(values["lines"])
+                self.existing.add(values["order_id"])
+
+    def handle(self, recorded: RecordedEvent) -> None:
+        order_id = str(recorded.event.originator_id)
+        self.on_event(recorded.event, order_id)
+        row = self.rows[order_id]
+        row["version"] = recorded.event.originator_version
+        row["last_position"] = recorded.position
+        row["updated_at"] = recorded.event.timestamp
+        self.changed.add(order_id)
+
+    @singledispatchmethod
+    def on_event(self, event: object, order_id: str) -> None:
+        raise TypeError(f"order_summaries does not handle {type(event).__qualname__}")
+
+    @on_event.register
+    def order_placed(self, event: Order.Placed, order_id: str) -> None:
+        self.lines[order_id] = {
+            line["sku"]: [line["quantity"], line["unit_price"]] for line in event.lines
+        }
+        self.rows[order_id] = {
+            "order_id": order_id,
+            "customer_id": event.customer_id,
+            "currency": event.currency,
+            "captured": 0,
+            "refunded": 0,
+            "shipped": False,
+            "delivered": False,
+            "cancelled": False,
+            "placed_at": event.timestamp,
+        }
+        self._recompute(order_id)
+
+    @on_event.register
+    def line_added(self, event: Order.LineAdded, order_id: str) -> None:
+        self.lines[order_id][event.sku] = [event.quantity, event.unit_price]
+        self._recompute(order_id)
+
+    @on_event.register
+    def line_removed(self, event: Order.LineRemoved, order_id: str) -> None:
+        del self.lines[order_id][event.sku]
+        self._recompute(order_id)
+
+    @on_event.register
+    def payment_captured(self, event: Order.PaymentCaptured, order_id: str) -> None:
+        self.rows[order_id]["captured"] += event.amount
+        self._recompute(order_id)
+
+    @on_event.register
+    def order_shipped(self, event: Order.Shipped, order_id: str) -> None:
+        self.rows[order_id]["shipped"] = True
+        self._recompute(order_id)
+
+    @on_event.register
+    def order_delivered(self, event: Order.Delivered, order_id: str) -> None:
+        self.rows[order_id]["delivered"] = True
+        self._recompute(order_id)
+
+    @on_event.register
+    def order_cancelled(self, event: Order.Cancelled, order_id: str) -> None:
+        self.rows[order_id]["cancelled"] = True
+        self._recompute(order_id)
+
+    @on_event.register
+    def refund_issued(self, event: Order.RefundIssued, order_id: str) -> None:
+        self.rows[order_id]["refunded"] += event.amount
+        self._recompute(order_id)
+
+    def _recompute(self, order_id: str) -> None:
+        row = self.rows[order_id]
+        lines = self.lines[order_id]
+        row["lines"] = json.dumps(lines, separators=(",", ":"))
+        row["line_count"] = len(lines)
+        row["total"] = sum(quantity * price for quantity, price in lines.values())
+        row["status"] = order_status(
+            total=row["total"],
+            captured=row["captured"],
+            shipped=row["shipped"],
+            delivered=row["delivered"],
+            cancelled=row["cancelled"],
+        )
+        row["balance_due"] = balance_due(
+            total=row["total"], captured=row["captured"], cancelled=row["cancelled"]
+        )
+        row["refund_due"] = refund_due(
+            captured=row["captured"], refunded=row["refunded"], cancelled=row["cancelled"]
+        )
+
+    def flush(self) -> None:
+        new = [self.rows[i] for i in self.changed if i not in self.existing]
+        old = [self.rows[i] for i in self.changed if i in self.existing]
+        if new:
+            self.conn.execute(insert(self.table), new)
+        if old:
+            columns = [c.name for c in self.table.columns if c.name != "order_id"]
+            statement = (
+                update(self.table)
+                .where(self.table.c.order_id == bindparam("key"))
+                .values({name: bindparam(f"v_{name}") for name in columns})
+            )
+            self.conn.execute(
+                statement,
+                [{"key": row["order_id"], **{f"v_{n}": row[n] for n in columns}} for row in old],
+            )
+
+
+# -- queries ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderSummary:
+    """An order as the read model knows it."""
+
+    order_id: str
+    status: str
+    customer_id: str
+    currency: str
+    line_count: int
+    lines: list[dict[str, Any]]
+    total: int
+    captured: int
+    refunded: int
+    refund_due: int
+    balance_due: int
+    placed_at: datetime
+    updated_at: datetime
+    version: int
+    last_position: int
+
+
+@dataclass(frozen=True)
+class OrderSummaryPage:
+    items: list[OrderSummary]
+    next_cursor: str | None
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _summary(row: Any) -> OrderSummary:
+    values = row._mapping
+    lines = json.loads(values["lines"])
+    return OrderSummary(
+        order_id=values["order_id"],
+        status=values["status"],
+        customer_id=values["customer_id"],
+        currency=values["currency"],
+        line_count=values["line_count"],
+        lines=[
+            {"sku": sku, "quantity": quantity, "unit_price": price}
+            for sku, (quantity, price) in lines.items()
+        ],
+        total=values["total"],
+        captured=values["captured"],
+        refunded=values["refunded"],
+        refund_due=values["refund_due"],
+        balance_due=values["balance_due"],
+        placed_at=_aware(values["placed_at"]),
+        updated_at=_aware(values["updated_at"]),
+        version=values["version"],
+        last_position=values["last_position"],
+    )
+
+
+def get_order_summary(
+    conn: Connection, tables: dict[str, Table], order_id: str
+) -> OrderSummary | None:
+    """One order's summary, or None."""
+    table = tables["order_summaries"]
+    row = conn.execute(select(table).where(table.c.order_id == order_id)).first()
+    return _summary(row) if row else None
+
+
+class InvalidCursorError(ValueError):
+    """The pagination cursor was not one this service issued."""
+
+
+def encode_cursor(placed_at: datetime, order_id: str) -> str:
+    raw = json.dumps([_aware(placed_at).isoformat(), order_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        placed_at, order_id = json.loads(raw)
+        return datetime.fromisoformat(placed_at), str(order_id)
+    except (ValueError, TypeError) as error:
+        raise InvalidCursorError(
+            "cursor is malformed; use the one a previous page returned"
+        ) from error
+
+
+def list_order_summaries(
+    conn: Connection,
+    tables: dict[str, Table],
+    *,
+    customer_id: str | None = None,
+    status: str | None = None,
+    placed_from: datetime | None = None,
+    placed_to: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> OrderSummaryPage:
+    """Orders newest first, filtered, one keyset page at a time."""
+    table = tables["order_summaries"]
+    conditions = []
+    if customer_id is not None:
+        conditions.append(table.c.customer_id == customer_id)
+    if status is not None:
+        conditions.append(table.c.status == status)
+    if placed_from is not None:
+        conditions.append(table.c.placed_at >= placed_from)
+    if placed_to is not None:
+        conditions.append(table.c.placed_at < placed_to)
+    if cursor is not None:
+        placed_at, order_id = decode_cursor(cursor)
+        conditions.append(
+            or_(
+                table.c.placed_at < placed_at,
+                and_(table.c.placed_at == placed_at, table.c.order_id < order_id),
+            )
+        )
+    query = (
+        select(table)
+        .where(*conditions)
+        .order_by(table.c.placed_at.desc(), table.c.order_id.desc())
+        .limit(limit + 1)
+    )
+    rows = [_summary(row) for row in conn.execute(query)]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].placed_at, rows[-1].order_id)
+    return OrderSummaryPage(items=rows, next_cursor=next_cursor)

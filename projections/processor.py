@@ -1,0 +1,186 @@
+"""A processor advances one generation of one projection, one transaction per batch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+from projections.base import EventHandlingError, Projection
+from projections.catalog import BUILDING, RETIRED, SERVING, Catalog, Lease, LeaseLostError
+from projections.database import WRITE
+from projections.source import EventBatch, EventSource
+
+log = logging.getLogger("orderledger.projections")
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """How a processor reads and holds its lease."""
+
+    batch_size: int = 1000
+    lease_ttl: float = 10.0
+
+
+class Outcome(Enum):
+    """What one step did."""
+
+    APPLIED = "applied"
+    IDLE = "idle"
+    BUSY_ELSEWHERE = "busy_elsewhere"
+    LOST = "lost"
+    FAILED = "failed"
+    PROMOTED = "promoted"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outcome: Outcome
+    events: int = 0
+    position: int = 0
+    head: int = 0
+
+    @property
+    def behind(self) -> bool:
+        return self.position < self.head
+
+
+class Processor:
+    """Applies events to one generation's tables, exactly once per position."""
+
+    def __init__(  # noqa: PLR0917 - the processor's identity is these six parts
+        self,
+        catalog: Catalog,
+        source: EventSource,
+        projection: Projection,
+        generation: int,
+        owner: str,
+        settings: ProcessorSettings | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.source = source
+        self.projection = projection
+        self.generation = generation
+        self.owner = owner
+        self.settings = settings or ProcessorSettings()
+        self.tables = catalog.tables(projection.name, generation)
+        self.lease: Lease | None = None
+        self.position = 0
+        self.role = SERVING
+        self.failed = False
+        self.finished = False
+
+    def step(self) -> StepResult:  # noqa: PLR0911 - one return per outcome reads best
+        """Read one batch after our position and commit it with the new position."""
+        if self.finished or self.failed:
+            return StepResult(Outcome.FINISHED if self.finished else Outcome.FAILED)
+        if self.lease is None and not self._acquire():
+            return StepResult(Outcome.FINISHED if self.finished else Outcome.BUSY_ELSEWHERE)
+        assert self.lease is not None
+        batch = self.source.read(self.position, self.settings.batch_size, self.projection.topics)
+        if batch.checkpoint == self.position and not (self.role == BUILDING and batch.reached_head):
+            return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
+        try:
+            promoted = self._commit(self.lease, batch)
+        except EventHandlingError as error:
+            self._fail(self.lease, batch, error)
+            return StepResult(Outcome.FAILED, position=self.position, head=batch.head)
+        except LeaseLostError as error:
+            log.warning("lease lost", extra={"projection": self.projection.name, "why": str(error)})
+            self.lease = None
+            return StepResult(Outcome.LOST, position=self.position, head=batch.head)
+        applied = len(batch.events)
+        self.position = batch.checkpoint
+        if promoted:
+            self.role = SERVING
+            dropped = self.catalog.drop_retired(self.projection.name)
+            log.info(
+                "rebuilt generation took over",
+                extra={
+                    "projection": self.projection.name,
+                    "generation": self.generation,
+                    "position": self.position,
+                    "retired_generations_dropped": dropped,
+                },
+            )
+            return StepResult(Outcome.PROMOTED, applied, self.position, batch.head)
+        return StepResult(Outcome.APPLIED, applied, self.position, batch.head)
+
+    def heartbeat(self) -> None:
+        """Keep the lease while idle (or while stopped on an error, so nobody loops on it)."""
+        if self.lease is not None and not self.catalog.heartbeat(
+            self.lease, self.settings.lease_ttl
+        ):
+            self.lease = None
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.catalog.release(self.lease)
+            self.lease = None
+
+    def _acquire(self) -> bool:
+        lease = self.catalog.acquire(
+            self.projection.name, self.generation, self.owner, self.settings.lease_ttl
+        )
+        row = self.catalog.row(self.projection.name, self.generation)
+        if row is None or row.role == RETIRED:
+            self.finished = True
+            return False
+        if lease is None:
+            return False
+        self.lease = lease
+        self.position = row.position
+        self.role = row.role
+        return True
+
+    def _commit(self, lease: Lease, batch: EventBatch) -> bool:
+        engine = self.catalog.engine
+        with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            self.projection.apply(conn, self.tables, batch.events)
+            if batch.checkpoint != self.position:
+                self.catalog.advance(
+                    conn, lease, self.position, batch.checkpoint, self.settings.lease_ttl
+                )
+            if self.role == BUILDING and batch.reached_head:
+                self.catalog.promote(conn, lease, batch.checkpoint)
+                return True
+        return False
+
+    def _fail(self, lease: Lease, batch: EventBatch, error: EventHandlingError) -> None:
+        """Commit the events before the failing one, then stop there and record why."""
+        failing = error.recorded
+        before = batch.events[: error.index]
+        stop_at = max(self.position, failing.position - 1)
+        try:
+            engine = self.catalog.engine
+            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                self.projection.apply(conn, self.tables, before)
+                if stop_at != self.position:
+                    self.catalog.advance(
+                        conn, lease, self.position, stop_at, self.settings.lease_ttl
+                    )
+            self.position = stop_at
+        except LeaseLostError:
+            self.lease = None
+            return
+        message = str(error)
+        self.catalog.record_error(
+            lease,
+            position=failing.position,
+            event_id=f"{failing.event.originator_id}:{failing.event.originator_version}",
+            event_type=failing.type_name,
+            message=message,
+        )
+        self.failed = True
+        log.error(
+            "projection stopped on a failing event",
+            extra={
+                "projection": self.projection.name,
+                "generation": self.generation,
+                "position": failing.position,
+                "event_type": failing.type_name,
+                "error": message,
+            },
+            exc_info=error.cause,
+        )

@@ -1,0 +1,87 @@
+"""Wiring: the read-model engine, the tracking catalog, the event source and workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from domain.ledger import OrderLedger
+from projections.base import Projection
+from projections.catalog import Catalog
+from projections.database import read_model_engine
+from projections.processor import ProcessorSettings
+from projections.registry import all_projections
+from projections.source import EventSource
+from projections.worker import Worker
+
+
+class UnknownProjectionError(LookupError):
+    """No projection has that name."""
+
+
+@dataclass
+class ProjectionRuntime:
+    """Everything projections need, built once at start-up."""
+
+    engine: Engine
+    catalog: Catalog
+    source: EventSource
+    projections: list[Projection]
+    settings: ProcessorSettings
+
+    @classmethod
+    def open(
+        cls,
+        ledger: OrderLedger,
+        database_url: str,
+        *,
+        projections: Sequence[Projection] | None = None,
+        poll_interval: float = 0.05,
+        settings: ProcessorSettings | None = None,
+    ) -> ProjectionRuntime:
+        engine = read_model_engine(database_url)
+        chosen = list(projections) if projections is not None else all_projections()
+        catalog = Catalog(engine, chosen)
+        catalog.install()
+        return cls(
+            engine=engine,
+            catalog=catalog,
+            source=EventSource(ledger, poll_interval=poll_interval),
+            projections=chosen,
+            settings=settings or ProcessorSettings(),
+        )
+
+    def projection(self, name: str) -> Projection:
+        for projection in self.projections:
+            if projection.name == name:
+                return projection
+        known = ", ".join(p.name for p in self.projections)
+        raise UnknownProjectionError(f"no projection named {name!r} (known: {known})")
+
+    def worker(self, only: Sequence[str] | None = None, **kwargs: object) -> Worker:
+        chosen = [self.projection(n) for n in only] if only else self.projections
+        return Worker(self.catalog, self.source, chosen, settings=self.settings, **kwargs)  # type: ignore[arg-type]
+
+    @contextmanager
+    def reading(self, name: str) -> Iterator[tuple[Connection, dict[str, Table]]]:
+        """A read transaction on the serving generation's tables.
+
+        A reader that raced a rebuild's switch-over (the old tables just dropped) retries once.
+        """
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as conn, conn.begin():
+                    tables = self.catalog.serving_tables(conn, name)
+                    yield conn, tables
+                    return
+            except (OperationalError, ProgrammingError):
+                if attempt == 2:
+                    raise
+
+    def close(self) -> None:
+        self.source.close()
+        self.engine.dispose()

@@ -1,0 +1,161 @@
+"""The worker: keeps every generation of its projections moving, in one thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+from projections.base import Projection
+from projections.catalog import BUILDING, SERVING, Catalog
+from projections.processor import Outcome, Processor, ProcessorSettings
+from projections.source import EventSource
+
+log = logging.getLogger("orderledger.projections")
+
+
+def worker_id() -> str:
+    """A name unique to this process, readable in the tracking table."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs processors for the serving and building generations of the given projections.
+
+    Catch-up goes as fast as batches commit; once every processor is at the head it waits for
+    new events (LISTEN/NOTIFY on PostgreSQL, polling on SQLite) and applies small batches.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        source: EventSource,
+        projections: Sequence[Projection],
+        *,
+        settings: ProcessorSettings | None = None,
+        idle_wait: float = 0.5,
+        owner: str | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.source = source
+        self.projections = list(projections)
+        self.settings = settings or ProcessorSettings()
+        self.idle_wait = idle_wait
+        self.owner = owner or worker_id()
+        self.processors: dict[tuple[str, int], Processor] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_refresh = 0.0
+        self._last_heartbeat = 0.0
+
+    # -- running -----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the tracking table and every projection's serving generation."""
+        self.catalog.install()
+        for projection in self.projections:
+            self.catalog.ensure(projection)
+
+    def start(self) -> None:
+        """Run in a background thread (the embedded mode inside ``orderledger serve``)."""
+        self.prepare()
+        self._thread = threading.Thread(target=self.run, name="orderledger-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def run(self) -> None:
+        """Loop until stopped; a failing database is retried, never fatal."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    busy = self.run_once()
+                except Exception:
+                    log.exception("projection worker iteration failed; retrying")
+                    self._stop.wait(1.0)
+                    continue
+                if not busy:
+                    self.source.wait_for_events(self._lowest_position(), self.idle_wait)
+        finally:
+            for processor in self.processors.values():
+                try:
+                    processor.release()
+                except Exception:
+                    log.warning("could not release lease", exc_info=True)
+
+    def run_once(self) -> bool:
+        """One batch for each processor; True if any of them has more to do right away."""
+        now = time.monotonic()
+        if now - self._last_refresh > 1.0:
+            self.refresh()
+            self._last_refresh = now
+        busy = False
+        for key, processor in list(self.processors.items()):
+            result = processor.step()
+            if result.outcome in (Outcome.APPLIED, Outcome.PROMOTED):
+                busy = busy or result.behind or result.outcome is Outcome.PROMOTED
+            if result.outcome is Outcome.FINISHED:
+                del self.processors[key]
+            if result.outcome is Outcome.PROMOTED:
+                self.refresh()
+        if now - self._last_heartbeat > self.settings.lease_ttl / 3:
+            for processor in self.processors.values():
+                processor.heartbeat()
+            self._last_heartbeat = now
+        return busy
+
+    def run_until_caught_up(self, timeout: float = 300.0) -> None:
+        """Process until every generation this worker can hold is at the head (for tests, CLI)."""
+        self.prepare()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.refresh()
+            if self.run_once():
+                continue
+            head = self.source.head()
+            rows = [
+                row
+                for projection in self.projections
+                for row in self.catalog.rows(projection.name)
+                if row.role in (SERVING, BUILDING)
+                and row.version == projection.version
+                and not row.failed
+            ]
+            if all(row.position >= head and row.role == SERVING for row in rows):
+                return
+            if any(p.failed for p in self.processors.values()):
+                return
+        raise TimeoutError("projections did not catch up in time")
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Start processors for new generations; forget retired ones."""
+        for projection in self.projections:
+            for row in self.catalog.rows(projection.name):
+                key = (row.name, row.generation)
+                if row.role not in (SERVING, BUILDING) or key in self.processors:
+                    continue
+                if row.version != projection.version:
+                    # Built by other code: it keeps serving as it is until a rebuild replaces it.
+                    continue
+                self.processors[key] = Processor(
+                    self.catalog,
+                    self.source,
+                    projection,
+                    row.generation,
+                    self.owner,
+                    self.settings,
+                )
+
+    def _lowest_position(self) -> int:
+        positions = [p.position for p in self.processors.values() if not p.failed]
+        return min(positions, default=0)
