@@ -1,0 +1,191 @@
+"""CLI commands for projections: worker, rebuild and status."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from api.settings import Settings
+from domain.ledger import OrderLedger
+from projections.processor import ProcessorSettings
+from projections.rebuild import Progress as RebuildProgress
+from projections.rebuild import RebuildFailedError, rebuild
+from projections.runtime import ProjectionRuntime, UnknownProjectionError
+from projections.status import all_statuses
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def processor_settings(settings: Settings) -> ProcessorSettings:
+    return ProcessorSettings(
+        batch_size=settings.projection_batch_size, lease_ttl=settings.projection_lease_ttl
+    )
+
+
+def open_runtime(settings: Settings, ledger: OrderLedger) -> ProjectionRuntime:
+    """The projection runtime on the configured store."""
+    return ProjectionRuntime.open(
+        ledger,
+        settings.read_model_url,
+        poll_interval=settings.projection_poll_interval,
+        settings=processor_settings(settings),
+    )
+
+
+@contextmanager
+def _runtime(database_url: str | None) -> Iterator[tuple[Settings, ProjectionRuntime]]:
+    settings = Settings() if database_url is None else Settings(database_url=database_url)
+    ledger = OrderLedger.from_url(settings.database_url)
+    runtime = open_runtime(settings, ledger)
+    try:
+        yield settings, runtime
+    finally:
+        runtime.close()
+        ledger.close()
+
+
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--database-url", help="Overrides ORDERLEDGER_DATABASE_URL.", show_default=False),
+]
+
+
+def worker(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this projection (repeatable).")
+    ] = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Run projection workers until interrupted (SIGINT or SIGTERM)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    with _runtime(database_url) as (settings, runtime):
+        try:
+            projection_worker = runtime.worker(only, idle_wait=settings.projection_idle_wait)
+        except UnknownProjectionError as error:
+            errors.print(f"[red]error:[/] {error}")
+            raise typer.Exit(2) from None
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        projection_worker.start()
+        names = ", ".join(p.name for p in projection_worker.projections)
+        console.print(f"worker {projection_worker.owner} running: {names}")
+        stop.wait()
+        projection_worker.stop()
+
+
+def rebuild_command(
+    name: Annotated[str | None, typer.Argument(help="Projection to rebuild.")] = None,
+    all_projections: Annotated[
+        bool, typer.Option("--all", help="Rebuild every projection.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard a rebuild in progress and start over.")
+    ] = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Rebuild projections from event zero while the current tables keep serving."""
+    if (name is None) == (not all_projections):
+        errors.print("[red]error:[/] give a projection NAME or --all (not both)")
+        raise typer.Exit(2)
+    with _runtime(database_url) as (_settings, runtime):
+        try:
+            names = (
+                [runtime.projection(name).name] if name else [p.name for p in runtime.projections]
+            )
+        except UnknownProjectionError as error:
+            errors.print(f"[red]error:[/] {error}")
+            raise typer.Exit(2) from None
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]} ev/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as bar:
+            for projection_name in names:
+                task = bar.add_task(projection_name, total=None, rate="-")
+
+                def show(progress: RebuildProgress, task_id: TaskID = task) -> None:
+                    speed = bar.tasks[task_id].speed
+                    bar.update(
+                        task_id,
+                        completed=progress.position,
+                        total=max(progress.head, 1),
+                        rate=f"{speed:,.0f}" if speed else "-",
+                    )
+
+                try:
+                    row = rebuild(runtime, projection_name, restart=restart, on_progress=show)
+                except RebuildFailedError as error:
+                    errors.print(f"[red]rebuild failed:[/] {error}")
+                    raise typer.Exit(1) from None
+                bar.console.print(
+                    f"{projection_name}: generation {row.generation} serving at position "
+                    f"{row.position}"
+                )
+
+
+def status(database_url: DatabaseOption = None) -> None:
+    """Show each projection's position, head, lag, state and last error."""
+    with _runtime(database_url) as (settings, runtime):
+        table = Table(title="projections")
+        for column in ("name", "version", "gen", "position", "head", "lag", "lag s", "state"):
+            table.add_column(column, justify="right" if column not in ("name", "state") else "left")
+        table.add_column("last error / rebuild")
+        for item in all_statuses(
+            runtime.catalog, runtime.source, stalled_after=settings.projection_stalled_after
+        ):
+            note = ""
+            if item.last_error is not None:
+                note = (
+                    f"at {item.last_error.position} ({item.last_error.event_type}): "
+                    f"{item.last_error.message}"
+                )
+            elif item.rebuild is not None:
+                verb = "failed" if item.rebuild.failed else "building"
+                note = (
+                    f"gen {item.rebuild.generation} {verb} "
+                    f"{item.rebuild.position}/{item.rebuild.head}"
+                )
+            table.add_row(
+                item.name,
+                str(item.version),
+                str(item.serving_generation or "-"),
+                str(item.position),
+                str(item.head),
+                str(item.lag_events),
+                f"{item.lag_seconds:.1f}",
+                item.state,
+                note,
+            )
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the projection commands to the main CLI."""
+    app.command("worker")(worker)
+    app.command("rebuild")(rebuild_command)
+    app.command("status")(status)
