@@ -1,0 +1,101 @@
+"""The HTTP app: create_app(settings) wires the ledger, the routers and the problem handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI, HTTPException
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import install_problem_handlers
+from api.routes import routers
+from api.settings import Settings
+from domain.ledger import OrderLedger
+
+MAX_BODY_BYTES = 64 * 1024
+
+LifespanResource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+"""Something the app holds while it runs: entered at start-up, exited (in reverse) at shutdown."""
+
+
+def create_app(settings: Settings, *, ledger: OrderLedger | None = None) -> FastAPI:
+    """Build the app; it opens the ledger at start-up unless given one (whose owner closes it)."""
+    resources: list[LifespanResource] = [ledger_resource(settings, ledger)]
+    app = FastAPI(
+        title="orderledger",
+        summary="Event-sourced order ledger: append-only orders with a full audit history.",
+        version=version("orderledger"),
+        lifespan=_lifespan(resources),
+    )
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    install_problem_handlers(app)
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def ledger_resource(settings: Settings, ledger: OrderLedger | None) -> LifespanResource:
+    """Put the ledger on app.state for the app's lifetime, opening and closing it if not given."""
+
+    @asynccontextmanager
+    async def hold_ledger(app: FastAPI) -> AsyncIterator[None]:
+        if ledger is not None:
+            app.state.ledger = ledger
+            yield
+            return
+        opened = OrderLedger.from_url(settings.database_url)
+        app.state.ledger = opened
+        try:
+            yield
+        finally:
+            opened.close()
+
+    return hold_ledger
+
+
+def _lifespan(
+    resources: Sequence[LifespanResource],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for resource in resources:
+                await stack.enter_async_context(resource(app))
+            yield
+
+    return lifespan
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over max_bytes, whether declared by Content-Length or streamed.
+
+    The refusal is raised while the route reads its body, so the problem handlers answer it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        too_large = HTTPException(413, detail=f"the request body exceeds {self.max_bytes} bytes")
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)

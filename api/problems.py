@@ -1,0 +1,179 @@
+"""RFC 9457 problem details: the one place where errors become HTTP responses."""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from api.schemas import FieldError, Problem
+from domain.errors import (
+    ConcurrencyConflictError,
+    IdempotencyKeyReusedError,
+    InvalidCommandError,
+    OrderLedgerError,
+    OrderNotFoundError,
+    OrderRuleError,
+)
+
+PROBLEM_TYPE_BASE = "https://orderledger.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+# First match wins, so subclasses with their own status come before their base classes.
+_STATUS_BY_ERROR: tuple[tuple[type[OrderLedgerError], int], ...] = (
+    (OrderNotFoundError, 404),
+    (ConcurrencyConflictError, 409),
+    (IdempotencyKeyReusedError, 422),
+    (InvalidCommandError, 422),
+    (OrderRuleError, 409),
+)
+_MAX_ERRORS_IN_DETAIL = 3
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+def problem_response(
+    request: Request,
+    *,
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    errors: list[FieldError] | None = None,
+    current_version: int | None = None,
+) -> ProblemResponse:
+    """A problem+json response about the request's path."""
+    problem = Problem(
+        type=PROBLEM_TYPE_BASE + slug,
+        title=title,
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        errors=errors,
+        current_version=current_version,
+    )
+    return ProblemResponse(
+        problem.model_dump(mode="json", exclude_none=True), status_code=status, headers=headers
+    )
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries declaring that these statuses answer with a problem document."""
+    return {
+        status: {
+            "model": Problem,
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
+        for status in statuses
+    }
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Make every error the app can meet answer as problem+json."""
+    app.add_exception_handler(OrderLedgerError, ledger_error_problem)
+    app.add_exception_handler(RequestValidationError, validation_problem)
+    app.add_exception_handler(StarletteHTTPException, http_problem)
+    app.add_exception_handler(Exception, internal_error_problem)
+
+
+async def ledger_error_problem(request: Request, exc: Exception) -> Response:
+    """A refused command or read: the domain's own message is the detail."""
+    assert isinstance(exc, OrderLedgerError)
+    status = next((code for kind, code in _STATUS_BY_ERROR if isinstance(exc, kind)), 422)
+    current_version = None
+    if isinstance(exc, ConcurrencyConflictError):
+        current_version = exc.current_version
+        if "if-match" in request.headers:
+            status = HTTPStatus.PRECONDITION_FAILED
+    words = _words(type(exc).__name__.removesuffix("Error"))
+    return problem_response(
+        request,
+        status=status,
+        slug="-".join(words),
+        title=" ".join(words).capitalize(),
+        detail=str(exc),
+        current_version=current_version,
+    )
+
+
+async def validation_problem(request: Request, exc: Exception) -> Response:
+    """Input that does not fit the schema, including a body that is not JSON at all."""
+    assert isinstance(exc, RequestValidationError)
+    raw = list(exc.errors())
+    malformed = next((error for error in raw if error.get("type") == "json_invalid"), None)
+    if malformed is not None:
+        reason = malformed.get("ctx", {}).get("error", "invalid JSON")
+        position = malformed["loc"][-1]
+        return problem_response(
+            request,
+            status=422,
+            slug="malformed-json",
+            title="Malformed JSON",
+            detail=f"the request body is not valid JSON: {reason} at character {position}",
+        )
+    errors = [
+        FieldError(
+            loc=list(error["loc"]),
+            field=".".join(str(part) for part in error["loc"]),
+            message=str(error["msg"]),
+        )
+        for error in raw
+    ]
+    summary = "; ".join(f"{e.field}: {e.message}" for e in errors[:_MAX_ERRORS_IN_DETAIL])
+    if len(errors) > _MAX_ERRORS_IN_DETAIL:
+        summary += f" (and {len(errors) - _MAX_ERRORS_IN_DETAIL} more)"
+    return problem_response(
+        request,
+        status=422,
+        slug="invalid-request",
+        title="Invalid request",
+        detail=summary,
+        errors=errors,
+    )
+
+
+async def http_problem(request: Request, exc: Exception) -> Response:
+    """Routing and protocol errors (unknown path, wrong method, body too large, ...)."""
+    assert isinstance(exc, StarletteHTTPException)
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "Error"
+    detail = exc.detail
+    if detail == phrase and exc.status_code == HTTPStatus.NOT_FOUND:
+        detail = f"nothing is served at {request.url.path}"
+    elif detail == phrase and exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    return problem_response(
+        request,
+        status=exc.status_code,
+        slug="-".join(phrase.lower().split()),
+        title=phrase.capitalize(),
+        detail=str(detail),
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+async def internal_error_problem(request: Request, exc: Exception) -> Response:
+    """A bug: say so without exposing anything about it (the server still logs it)."""
+    return problem_response(
+        request,
+        status=500,
+        slug="internal-error",
+        title="Internal server error",
+        detail="the server failed to complete the request; nothing about the failure is shown",
+    )
+
+
+def _words(camel: str) -> list[str]:
+    return [word.lower() for word in re.findall(r"[A-Z][a-z0-9]*", camel)]

@@ -1,0 +1,179 @@
+"""Order commands and the audit reads of one order."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Path, Query, Request, Response
+
+from api.dependencies import CommandOptionsDep, IdempotencyKeyDep, LedgerDep
+from api.problems import problem_responses
+from api.schemas import (
+    CancellationCreate,
+    CommandAccepted,
+    DeliveryCreate,
+    HistoryEvent,
+    LineCreate,
+    OrderCreate,
+    OrderHistory,
+    OrderState,
+    PaymentCreate,
+    RefundCreate,
+    ShipmentCreate,
+)
+from domain.ledger import CommandResult
+from domain.money import MAX_AMOUNT
+from domain.order import MAX_ID_LENGTH
+
+router = APIRouter(
+    prefix="/orders", tags=["orders"], responses=problem_responses(404, 409, 412, 413, 422)
+)
+
+Sku = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+def _accepted(response: Response, result: CommandResult) -> CommandAccepted:
+    """The command's outcome, with its version and position also as headers."""
+    response.headers["ETag"] = f'"{result.version}"'
+    response.headers["Orderledger-Position"] = str(result.position)
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return CommandAccepted(
+        order_id=result.order_id, version=result.version, position=result.position
+    )
+
+
+@router.post("", status_code=201)
+def create_order(
+    body: OrderCreate,
+    ledger: LedgerDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> CommandAccepted:
+    """Place a new order."""
+    result = ledger.place_order(**body.model_dump(), idempotency_key=idempotency_key)
+    response.headers["Location"] = request.app.url_path_for(
+        "read_order", order_id=str(result.order_id)
+    )
+    return _accepted(response, result)
+
+
+@router.get("/{order_id}")
+def read_order(order_id: UUID, ledger: LedgerDep, response: Response) -> OrderState:
+    """The order as it stands now."""
+    order = ledger.get_order(order_id)
+    response.headers["ETag"] = f'"{order.version}"'
+    return OrderState.model_validate(order.snapshot())
+
+
+@router.post("/{order_id}/lines")
+def add_line(
+    order_id: UUID,
+    body: LineCreate,
+    ledger: LedgerDep,
+    options: CommandOptionsDep,
+    response: Response,
+) -> CommandAccepted:
+    """Add a line to an order that has no payment yet."""
+    result = ledger.add_line(order_id, **body.model_dump(), **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.delete("/{order_id}/lines/{sku}")
+def remove_line(
+    order_id: UUID, sku: Sku, ledger: LedgerDep, options: CommandOptionsDep, response: Response
+) -> CommandAccepted:
+    """Remove a line from an order that has no payment yet."""
+    result = ledger.remove_line(order_id, sku=sku, **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.post("/{order_id}/payments")
+def capture_payment(
+    order_id: UUID,
+    body: PaymentCreate,
+    ledger: LedgerDep,
+    options: CommandOptionsDep,
+    response: Response,
+) -> CommandAccepted:
+    """Capture part or all of the order's outstanding balance."""
+    result = ledger.capture_payment(order_id, **body.model_dump(), **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.post("/{order_id}/shipment")
+def ship_order(
+    order_id: UUID,
+    body: ShipmentCreate,
+    ledger: LedgerDep,
+    options: CommandOptionsDep,
+    response: Response,
+) -> CommandAccepted:
+    """Hand a fully paid order to a carrier."""
+    result = ledger.ship_order(order_id, **body.model_dump(), **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.post("/{order_id}/delivery")
+def deliver_order(
+    order_id: UUID,
+    ledger: LedgerDep,
+    options: CommandOptionsDep,
+    response: Response,
+    body: Annotated[DeliveryCreate | None, Body()] = None,
+) -> CommandAccepted:
+    """Record that a shipped order reached the customer."""
+    # The body is optional and empty; declaring it makes a body with unknown fields a 422.
+    result = ledger.deliver_order(order_id, **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.post("/{order_id}/cancellation")
+def cancel_order(
+    order_id: UUID,
+    body: CancellationCreate,
+    ledger: LedgerDep,
+    options: CommandOptionsDep,
+    response: Response,
+) -> CommandAccepted:
+    """Cancel an order that has not shipped."""
+    result = ledger.cancel_order(order_id, **body.model_dump(), **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.post("/{order_id}/refunds")
+def issue_refund(
+    order_id: UUID,
+    body: RefundCreate,
+    ledger: LedgerDep,
+    options: CommandOptionsDep,
+    response: Response,
+) -> CommandAccepted:
+    """Give back money captured on the order and not yet refunded."""
+    result = ledger.issue_refund(order_id, **body.model_dump(), **options.as_kwargs())
+    return _accepted(response, result)
+
+
+@router.get("/{order_id}/history")
+def read_order_history(order_id: UUID, ledger: LedgerDep) -> OrderHistory:
+    """Every event of the order, oldest first, with its global position."""
+    entries = ledger.order_history(order_id)
+    events = [HistoryEvent.model_validate(entry, from_attributes=True) for entry in entries]
+    return OrderHistory(order_id=order_id, events=events)
+
+
+@router.get("/{order_id}/state")
+def read_order_state(
+    order_id: UUID,
+    ledger: LedgerDep,
+    version: Annotated[int | None, Query(ge=1, le=MAX_AMOUNT)] = None,
+    at: Annotated[
+        datetime | None, Query(description="A moment with its timezone, e.g. 2026-01-31T12:00Z")
+    ] = None,
+) -> OrderState:
+    """The order as it was at a version or a moment (give one, or neither for now)."""
+    order = ledger.order_as_of(order_id, version=version, at=at)
+    return OrderState.model_validate(order.snapshot())

@@ -1,0 +1,253 @@
+"""Request and response bodies, named by role; the domain still checks every rule."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr
+
+from domain.money import MAX_AMOUNT
+from domain.order import (
+    MAX_ADDRESS_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_REFERENCE_LENGTH,
+)
+
+# Strict: JSON 10.0 or "10" is refused rather than quietly turned into money.
+MinorUnits = Annotated[
+    StrictInt,
+    Field(ge=0, le=MAX_AMOUNT, description="Integer minor units (cents), at most 2**63-1."),
+]
+Quantity = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)]
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+Reference = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REFERENCE_LENGTH)]
+Address = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ADDRESS_LENGTH)]
+Reason = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REASON_LENGTH)]
+Currency = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.", examples=["EUR"]),
+]
+
+_LINE_EXAMPLE: dict[str, JsonValue] = {"sku": "SKU-1", "quantity": 2, "unit_price": 1250}
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+class LineIn(_Command):
+    """One line of a new order."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_LINE_EXAMPLE]})
+
+    sku: Identifier
+    quantity: Quantity
+    unit_price: MinorUnits
+
+
+class OrderCreate(_Command):
+    """Place an order."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_id": "cust-42",
+                    "currency": "EUR",
+                    "lines": [_LINE_EXAMPLE],
+                    "shipping_address": "1 Quay Street, Dublin",
+                    "client_reference": "cart-9f1c",
+                }
+            ]
+        },
+    )
+
+    customer_id: Identifier
+    currency: Currency
+    lines: list[LineIn]
+    shipping_address: Address | None = None
+    client_reference: Reference | None = None
+
+
+class LineCreate(LineIn):
+    """Add a line to an order that has no payment yet."""
+
+
+class PaymentCreate(_Command):
+    """Capture part or all of an order's balance."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"amount": 2500, "payment_reference": "psp-7781"}]},
+    )
+
+    amount: MinorUnits
+    payment_reference: Reference
+
+
+class ShipmentCreate(_Command):
+    """Hand a fully paid order to a carrier."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"carrier": "DHL", "tracking_number": "JD0146000"}]},
+    )
+
+    carrier: Identifier
+    tracking_number: Reference
+
+
+class DeliveryCreate(_Command):
+    """Record delivery; there is nothing to say beyond the order's id."""
+
+
+class CancellationCreate(_Command):
+    """Cancel an order that has not shipped."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"reason": "customer changed mind"}]}
+    )
+
+    reason: Reason
+
+
+class RefundCreate(_Command):
+    """Give back captured money."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"amount": 1250, "reason": "damaged in transit"}]},
+    )
+
+    amount: MinorUnits
+    reason: Reason
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class CommandAccepted(BaseModel):
+    """A recorded command: the order, its new version and the global position of its event."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "order_id": "0d9b1f5e-3c1a-4f55-9a7e-2b8f6f3f8a10",
+                    "version": 3,
+                    "position": 1041,
+                }
+            ]
+        }
+    )
+
+    order_id: UUID
+    version: int
+    position: int
+
+
+class HistoryEvent(BaseModel):
+    """One recorded event of an order."""
+
+    position: int
+    version: int
+    type: str = Field(examples=["PaymentCaptured"])
+    timestamp: datetime
+    data: dict[str, Any] = Field(examples=[{"amount": 2500, "payment_reference": "psp-7781"}])
+
+
+class OrderHistory(BaseModel):
+    """Every event of an order, oldest first."""
+
+    order_id: UUID
+    events: list[HistoryEvent]
+
+
+class LineOut(BaseModel):
+    """One line of an order."""
+
+    sku: str
+    quantity: int
+    unit_price: int
+
+
+class OrderState(BaseModel):
+    """An order as it stands (or stood at a version or moment)."""
+
+    order_id: UUID
+    version: int
+    status: Literal[
+        "pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"
+    ]
+    customer_id: str
+    currency: str
+    lines: list[LineOut]
+    total: int
+    captured: int
+    refunded: int
+    balance_due: int
+    refund_due: int
+    payment_references: list[str]
+    shipping_address: str | None
+    client_reference: str | None
+    carrier: str | None
+    tracking_number: str | None
+    placed_at: datetime
+    updated_at: datetime
+    shipped_at: datetime | None
+    delivered_at: datetime | None
+    cancelled_at: datetime | None
+    cancellation_reason: str | None
+
+
+class Health(BaseModel):
+    """The service answers and so does its event store."""
+
+    status: Literal["ok"]
+    position: int = Field(description="Global position of the newest recorded event.")
+
+
+class FieldError(BaseModel):
+    """One input that failed validation."""
+
+    loc: list[str | int] = Field(examples=[["body", "lines", 0, "quantity"]])
+    field: str = Field(examples=["body.lines.0.quantity"])
+    message: str = Field(examples=["Input should be a valid integer"])
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (served as application/problem+json)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "https://orderledger.dev/problems/payment-exceeds-total",
+                    "title": "Payment exceeds total",
+                    "status": 409,
+                    "detail": "capturing 9000 would exceed the order total 2500 "
+                    "(0 already captured, 2500 due)",
+                    "instance": "/orders/0d9b1f5e-3c1a-4f55-9a7e-2b8f6f3f8a10/payments",
+                }
+            ]
+        }
+    )
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[FieldError] | None = Field(
+        default=None, description="Present on validation problems: each invalid input."
+    )
+    current_version: int | None = Field(
+        default=None, description="Present on version conflicts: the order's version now."
+    )
