@@ -1,0 +1,91 @@
+"""The orders read model (order_summaries): one order, and filtered keyset-paginated lists."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+
+from api.problems import problem_responses
+from api.projection_runtime import MinPositionDep, ProjectionsDep, wait_for_position
+from api.read_schemas import OrderSummariesPublic, OrderSummaryPublic
+from domain.order import MAX_ID_LENGTH
+from projections.order_summaries import (
+    InvalidCursorError,
+    OrderSummary,
+    get_order_summary,
+    list_order_summaries,
+)
+
+router = APIRouter(prefix="/orders", tags=["orders"], responses=problem_responses(404, 422, 503))
+
+MAX_PAGE = 200
+Status = Literal["pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"]
+
+
+def _public(summary: OrderSummary) -> OrderSummaryPublic:
+    return OrderSummaryPublic.model_validate(summary, from_attributes=True)
+
+
+def _start_of(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
+@router.get("")
+async def list_orders(
+    runtime: ProjectionsDep,
+    request: Request,
+    min_position: MinPositionDep,
+    customer_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH)] = None,
+    status: Status | None = None,
+    placed_from: Annotated[date | None, Query(description="First day, inclusive (UTC).")] = None,
+    placed_to: Annotated[date | None, Query(description="Last day, inclusive (UTC).")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> OrderSummariesPublic:
+    """Orders newest first, by customer, status and placed-date range, one page at a time."""
+    await wait_for_position(runtime, request.app.state.settings, "order_summaries", min_position)
+    with runtime.reading("order_summaries") as (conn, tables):
+        try:
+            page = list_order_summaries(
+                conn,
+                tables,
+                customer_id=customer_id,
+                status=status,
+                placed_from=_start_of(placed_from) if placed_from else None,
+                placed_to=_start_of(placed_to + timedelta(days=1)) if placed_to else None,
+                limit=limit,
+                cursor=cursor,
+            )
+        except InvalidCursorError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
+    next_link = None
+    if page.next_cursor is not None:
+        next_link = str(request.url.include_query_params(cursor=page.next_cursor))
+    return OrderSummariesPublic(
+        data=[_public(s) for s in page.items], next_cursor=page.next_cursor, next=next_link
+    )
+
+
+@router.get("/{order_id}", responses={304: {"description": "Not modified"}})
+async def read_order(
+    order_id: UUID,
+    runtime: ProjectionsDep,
+    request: Request,
+    response: Response,
+    min_position: MinPositionDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> OrderSummaryPublic | Response:
+    """The order from the read model (its full audit is at /orders/{id}/history)."""
+    await wait_for_position(runtime, request.app.state.settings, "order_summaries", min_position)
+    with runtime.reading("order_summaries") as (conn, tables):
+        summary = get_order_summary(conn, tables, str(order_id))
+    if summary is None:
+        raise HTTPException(status_code=404, detail=f"order {order_id} not found")
+    etag = f'"{summary.version}"'
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    return _public(summary)
