@@ -49,7 +49,7 @@ class StepResult:
 class Processor:
     """Applies events to one generation's tables, exactly once per position."""
 
-    def __init__(  # noqa: PLR0917 - the processor's identity is these six parts
+    def __init__(
         self,
         catalog: Catalog,
         source: EventSource,
