@@ -72,17 +72,15 @@ def _redacted(url: str) -> str:
 
 
 @app.callback()
-def _root(ctx: typer.Context, database_url: DatabaseUrlOption = None) -> None:
+def _root() -> None:
     """orderledger: an event-sourced order ledger."""
-    ctx.obj = database_url
 
 
-def _settings(ctx: typer.Context, database_url: str | None, **overrides: Any) -> Settings:
+def _settings(database_url: str | None, **overrides: Any) -> Settings:
     """Settings from the environment, with command-line options winning."""
     values = {name: value for name, value in overrides.items() if value is not None}
-    url = database_url or ctx.obj
-    if url is not None:
-        values["database_url"] = url
+    if database_url is not None:
+        values["database_url"] = database_url
     try:
         return Settings(**values)
     except ValidationError as error:
@@ -131,7 +129,6 @@ def format_money(amount: int, currency: str) -> str:
 
 @app.command()
 def serve(
-    ctx: typer.Context,
     host: Annotated[
         str | None, typer.Option(help="Interface to bind (default ORDERLEDGER_HOST or 127.0.0.1).")
     ] = None,
@@ -141,7 +138,7 @@ def serve(
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Serve the HTTP API."""
-    settings = _settings(ctx, database_url, host=host, port=port)
+    settings = _settings(database_url, host=host, port=port)
     with _reported_errors():
         run_server(settings)
 
@@ -172,7 +169,6 @@ def run_server(settings: Settings) -> None:
 
 @app.command()
 def demo(
-    ctx: typer.Context,
     orders: Annotated[int, typer.Option("--orders", "-n", help="How many orders to record.")] = 200,
     if_empty: Annotated[
         bool, typer.Option("--if-empty", help="Do nothing when the store already has events.")
@@ -185,7 +181,7 @@ def demo(
     """Record realistic demo orders across the whole order lifecycle."""
     if orders < 1:
         _fail(f"--orders must be 1 or more, got {orders}", EXIT_USAGE)
-    settings = _settings(ctx, database_url)
+    settings = _settings(database_url)
     out = _stdout()
     ledger = _open_ledger(settings)
     try:
@@ -364,7 +360,6 @@ def _lines_table(order: Order) -> Table:
 
 @app.command()
 def audit(
-    ctx: typer.Context,
     order_id: Annotated[
         str, typer.Argument(help="The order's id (a UUID).", metavar="ORDER_ID", show_default=False)
     ],
@@ -387,7 +382,7 @@ def audit(
     if at_version is not None and at is not None:
         _fail("give either --at-version or --at, not both", EXIT_USAGE)
     moment = _parse_moment(at) if at is not None else None
-    settings = _settings(ctx, database_url)
+    settings = _settings(database_url)
     ledger = _open_ledger(settings)
     try:
         with _reported_errors():

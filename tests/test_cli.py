@@ -127,7 +127,7 @@ class TestDemo:
     @pytest.mark.postgres
     def test_demo_records_the_whole_lifecycle_on_postgresql(self, postgres_url: str) -> None:
         """The demo works the same on PostgreSQL."""
-        result = invoke("--database-url", postgres_url, "demo", "--orders", "12", "--seed", "2")
+        result = invoke("demo", "--orders", "12", "--seed", "2", "--database-url", postgres_url)
 
         assert result.exit_code == 0, result.output
         orders = placed_orders(postgres_url)
@@ -328,7 +328,7 @@ class TestAuditErrors:
 class TestStoreErrors:
     def test_an_unsupported_database_url_is_a_usage_error(self) -> None:
         """A mysql:// URL exits 2 naming the supported schemes."""
-        result = invoke("--database-url", "mysql://db/orders", "demo", "-n", "1")
+        result = invoke("demo", "-n", "1", "--database-url", "mysql://db/orders")
 
         assert_clean_failure(result, 2, "bad database URL 'mysql://db/orders'")
         assert "sqlite:///" in result.output
