@@ -1,0 +1,283 @@
+"""sku_sales: per SKU and currency, units ordered and cancelled, revenue net of cancellations."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import singledispatchmethod
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    insert,
+    select,
+    update,
+)
+
+from domain.order import Order
+from projections.base import Batch, Projection
+from projections.source import RecordedEvent
+
+_CHUNK = 500
+_BIGINT = 2**63
+
+
+class SkuSalesProjection(Projection):
+    """Per SKU and currency: units ordered, units cancelled and the revenue still standing.
+
+    Adding or removing a line changes units ordered; cancelling an order moves its current
+    lines to units cancelled and takes them out of revenue.
+    """
+
+    name = "sku_sales"
+    version = 1
+    handles = (Order.Placed, Order.LineAdded, Order.LineRemoved, Order.Cancelled)
+
+    def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
+        sales = Table(
+            f"sku_sales{suffix}",
+            metadata,
+            Column("sku", String(64), primary_key=True),
+            Column("currency", String(3), primary_key=True),
+            Column("units_ordered", BigInteger, nullable=False),
+            Column("units_cancelled", BigInteger, nullable=False),
+            Column("net_units", BigInteger, nullable=False),
+            Column("revenue", BigInteger, nullable=False),
+            Index(f"sku_sales{suffix}_top", "net_units", "sku", "currency"),
+            Index(f"sku_sales{suffix}_currency_top", "currency", "net_units", "sku"),
+        )
+        # A cancellation and a removed line carry no quantities: keep each order's lines here
+        # so this projection rebuilds without any other read model.
+        orders = Table(
+            f"sku_sales_orders{suffix}",
+            metadata,
+            Column("order_id", String(36), primary_key=True),
+            Column("currency", String(3), nullable=False),
+            Column("lines", Text, nullable=False),
+        )
+        return {"sku_sales": sales, "sku_sales_orders": orders}
+
+    def batch(self, conn: Connection, tables: dict[str, Table]) -> Batch:
+        return SkuSalesBatch(conn, tables)
+
+
+class SkuSalesBatch(Batch):
+    """Folds a batch of order events into SKU rows held in memory."""
+
+    def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
+        super().__init__(conn, tables)
+        self.orders = _Rows(tables["sku_sales_orders"], ("order_id",))
+        self.sales = _Rows(tables["sku_sales"], ("sku", "currency"))
+        self.lines: dict[str, dict[str, list[int]]] = {}
+
+    def load(self, events: Sequence[RecordedEvent]) -> None:
+        self.orders.load(self.conn, "order_id", {str(r.event.originator_id) for r in events})
+        skus: set[str] = set()
+        for (order_id,), row in self.orders.rows.items():
+            self.lines[order_id] = json.loads(row["lines"])
+            skus.update(self.lines[order_id])
+        for recorded in events:
+            event = recorded.event
+            if isinstance(event, Order.Placed):
+                skus.update(line["sku"] for line in event.lines)
+            elif isinstance(event, Order.LineAdded):
+                skus.add(event.sku)
+        # Every currency of those SKUs: a (sku, currency) not among them is new.
+        self.sales.load(self.conn, "sku", skus)
+
+    def handle(self, recorded: RecordedEvent) -> None:
+        self.on_event(recorded.event, str(recorded.event.originator_id))
+
+    @singledispatchmethod
+    def on_event(self, event: object, order_id: str) -> None:
+        raise TypeError(f"sku_sales does not handle {type(event).__qualname__}")
+
+    @on_event.register
+    def order_placed(self, event: Order.Placed, order_id: str) -> None:
+        self.orders.add({"order_id": order_id, "currency": event.currency, "lines": ""})
+        self.lines[order_id] = {}
+        for line in event.lines:
+            self._order_line(
+                order_id, event.currency, line["sku"], line["quantity"], line["unit_price"]
+            )
+
+    @on_event.register
+    def line_added(self, event: Order.LineAdded, order_id: str) -> None:
+        currency = self._currency_of(order_id)
+        self._order_line(order_id, currency, event.sku, event.quantity, event.unit_price)
+
+    @on_event.register
+    def line_removed(self, event: Order.LineRemoved, order_id: str) -> None:
+        currency = self._currency_of(order_id)
+        quantity, price = self.lines[order_id].pop(event.sku)
+        self.orders.changed((order_id,))
+        row = self._sales_row(event.sku, currency)
+        row["units_ordered"] = _sum(row["units_ordered"], -quantity)
+        row["revenue"] = _sum(row["revenue"], -quantity * price)
+        self._net(row)
+
+    @on_event.register
+    def order_cancelled(self, event: Order.Cancelled, order_id: str) -> None:
+        currency = self._currency_of(order_id)
+        for sku, (quantity, price) in self.lines[order_id].items():
+            row = self._sales_row(sku, currency)
+            row["units_cancelled"] = _sum(row["units_cancelled"], quantity)
+            row["revenue"] = _sum(row["revenue"], -quantity * price)
+            self._net(row)
+
+    def _order_line(
+        self, order_id: str, currency: str, sku: str, quantity: int, price: int
+    ) -> None:
+        self.lines[order_id][sku] = [quantity, price]
+        self.orders.changed((order_id,))
+        row = self._sales_row(sku, currency)
+        row["units_ordered"] = _sum(row["units_ordered"], quantity)
+        row["revenue"] = _sum(row["revenue"], quantity * price)
+        self._net(row)
+
+    def _currency_of(self, order_id: str) -> str:
+        order = self.orders.get((order_id,))
+        if order is None:
+            raise LookupError(f"sku_sales has no placed order {order_id}")
+        currency: str = order["currency"]
+        return currency
+
+    def _sales_row(self, sku: str, currency: str) -> dict[str, Any]:
+        row = self.sales.get((sku, currency))
+        if row is None:
+            row = {
+                "sku": sku,
+                "currency": currency,
+                "units_ordered": 0,
+                "units_cancelled": 0,
+                "net_units": 0,
+                "revenue": 0,
+            }
+            self.sales.add(row)
+        self.sales.changed((sku, currency))
+        return row
+
+    @staticmethod
+    def _net(row: dict[str, Any]) -> None:
+        row["net_units"] = _sum(row["units_ordered"], -row["units_cancelled"])
+
+    def flush(self) -> None:
+        for key in self.orders.dirty:
+            self.orders.rows[key]["lines"] = json.dumps(
+                self.lines[key[0]], separators=(",", ":"), sort_keys=True
+            )
+        self.orders.flush(self.conn)
+        self.sales.flush(self.conn)
+
+
+class _Rows:
+    """Rows of one table keyed by primary key: loaded once, written with two executemany."""
+
+    def __init__(self, table: Table, key: tuple[str, ...]) -> None:
+        self.table = table
+        self.key = key
+        self.rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.existing: set[tuple[Any, ...]] = set()
+        self.dirty: set[tuple[Any, ...]] = set()
+
+    def load(self, conn: Connection, column: str, values: Iterable[Any]) -> None:
+        wanted = sorted(set(values))
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            for row in conn.execute(select(self.table).where(self.table.c[column].in_(chunk))):
+                values_ = dict(row._mapping)
+                key = tuple(values_[k] for k in self.key)
+                self.rows[key] = values_
+                self.existing.add(key)
+
+    def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
+        return self.rows.get(key)
+
+    def add(self, row: dict[str, Any]) -> None:
+        key = tuple(row[k] for k in self.key)
+        self.rows[key] = row
+        self.dirty.add(key)
+
+    def changed(self, key: tuple[Any, ...]) -> None:
+        self.dirty.add(key)
+
+    def flush(self, conn: Connection) -> None:
+        keys = sorted(self.dirty)
+        new = [self.rows[k] for k in keys if k not in self.existing]
+        old = [self.rows[k] for k in keys if k in self.existing]
+        if new:
+            conn.execute(insert(self.table), new)
+        columns = [c.name for c in self.table.columns if c.name not in self.key]
+        if old and columns:
+            statement = (
+                update(self.table)
+                .where(*(self.table.c[k] == bindparam(f"k_{k}") for k in self.key))
+                .values({c: bindparam(f"v_{c}") for c in columns})
+            )
+            conn.execute(
+                statement,
+                [
+                    {**{f"k_{k}": row[k] for k in self.key}, **{f"v_{c}": row[c] for c in columns}}
+                    for row in old
+                ],
+            )
+
+
+def _sum(a: int, b: int) -> int:
+    """Add, refusing a figure the 64-bit column cannot hold (so the failing event is named)."""
+    total = a + b
+    if not -_BIGINT <= total < _BIGINT:
+        raise OverflowError(f"{total} does not fit a 64-bit amount")
+    return total
+
+
+# -- queries ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkuSales:
+    """One SKU's sales in one currency; revenue in minor units."""
+
+    sku: str
+    currency: str
+    units_ordered: int
+    units_cancelled: int
+    net_units: int
+    revenue: int
+
+
+def top_skus(
+    conn: Connection,
+    tables: dict[str, Table],
+    *,
+    limit: int = 10,
+    currency: str | None = None,
+) -> list[SkuSales]:
+    """The SKUs with the most units ordered and not cancelled, most first (ties by SKU)."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    table = tables["sku_sales"]
+    query = select(table)
+    if currency is not None:
+        query = query.where(table.c.currency == currency)
+    query = query.order_by(table.c.net_units.desc(), table.c.sku, table.c.currency).limit(limit)
+    return [
+        SkuSales(
+            sku=row.sku,
+            currency=row.currency,
+            units_ordered=row.units_ordered,
+            units_cancelled=row.units_cancelled,
+            net_units=row.net_units,
+            revenue=row.revenue,
+        )
+        for row in conn.execute(query)
+    ]
