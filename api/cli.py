@@ -84,11 +84,15 @@ def _settings(database_url: str | None, **overrides: Any) -> Settings:
     try:
         return Settings(**values)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        _fail(f"invalid settings: {problems}", EXIT_USAGE)
+        _fail(_settings_problem(error), EXIT_USAGE)
+
+
+def _settings_problem(error: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+        for problem in error.errors()
+    )
+    return f"invalid settings: {problems}"
 
 
 def _open_ledger(settings: Settings) -> OrderLedger:
@@ -400,15 +404,31 @@ def audit(
 projection_commands.register(app)
 
 
+def _last_resort(error: Exception) -> tuple[str, int]:
+    """A message and exit code for an error that escaped a command."""
+    if isinstance(error, ValidationError):
+        return _settings_problem(error), EXIT_USAGE
+    if isinstance(error, InvalidCommandError):
+        return str(error), EXIT_USAGE
+    if isinstance(error, OrderLedgerError | OSError):
+        return str(error), EXIT_FAILURE
+    if isinstance(error, PersistenceError):
+        return f"the event store failed: {error}", EXIT_FAILURE
+    if isinstance(error, ValueError):
+        return str(error), EXIT_USAGE
+    return f"unexpected {type(error).__name__}: {error}", EXIT_FAILURE
+
+
 def main() -> None:
     """Entry point of the `orderledger` console script."""
     try:
         app()
-    except Exception as error:  # the last line of defence against a traceback
-        Console(stderr=True).print(
-            f"Error: unexpected {type(error).__name__}: {error}", markup=False
+    except Exception as error:  # commands catch what they expect; this keeps tracebacks out
+        message, code = _last_resort(error)
+        Console(stderr=True, highlight=False).print(
+            f"Error: {message}", markup=False, soft_wrap=True
         )
-        raise SystemExit(EXIT_FAILURE) from None
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

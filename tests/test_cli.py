@@ -357,6 +357,23 @@ class TestStoreErrors:
 
         assert_clean_failure(result, 2, "invalid settings: port:")
 
+    def test_the_console_script_reports_any_command_error_in_one_line(self) -> None:
+        """An error no command catches still exits non-zero with one line and no traceback."""
+        completed = subprocess.run(
+            [sys.executable, "-m", "api.cli", "status", "--database-url", "mysql://db/orders"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+        assert completed.returncode == 2, completed.stderr
+        assert "Traceback" not in completed.stderr
+        assert completed.stderr.strip().splitlines() == [
+            "Error: unsupported database URL scheme 'mysql': use sqlite:/// or postgresql://"
+        ]
+
 
 @pytest.mark.parametrize(
     ("amount", "currency", "text"),
