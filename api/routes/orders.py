@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Response
 
 from api.dependencies import CommandOptionsDep, IdempotencyKeyDep, LedgerDep
 from api.problems import problem_responses
@@ -49,24 +49,13 @@ def _accepted(response: Response, result: CommandResult) -> CommandAccepted:
 def create_order(
     body: OrderCreate,
     ledger: LedgerDep,
-    request: Request,
     response: Response,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> CommandAccepted:
     """Place a new order."""
     result = ledger.place_order(**body.model_dump(), idempotency_key=idempotency_key)
-    response.headers["Location"] = request.app.url_path_for(
-        "read_order", order_id=str(result.order_id)
-    )
+    response.headers["Location"] = f"{router.prefix}/{result.order_id}"
     return _accepted(response, result)
-
-
-@router.get("/{order_id}")
-def read_order(order_id: UUID, ledger: LedgerDep, response: Response) -> OrderState:
-    """The order as it stands now."""
-    order = ledger.get_order(order_id)
-    response.headers["ETag"] = f'"{order.version}"'
-    return OrderState.model_validate(order.snapshot())
 
 
 @router.post("/{order_id}/lines")
