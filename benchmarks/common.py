@@ -28,7 +28,7 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 STORES = ("sqlite", "postgres")
 
 # Wide enough for the tables even when the output goes to a file or a pipe.
-console = Console(highlight=False, width=max(shutil.get_terminal_size().columns, 120))
+console = Console(highlight=False, width=max(shutil.get_terminal_size().columns, 140))
 
 
 # -- stores -----------------------------------------------------------------------------------
@@ -127,6 +127,12 @@ class Measurement:
     orders: int
     events_per_order: int
     runs: list[Timing] = field(default_factory=list)
+    blocks: list[Timing] = field(default_factory=list)
+    """Every block of every run, in the order they ran, to pair with other variants' blocks."""
+
+    def add_run(self, blocks: Sequence[Timing]) -> None:
+        self.blocks.extend(blocks)
+        self.runs.append(sum(blocks, ZERO))
 
     @property
     def best(self) -> Timing:
@@ -163,6 +169,23 @@ class Measurement:
 def overhead(baseline: Measurement, measured: Measurement) -> float:
     """Throughput lost against the baseline, as a fraction of the baseline's throughput."""
     return (baseline.orders_per_second - measured.orders_per_second) / (baseline.orders_per_second)
+
+
+def paired_overhead(baseline: Measurement, measured: Measurement) -> float:
+    """The median throughput lost over blocks that ran side by side in time.
+
+    A stall of the shared disk or CPU lasts long enough to land on one variant's block and not
+    the next; pairing neighbouring blocks and taking the median leaves such stalls out.
+    """
+    if len(baseline.blocks) != len(measured.blocks) or not baseline.blocks:
+        raise ValueError("paired overhead needs the same number of blocks from both variants")
+    pairs = zip(baseline.blocks, measured.blocks, strict=True)
+    return statistics.median(1 - base.wall / ours.wall for base, ours in pairs)
+
+
+def cpu_overhead(baseline: Measurement, measured: Measurement) -> float:
+    """Throughput lost counting only this process's CPU time (best runs)."""
+    return 1 - baseline.cpu_seconds / measured.cpu_seconds
 
 
 def rotated(items: Sequence[str], by: int) -> list[str]:
