@@ -10,14 +10,26 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
+from uuid import UUID
 
+import orjson
 import psycopg
 from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import (
+    JSONTranscoder,
+    Mapper,
+    MapperDeserialisationError,
+    Transcoding,
+    find_id_convertor,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.utils import get_topic
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import get_topic, resolve_topic
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Identifier
 
 from domain.ledger import EVENT_NAMES, OrderLedger
 
@@ -62,6 +74,8 @@ class EventSource:
         self._listener: _PostgresListener | None = None
         if isinstance(ledger.recorder, PostgresApplicationRecorder):
             self._listener = _PostgresListener(ledger.recorder)
+        self._rows = _row_reader(ledger)
+        self._decode = _Decoder(ledger.mapper) if _Decoder.fits(ledger.mapper) else None
 
     def head(self) -> int:
         """The newest committed position (0 for an empty store)."""
@@ -78,14 +92,18 @@ class EventSource:
         head = self.head()
         if head <= after:
             return EventBatch(events=[], checkpoint=after, head=head)
-        notifications = self._ledger.recorder.select_notifications(
-            start=after, limit=limit, stop=head, topics=topics, inclusive_of_start=False
-        )
-        mapper = self._ledger.mapper
-        events = [
-            RecordedEvent(n.id, cast(Aggregate.Event, mapper.to_domain_event(n)))
-            for n in notifications
-        ]
+        if self._rows is not None and self._decode is not None:
+            decode = self._decode
+            events = [decode(*row) for row in self._rows(after, head, topics, limit)]
+        else:
+            notifications = self._ledger.recorder.select_notifications(
+                start=after, limit=limit, stop=head, topics=topics, inclusive_of_start=False
+            )
+            mapper = self._ledger.mapper
+            events = [
+                RecordedEvent(n.id, cast(Aggregate.Event, mapper.to_domain_event(n)))
+                for n in notifications
+            ]
         checkpoint = events[-1].position if len(events) == limit else head
         return EventBatch(events=events, checkpoint=checkpoint, head=head)
 
@@ -115,6 +133,154 @@ class EventSource:
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
+
+
+_Rows = Callable[[int, int, Sequence[str], int], list[tuple[Any, ...]]]
+"""(after, stop, topics, limit) -> rows of (position, originator id, version, topic, state)."""
+
+
+def _row_reader(ledger: OrderLedger) -> _Rows | None:
+    """The library's notification query without its per-row objects, for bulk reads.
+
+    ``select_notifications`` builds a Notification (and on SQLite a UUID) per row; reading
+    plain tuples through the recorder's own connections and decoding once is about twice
+    as fast during catch-up. None for recorders this does not know.
+    """
+    recorder = ledger.recorder
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        return _sqlite_rows(recorder)
+    if isinstance(recorder, PostgresApplicationRecorder):
+        return _postgres_rows(recorder)
+    return None
+
+
+def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
+    table = recorder.events_table_name
+    # Our own table name; the values are bound parameters.
+    base = (
+        f"SELECT rowid, originator_id, originator_version, topic, state FROM {table} "  # noqa: S608
+        "WHERE rowid>? AND rowid<=? "
+    )
+    order = "ORDER BY rowid LIMIT ?"
+    as_uuid = recorder.datastore.originator_id_type == "uuid"
+
+    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+        statement = base
+        if topics:
+            statement += f"AND topic IN ({','.join('?' * len(topics))}) "
+        statement += order
+        with recorder.datastore.transaction(commit=False) as c:
+            cursor = c.sqlite_cursor
+            cursor.row_factory = None
+            cursor.execute(statement, (after, stop, *topics, limit))
+            fetched = cursor.fetchall()
+        if as_uuid:
+            return [(p, UUID(i), v, t, s) for p, i, v, t, s in fetched]
+        return fetched
+
+    return rows
+
+
+def _postgres_rows(recorder: PostgresApplicationRecorder) -> _Rows:
+    columns = SQL(
+        "SELECT notification_id, originator_id, originator_version, topic, state "
+        "FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s"
+    ).format(
+        schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)
+    )
+    with_topics = columns + SQL(" AND topic = ANY(%s) ORDER BY notification_id LIMIT %s")
+    without_topics = columns + SQL(" ORDER BY notification_id LIMIT %s")
+
+    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+        statement, params = (
+            (with_topics, (after, stop, list(topics), limit))
+            if topics
+            else (without_topics, (after, stop, limit))
+        )
+        with (
+            recorder.datastore.get_connection() as conn,
+            conn.cursor(row_factory=tuple_row) as cursor,
+        ):
+            cursor.execute(statement, params, prepare=True)
+            return cursor.fetchall()
+
+    return rows
+
+
+_TYPED = b'"_type_"'
+
+
+class _Decoder:
+    """``Mapper.to_domain_event`` for a plain JSON mapper (no cipher, no compressor), per row.
+
+    The same steps in the same order (decode the state, convert the originator id, upcast,
+    build the event without calling its constructor), with the per-topic lookups cached.
+    Decoding the JSON is most of the cost of a catch-up: a state whose only transcoded value
+    is the top-level ``timestamp`` (every Order event) is parsed by orjson, about three times
+    faster, and that one value decoded by the transcoder's own transcoding; any other state
+    goes through the transcoder as before.
+    """
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        transcoder = cast(JSONTranscoder, mapper.transcoder)
+        self._decode_state = transcoder.decode
+        self._transcodings: dict[str, Transcoding] = transcoder.names
+        self._classes: dict[str, tuple[type[Any], Callable[[Any], Any], int]] = {}
+
+    @staticmethod
+    def fits(mapper: Mapper[Any]) -> bool:
+        return (
+            type(mapper) is Mapper
+            and type(mapper.transcoder) is JSONTranscoder
+            and mapper.cipher is None
+            and mapper.compressor is None
+        )
+
+    def _state(self, state: bytes) -> dict[str, Any]:
+        typed = state.count(_TYPED)
+        if typed <= 1:
+            try:
+                parsed = orjson.loads(state)
+            except orjson.JSONDecodeError:
+                return cast(dict[str, Any], self._decode_state(state))
+            if type(parsed) is dict:
+                if typed == 0:
+                    return parsed
+                # The one typed value: decoded here if it is the timestamp, else as before.
+                value = parsed.get("timestamp")
+                if type(value) is dict and len(value) == 2 and "_data_" in value:
+                    transcoding = self._transcodings.get(value.get("_type_"))  # type: ignore[arg-type]
+                    if transcoding is not None:
+                        parsed["timestamp"] = transcoding.decode(value["_data_"])
+                        return parsed
+        return cast(dict[str, Any], self._decode_state(state))
+
+    def __call__(
+        self, position: int, originator_id: Any, version: int, topic: str, state: bytes
+    ) -> RecordedEvent:
+        try:
+            cls, convert, class_version = self._classes[topic]
+        except KeyError:
+            cls = resolve_topic(topic)
+            convert = find_id_convertor(cls, cast(Hashable, type(originator_id)))
+            class_version = getattr(cls, "class_version", 1)
+            self._classes[topic] = (cls, convert, class_version)
+        try:
+            event_state = self._state(bytes(state))
+        except Exception as error:
+            raise MapperDeserialisationError(
+                f"Failed to deserialise state of stored event with topic '{topic}', "
+                f"originator_id '{originator_id}' and originator_version {version}: {error}"
+            ) from error
+        event_state["originator_id"] = convert(originator_id)
+        event_state["originator_version"] = version
+        from_version = event_state.pop("class_version", 1)
+        while from_version < class_version:
+            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(event_state)
+            from_version += 1
+        domain_event = object.__new__(cls)
+        object.__setattr__(domain_event, "__dict__", event_state)
+        return RecordedEvent(position, domain_event)
 
 
 class _PostgresListener:
