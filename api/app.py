@@ -11,9 +11,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import install_problem_handlers
+from api.projection_runtime import projections_resource
 from api.routes import routers
 from api.settings import Settings
 from domain.ledger import OrderLedger
+from projections.runtime import ProjectionRuntime
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -21,9 +23,17 @@ LifespanResource = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 """Something the app holds while it runs: entered at start-up, exited (in reverse) at shutdown."""
 
 
-def create_app(settings: Settings, *, ledger: OrderLedger | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    ledger: OrderLedger | None = None,
+    projections: ProjectionRuntime | None = None,
+) -> FastAPI:
     """Build the app; it opens the ledger at start-up unless given one (whose owner closes it)."""
-    resources: list[LifespanResource] = [ledger_resource(settings, ledger)]
+    resources: list[LifespanResource] = [
+        ledger_resource(settings, ledger),
+        projections_resource(settings, projections),
+    ]
     app = FastAPI(
         title="orderledger",
         summary="Event-sourced order ledger: append-only orders with a full audit history.",

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import health, orders
+from api.routes import health, order_queries, orders, projections
 
-routers: tuple[APIRouter, ...] = (health.router, orders.router)
+routers: tuple[APIRouter, ...] = (
+    health.router,
+    orders.router,
+    order_queries.router,
+    projections.router,
+)

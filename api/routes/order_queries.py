@@ -69,7 +69,11 @@ async def list_orders(
     )
 
 
-@router.get("/{order_id}", responses={304: {"description": "Not modified"}})
+@router.get(
+    "/{order_id}",
+    response_model=OrderSummaryPublic,
+    responses={304: {"description": "Not modified"}},
+)
 async def read_order(
     order_id: UUID,
     runtime: ProjectionsDep,
