@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import singledispatchmethod
@@ -87,7 +88,11 @@ class OrderSummaryProjection(Projection):
 
 
 class OrderSummaryBatch(Batch):
-    """Folds a batch of order events into summary rows held in memory."""
+    """Folds a batch of order events into summary rows held in memory.
+
+    Handlers change the figures an event carries; the figures derived from them (lines as
+    JSON, line count, total, status, dues) are computed once per changed row at ``flush``.
+    """
 
     def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
         super().__init__(conn, tables)
@@ -96,6 +101,7 @@ class OrderSummaryBatch(Batch):
         self.lines: dict[str, dict[str, list[int]]] = {}
         self.existing: set[str] = set()
         self.changed: set[str] = set()
+        self._handlers: dict[type, Callable[..., None]] = {}
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
         ids = list({str(r.event.originator_id) for r in events})
@@ -110,12 +116,21 @@ class OrderSummaryBatch(Batch):
                 self.existing.add(values["order_id"])
 
     def handle(self, recorded: RecordedEvent) -> None:
-        order_id = str(recorded.event.originator_id)
-        self.on_event(recorded.event, order_id)
+        event = recorded.event
+        order_id = str(event.originator_id)
+        # The handler registered for the event's class, looked up once per class: going
+        # through the singledispatchmethod descriptor costs more than most handlers.
+        event_type = type(event)
+        handler = self._handlers.get(event_type)
+        if handler is None:
+            dispatcher = inspect.getattr_static(type(self), "on_event").dispatcher
+            handler = dispatcher.dispatch(event_type)
+            self._handlers[event_type] = handler
+        handler(self, event, order_id)
         row = self.rows[order_id]
-        row["version"] = recorded.event.originator_version
+        row["version"] = event.originator_version
         row["last_position"] = recorded.position
-        row["updated_at"] = recorded.event.timestamp
+        row["updated_at"] = event.timestamp
         self.changed.add(order_id)
 
     @singledispatchmethod
@@ -138,44 +153,37 @@ class OrderSummaryBatch(Batch):
             "cancelled": False,
             "placed_at": event.timestamp,
         }
-        self._recompute(order_id)
 
     @on_event.register
     def line_added(self, event: Order.LineAdded, order_id: str) -> None:
         self.lines[order_id][event.sku] = [event.quantity, event.unit_price]
-        self._recompute(order_id)
 
     @on_event.register
     def line_removed(self, event: Order.LineRemoved, order_id: str) -> None:
         del self.lines[order_id][event.sku]
-        self._recompute(order_id)
 
     @on_event.register
     def payment_captured(self, event: Order.PaymentCaptured, order_id: str) -> None:
         self.rows[order_id]["captured"] += event.amount
-        self._recompute(order_id)
 
     @on_event.register
     def order_shipped(self, event: Order.Shipped, order_id: str) -> None:
         self.rows[order_id]["shipped"] = True
-        self._recompute(order_id)
 
     @on_event.register
     def order_delivered(self, event: Order.Delivered, order_id: str) -> None:
         self.rows[order_id]["delivered"] = True
-        self._recompute(order_id)
 
     @on_event.register
     def order_cancelled(self, event: Order.Cancelled, order_id: str) -> None:
         self.rows[order_id]["cancelled"] = True
-        self._recompute(order_id)
 
     @on_event.register
     def refund_issued(self, event: Order.RefundIssued, order_id: str) -> None:
         self.rows[order_id]["refunded"] += event.amount
-        self._recompute(order_id)
 
     def _recompute(self, order_id: str) -> None:
+        """Derive the figures of one row from its lines, payments and flags."""
         row = self.rows[order_id]
         lines = self.lines[order_id]
         row["lines"] = json.dumps(lines, separators=(",", ":"))
@@ -196,6 +204,8 @@ class OrderSummaryBatch(Batch):
         )
 
     def flush(self) -> None:
+        for order_id in self.changed:
+            self._recompute(order_id)
         new = [self.rows[i] for i in self.changed if i not in self.existing]
         old = [self.rows[i] for i in self.changed if i in self.existing]
         if new:
