@@ -6,12 +6,17 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
 from projections.base import EventHandlingError, Projection
 from projections.catalog import BUILDING, RETIRED, SERVING, Catalog, Lease, LeaseLostError
 from projections.database import WRITE
 from projections.source import EventBatch, EventSource
 
 log = logging.getLogger("orderledger.projections")
+
+# Worth retrying as they are (a busy or lost database), never blamed on an event.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Processor:
         self.role = SERVING
         self.failed = False
         self.finished = False
+        self._isolate_until = 0
 
     def step(self) -> StepResult:  # noqa: PLR0911 - one return per outcome reads best
         """Read one batch after our position and commit it with the new position."""
@@ -78,7 +84,9 @@ class Processor:
         if self.lease is None and not self._acquire():
             return StepResult(Outcome.FINISHED if self.finished else Outcome.BUSY_ELSEWHERE)
         assert self.lease is not None
-        batch = self.source.read(self.position, self.settings.batch_size, self.projection.topics)
+        # After a batch failed outside any one handler, go one event at a time to find the culprit.
+        limit = 1 if self.position < self._isolate_until else self.settings.batch_size
+        batch = self.source.read(self.position, limit, self.projection.topics)
         if batch.checkpoint == self.position and not (self.role == BUILDING and batch.reached_head):
             return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
         try:
@@ -90,6 +98,17 @@ class Processor:
             log.warning("lease lost", extra={"projection": self.projection.name, "why": str(error)})
             self.lease = None
             return StepResult(Outcome.LOST, position=self.position, head=batch.head)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:
+            # load() or flush() failed: no single event is to blame yet.
+            if len(batch.events) > 1:
+                self._isolate_until = batch.checkpoint
+                return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
+            if not batch.events:
+                raise
+            self._fail(self.lease, batch, EventHandlingError(0, batch.events[0], error))
+            return StepResult(Outcome.FAILED, position=self.position, head=batch.head)
         applied = len(batch.events)
         self.position = batch.checkpoint
         if promoted:

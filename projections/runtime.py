@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -17,6 +18,8 @@ from projections.processor import ProcessorSettings
 from projections.registry import all_projections
 from projections.source import EventSource
 from projections.worker import Worker
+
+T = TypeVar("T")
 
 
 class UnknownProjectionError(LookupError):
@@ -62,25 +65,43 @@ class ProjectionRuntime:
         known = ", ".join(p.name for p in self.projections)
         raise UnknownProjectionError(f"no projection named {name!r} (known: {known})")
 
-    def worker(self, only: Sequence[str] | None = None, **kwargs: object) -> Worker:
+    def worker(
+        self,
+        only: Sequence[str] | None = None,
+        *,
+        settings: ProcessorSettings | None = None,
+        idle_wait: float = 0.5,
+        owner: str | None = None,
+    ) -> Worker:
+        """A worker for all projections, or only the named ones."""
         chosen = [self.projection(n) for n in only] if only else self.projections
-        return Worker(self.catalog, self.source, chosen, settings=self.settings, **kwargs)  # type: ignore[arg-type]
+        return Worker(
+            self.catalog,
+            self.source,
+            chosen,
+            settings=settings or self.settings,
+            idle_wait=idle_wait,
+            owner=owner,
+        )
 
     @contextmanager
     def reading(self, name: str) -> Iterator[tuple[Connection, dict[str, Table]]]:
-        """A read transaction on the serving generation's tables.
+        """A read transaction on the serving generation's tables."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn, self.catalog.serving_tables(conn, name)
 
-        A reader that raced a rebuild's switch-over (the old tables just dropped) retries once.
+    def read(self, name: str, query: Callable[[Connection, dict[str, Table]], T]) -> T:
+        """Run a query on the serving generation's tables.
+
+        A reader that raced a rebuild's switch-over (the old tables dropped between looking up
+        the generation and querying it) runs once more on the new generation.
         """
-        for attempt in (1, 2):
-            try:
-                with self.engine.connect() as conn, conn.begin():
-                    tables = self.catalog.serving_tables(conn, name)
-                    yield conn, tables
-                    return
-            except (OperationalError, ProgrammingError):
-                if attempt == 2:
-                    raise
+        try:
+            with self.reading(name) as (conn, tables):
+                return query(conn, tables)
+        except (OperationalError, ProgrammingError):
+            with self.reading(name) as (conn, tables):
+                return query(conn, tables)
 
     def close(self) -> None:
         self.source.close()

@@ -85,11 +85,7 @@ class Worker:
                 if not busy:
                     self.source.wait_for_events(self._lowest_position(), self.idle_wait)
         finally:
-            for processor in self.processors.values():
-                try:
-                    processor.release()
-                except Exception:
-                    log.warning("could not release lease", exc_info=True)
+            self.release_all()
 
     def run_once(self) -> bool:
         """One batch for each processor; True if any of them has more to do right away."""
@@ -115,7 +111,12 @@ class Worker:
     def run_until_caught_up(self, timeout: float = 300.0) -> None:
         """Process until every generation this worker can hold is at the head (for tests, CLI)."""
         self.prepare()
-        deadline = time.monotonic() + timeout
+        try:
+            self._run_until_caught_up(time.monotonic() + timeout)
+        finally:
+            self.release_all()
+
+    def _run_until_caught_up(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             self.refresh()
             if self.run_once():
@@ -133,7 +134,17 @@ class Worker:
                 return
             if any(p.failed for p in self.processors.values()):
                 return
+            # Someone else holds a lease, or events arrived meanwhile: do not spin.
+            self.source.wait_for_events(self._lowest_position(), min(self.idle_wait, 0.1))
         raise TimeoutError("projections did not catch up in time")
+
+    def release_all(self) -> None:
+        """Give every lease back so another worker can take over at once."""
+        for processor in self.processors.values():
+            try:
+                processor.release()
+            except Exception:
+                log.warning("could not release lease", exc_info=True)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

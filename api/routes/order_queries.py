@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.problems import problem_responses
 from api.projection_runtime import MinPositionDep, ProjectionsDep, wait_for_position
@@ -47,20 +49,19 @@ async def list_orders(
 ) -> OrderSummariesPublic:
     """Orders newest first, by customer, status and placed-date range, one page at a time."""
     await wait_for_position(runtime, request.app.state.settings, "order_summaries", min_position)
-    with runtime.reading("order_summaries") as (conn, tables):
-        try:
-            page = list_order_summaries(
-                conn,
-                tables,
-                customer_id=customer_id,
-                status=status,
-                placed_from=_start_of(placed_from) if placed_from else None,
-                placed_to=_start_of(placed_to + timedelta(days=1)) if placed_to else None,
-                limit=limit,
-                cursor=cursor,
-            )
-        except InvalidCursorError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from None
+    query = partial(
+        list_order_summaries,
+        customer_id=customer_id,
+        status=status,
+        placed_from=_start_of(placed_from) if placed_from else None,
+        placed_to=_start_of(placed_to + timedelta(days=1)) if placed_to else None,
+        limit=limit,
+        cursor=cursor,
+    )
+    try:
+        page = await run_in_threadpool(runtime.read, "order_summaries", query)
+    except InvalidCursorError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
     next_link = None
     if page.next_cursor is not None:
         next_link = str(request.url.include_query_params(cursor=page.next_cursor))
@@ -84,8 +85,8 @@ async def read_order(
 ) -> OrderSummaryPublic | Response:
     """The order from the read model (its full audit is at /orders/{id}/history)."""
     await wait_for_position(runtime, request.app.state.settings, "order_summaries", min_position)
-    with runtime.reading("order_summaries") as (conn, tables):
-        summary = get_order_summary(conn, tables, str(order_id))
+    query = partial(get_order_summary, order_id=str(order_id))
+    summary = await run_in_threadpool(runtime.read, "order_summaries", query)
     if summary is None:
         raise HTTPException(status_code=404, detail=f"order {order_id} not found")
     etag = f'"{summary.version}"'
