@@ -378,11 +378,17 @@ def crash_mid_batch_process(url: str, crash_at: int, batch_size: int, reached: A
         runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
 
 
-def write_orders_process(url: str, prefix: str, count: int, ready: Any) -> None:
-    """A writer process: place and pay ``count`` orders once every writer is ready."""
+def write_orders(
+    url: str, prefix: str, count: int, ready: Any, hot_order: UUID, hot_every: int
+) -> None:
+    """A writer: place and pay ``count`` orders once every writer is ready, and now and then
+    capture 1 on the order every writer shares (lost races there are retried by the ledger)."""
     ledger = OrderLedger.from_url(url)
     try:
         ready.wait(WAIT_TIMEOUT)
-        place_and_pay(ledger, count, prefix=prefix)
+        for index in range(count):
+            place_and_pay(ledger, 1, prefix=f"{prefix}-{index}")
+            if index % hot_every == 0:
+                ledger.capture_payment(hot_order, amount=1, payment_reference=f"{prefix}-{index}")
     finally:
         ledger.close()
