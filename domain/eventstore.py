@@ -7,6 +7,7 @@ positions (the notification ids) for audit.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +111,20 @@ class PostgresEventRecorder(PostgresApplicationRecorder):
             "FROM {schema}.{table} WHERE originator_id = %s AND originator_version <= %s "
             "ORDER BY originator_version"
         ).format(schema=schema, table=table)
+
+    def create_table(self) -> None:
+        """Create the schema under an advisory lock, so processes starting together take turns.
+
+        Run concurrently, the library's statements deadlock (CREATE TRIGGER against CREATE
+        OR REPLACE FUNCTION) or collide on the catalogs' unique indexes.
+        """
+        lock_key = zlib.crc32(f"{self.datastore.schema}.{self.events_table_name}".encode())
+        with self.datastore.get_connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
+            try:
+                super().create_table()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))
 
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None

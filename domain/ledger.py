@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +29,10 @@ from domain.order import EVENT_TYPES, Order
 EVENT_NAMES: dict[type[Aggregate.Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # Without an expected version a command that loses a race re-runs against the new state.
-_UNCONDITIONAL_RETRIES = 5
+# Every lost race means another command was recorded, so with N writers on one order a
+# command needs at most N - 1 retries; the budget covers a busy order with room to spare.
+_UNCONDITIONAL_RETRIES = 20
+_RETRY_BACKOFF_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,7 @@ class OrderLedger(Application[UUID]):
             if earlier is not None:
                 return earlier
         retries = _UNCONDITIONAL_RETRIES if expected_version is None else 0
+        attempt = 0
         while True:
             order = self._apply(command, order_id, args, expected_version)
             pending: list[Aggregate] = [order]
@@ -276,8 +282,14 @@ class OrderLedger(Application[UUID]):
                     earlier = self._recorded_result(idempotency_key, fingerprint)
                     if earlier is not None:
                         return earlier
-                if retries > 0 and order_id is not None:
-                    retries -= 1
+                if order_id is None:
+                    # A new order has a fresh id, so only its key can collide: anything else
+                    # is the store failing, and calling it a conflict would hide that.
+                    raise
+                if attempt < retries:
+                    attempt += 1
+                    # A random pause stops the same losers from colliding again in lockstep.
+                    time.sleep(random.uniform(0, _RETRY_BACKOFF_SECONDS * min(attempt, 10)))
                     continue
                 current = self._current_version(order_id)
                 raise ConcurrencyConflictError(

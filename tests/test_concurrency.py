@@ -1,0 +1,249 @@
+"""Several real processes commanding the same order at once, on SQLite and PostgreSQL.
+
+Each scenario starts worker processes (spawn context) that open their own ledger, wait at a
+barrier and then send their command together. While they run, the test holds the store's write
+lock, so every worker reads the same order state before any of them can write: the losers reach
+the database with a stale version and go through the real conflict path, not the early check.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from eventsourcing.utils import get_topic
+
+from domain.errors import ConcurrencyConflictError
+from domain.eventstore import event_store_env
+from domain.ledger import OrderLedger
+from domain.order import Order
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 8
+WORKER_TIMEOUT = 120.0
+
+Outcome = tuple[str, Any]
+
+
+def _run_command(
+    url: str, call: tuple[str, dict[str, Any]], index: int, sync: tuple[Any, Any, Any]
+) -> None:
+    """Worker process entry point: open the ledger, wait for the others, send one command."""
+    command, kwargs = call
+    ready, go, results = sync
+    ledger = OrderLedger.from_url(url)
+    try:
+        ready.wait(WORKER_TIMEOUT)
+        go.wait(WORKER_TIMEOUT)
+        try:
+            result = getattr(ledger, command)(**kwargs)
+        except ConcurrencyConflictError as error:
+            results.put((index, ("conflict", error.current_version)))
+        except Exception as error:
+            results.put((index, ("error", f"{type(error).__name__}: {error}")))
+        else:
+            outcome = (result.order_id, result.version, result.position, result.replayed)
+            results.put((index, ("ok", outcome)))
+    finally:
+        ledger.close()
+
+
+@contextmanager
+def _write_lock_held(url: str) -> Iterator[None]:
+    """Hold the store's write lock; readers go on, every writer queues behind it."""
+    env = event_store_env(url)
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(env["SQLITE_DBNAME"], isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    else:
+        with psycopg.connect(url) as conn:
+            conn.execute("LOCK TABLE orderledger_events IN EXCLUSIVE MODE")
+            yield
+            conn.rollback()
+
+
+def _wait_for_writers_to_queue(url: str, count: int) -> None:
+    """Return once ``count`` writers wait for the write lock (PostgreSQL shows them)."""
+    if url.startswith("sqlite"):
+        # SQLite does not show who waits on its lock; give the workers a moment to get there.
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + WORKER_TIMEOUT
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_locks "
+                "WHERE relation = 'orderledger_events'::regclass AND NOT granted"
+            ).fetchone()
+            if row is not None and row[0] >= count:
+                return
+            time.sleep(0.05)
+    pytest.fail(f"{count} writers never queued for the events table")
+
+
+def _run_together(url: str, calls: list[tuple[str, dict[str, Any]]]) -> list[Outcome]:
+    """Run each (command, kwargs) in its own process, all at once; outcomes in call order."""
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Barrier(len(calls) + 1)
+    go = ctx.Barrier(len(calls) + 1)
+    results = ctx.Queue()
+    processes = [
+        ctx.Process(target=_run_command, args=(url, command, kwargs, ready, go, results, index))
+        for index, (command, kwargs) in enumerate(calls)
+    ]
+    for process in processes:
+        process.start()
+    outcomes: dict[int, Outcome] = {}
+    try:
+        ready.wait(WORKER_TIMEOUT)
+        with _write_lock_held(url):
+            go.wait(WORKER_TIMEOUT)
+            _wait_for_writers_to_queue(url, len(calls))
+        while len(outcomes) < len(calls):
+            index, outcome = results.get(timeout=WORKER_TIMEOUT)
+            outcomes[index] = outcome
+    except (queue.Empty, multiprocessing.BrokenBarrierError) as error:
+        pytest.fail(f"workers did not finish: {error!r}; got {outcomes}")
+    finally:
+        for process in processes:
+            process.join(WORKER_TIMEOUT)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert [process.exitcode for process in processes] == [0] * len(calls)
+    return [outcomes[index] for index in range(len(calls))]
+
+
+def _placed_event_count(ledger: OrderLedger) -> int:
+    topic = get_topic(Order.Placed)
+    notifications = ledger.recorder.select_notifications(start=1, limit=10_000, topics=[topic])
+    return len(notifications)
+
+
+def _place(ledger: OrderLedger, *, unit_price: int = 1000, quantity: int = 8) -> UUID:
+    result = ledger.place_order(
+        customer_id="cust-1",
+        currency="EUR",
+        lines=[{"sku": "SKU-1", "quantity": quantity, "unit_price": unit_price}],
+    )
+    return result.order_id
+
+
+class TestConcurrentCommandsWithExpectedVersion:
+    """Commands that carry the same expected version race for one slot."""
+
+    def test_exactly_one_of_eight_processes_wins_and_the_rest_conflict(
+        self, store_url: str
+    ) -> None:
+        """Eight captures expecting version 1 at once: one records, seven get a conflict."""
+        ledger = OrderLedger.from_url(store_url)
+        order_id = _place(ledger)
+        head_before = ledger.head_position()
+        calls = [
+            (
+                "capture_payment",
+                {
+                    "order_id": order_id,
+                    "amount": 100,
+                    "payment_reference": f"pay-{index}",
+                    "expected_version": 1,
+                },
+            )
+            for index in range(WORKERS)
+        ]
+
+        outcomes = _run_together(store_url, calls)
+
+        winners = [value for kind, value in outcomes if kind == "ok"]
+        conflicts = [value for kind, value in outcomes if kind == "conflict"]
+        assert len(winners) == 1, outcomes
+        assert conflicts == [2] * (WORKERS - 1), outcomes
+        _, version, position, replayed = winners[0]
+        assert (version, replayed) == (2, False)
+        assert ledger.head_position() == position == head_before + 1
+        order = ledger.get_order(order_id)
+        assert (order.version, order.captured) == (2, 100)
+        assert len(ledger.order_history(order_id)) == 2
+
+
+class TestConcurrentRepeatsOfOneIdempotencyKey:
+    """The same keyed command sent by several processes at once is recorded once."""
+
+    def test_eight_processes_placing_the_same_keyed_order_get_one_order(
+        self, store_url: str
+    ) -> None:
+        """Every process gets the same order id, version and position; one order exists."""
+        ledger = OrderLedger.from_url(store_url)
+        place = {
+            "customer_id": "cust-7",
+            "currency": "EUR",
+            "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": 1250}],
+            "idempotency_key": "checkout-7f3a",
+        }
+
+        outcomes = _run_together(store_url, [("place_order", place)] * WORKERS)
+
+        assert all(kind == "ok" for kind, _ in outcomes), outcomes
+        results = [value for _, value in outcomes]
+        assert (
+            len({(order_id, version, position) for order_id, version, position, _ in results}) == 1
+        )
+        assert sorted(replayed for *_, replayed in results) == [False] + [True] * (WORKERS - 1)
+        order_id, version, position, _ = results[0]
+        assert _placed_event_count(ledger) == 1
+        assert [(e.position, e.version, e.type) for e in ledger.order_history(order_id)] == [
+            (position, version, "OrderPlaced")
+        ]
+        # The order's event and the key's record, nothing from the losers.
+        assert ledger.head_position() == 2
+        again = ledger.place_order(**place)
+        assert (again.order_id, again.version, again.position, again.replayed) == (
+            order_id,
+            version,
+            position,
+            True,
+        )
+
+
+class TestConcurrentCommandsWithoutExpectedVersion:
+    """Commands without an expected version are retried on conflict until they fit."""
+
+    def test_eight_processes_capturing_different_payments_all_succeed(self, store_url: str) -> None:
+        """Every capture is recorded once, at its own version, and the amounts add up."""
+        ledger = OrderLedger.from_url(store_url)
+        order_id = _place(ledger, unit_price=1000, quantity=10)
+        amounts = [100 * (index + 1) for index in range(WORKERS)]
+        calls = [
+            (
+                "capture_payment",
+                {"order_id": order_id, "amount": amount, "payment_reference": f"pay-{index}"},
+            )
+            for index, amount in enumerate(amounts)
+        ]
+
+        outcomes = _run_together(store_url, calls)
+
+        assert all(kind == "ok" for kind, _ in outcomes), outcomes
+        versions = sorted(version for _, (_, version, _, _) in outcomes)
+        assert versions == list(range(2, WORKERS + 2))
+        order = ledger.get_order(order_id)
+        assert order.captured == sum(amounts)
+        assert sorted(order.payment_references) == sorted(f"pay-{i}" for i in range(WORKERS))
+        history = ledger.order_history(order_id)
+        returned = {(version, position) for _, (_, version, position, _) in outcomes}
+        assert {(e.version, e.position) for e in history[1:]} == returned
+        assert [e.type for e in history[1:]] == ["PaymentCaptured"] * WORKERS

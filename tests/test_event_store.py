@@ -1,0 +1,325 @@
+"""The event store's contract, written once and run on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import timedelta, timezone
+from itertools import pairwise
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import pytest
+
+from domain.errors import InvalidCommandError, OrderNotFoundError
+from domain.eventstore import IMMUTABLE_MESSAGE, event_store_env
+from domain.ledger import CommandResult, OrderLedger
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[OrderLedger]:
+    """A ledger on a fresh store."""
+    ledger = OrderLedger.from_url(store_url)
+    yield ledger
+    ledger.close()
+
+
+def _record_lifecycle(ledger: OrderLedger) -> list[CommandResult]:
+    """Place an order and take it through every stage up to delivery."""
+    placed = ledger.place_order(
+        customer_id="cust-1",
+        currency="EUR",
+        lines=[{"sku": "SKU-1", "quantity": 2, "unit_price": 1500}],
+        shipping_address="1 Rue de la Paix, Paris",
+    )
+    order_id = placed.order_id
+    return [
+        placed,
+        ledger.add_line(order_id, sku="SKU-2", quantity=1, unit_price=700),
+        ledger.capture_payment(order_id, amount=2000, payment_reference="pay-1"),
+        ledger.capture_payment(order_id, amount=1700, payment_reference="pay-2"),
+        ledger.ship_order(order_id, carrier="DHL", tracking_number="JD0001"),
+        ledger.deliver_order(order_id),
+    ]
+
+
+class _RawStore:
+    """The events table reached around the ledger, through the driver itself."""
+
+    def __init__(self, url: str, table: str) -> None:
+        self.url = url
+        self.table = table
+        self.is_sqlite = url.startswith("sqlite")
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        position = "rowid" if self.is_sqlite else "notification_id"
+        return self._query(
+            f"SELECT {position}, originator_id, originator_version, topic, state "
+            f"FROM {self.table} ORDER BY {position}"
+        )
+
+    def trigger_names(self) -> set[str]:
+        if self.is_sqlite:
+            statement = (
+                "SELECT name FROM sqlite_master "
+                f"WHERE type = 'trigger' AND tbl_name = '{self.table}'"
+            )
+        else:
+            statement = (
+                "SELECT tgname FROM pg_trigger "
+                f"WHERE tgrelid = '{self.table}'::regclass AND NOT tgisinternal"
+            )
+        return {row[0] for row in self._query(statement)}
+
+    def error_from(self, statement: str) -> str:
+        """Run a statement that must fail and return the database's message."""
+        if self.is_sqlite:
+            conn = sqlite3.connect(event_store_env(self.url)["SQLITE_DBNAME"])
+            try:
+                conn.execute(statement)
+                conn.commit()
+            except sqlite3.DatabaseError as error:
+                return str(error)
+            finally:
+                conn.close()
+        else:
+            with psycopg.connect(self.url, autocommit=True) as pg:
+                try:
+                    pg.execute(statement)
+                except psycopg.DatabaseError as error:
+                    return str(error)
+        pytest.fail(f"the database accepted {statement!r}")
+
+    def _query(self, statement: str) -> list[tuple[Any, ...]]:
+        if self.is_sqlite:
+            conn = sqlite3.connect(event_store_env(self.url)["SQLITE_DBNAME"])
+            try:
+                return [tuple(row) for row in conn.execute(statement).fetchall()]
+            finally:
+                conn.close()
+        with psycopg.connect(self.url) as pg:
+            return [tuple(row) for row in pg.execute(statement).fetchall()]
+
+
+class TestEventStoreContract:
+    """What every backend of the order store guarantees."""
+
+    def test_commands_return_increasing_positions_that_end_at_the_head(
+        self, ledger: OrderLedger
+    ) -> None:
+        """Each command's position is past the previous one and is the store's head."""
+        positions = []
+        for result in _record_lifecycle(ledger):
+            positions.append(result.position)
+        assert positions == sorted(set(positions))
+        assert positions[0] >= 1
+        assert ledger.head_position() == positions[-1]
+
+    def test_an_empty_store_has_head_position_zero(self, ledger: OrderLedger) -> None:
+        """Before any event the head position is 0."""
+        assert ledger.head_position() == 0
+
+    def test_history_lists_every_event_in_order_with_its_details(self, ledger: OrderLedger) -> None:
+        """History gives position, version, type, timestamp and data of each event, oldest first."""
+        results = _record_lifecycle(ledger)
+        history = ledger.order_history(results[0].order_id)
+
+        assert [entry.type for entry in history] == [
+            "OrderPlaced",
+            "OrderLineAdded",
+            "PaymentCaptured",
+            "PaymentCaptured",
+            "OrderShipped",
+            "OrderDelivered",
+        ]
+        assert [entry.version for entry in history] == [1, 2, 3, 4, 5, 6]
+        assert [entry.position for entry in history] == [r.position for r in results]
+        timestamps = [entry.timestamp for entry in history]
+        assert timestamps == sorted(timestamps)
+        assert all(ts.tzinfo is not None for ts in timestamps)
+        assert history[0].data == {
+            "customer_id": "cust-1",
+            "currency": "EUR",
+            "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": 1500}],
+            "shipping_address": "1 Rue de la Paix, Paris",
+            "client_reference": None,
+        }
+        assert history[1].data == {"sku": "SKU-2", "quantity": 1, "unit_price": 700}
+        assert history[2].data == {"amount": 2000, "payment_reference": "pay-1"}
+        assert history[4].data == {"carrier": "DHL", "tracking_number": "JD0001"}
+        assert history[5].data == {}
+
+    def test_history_of_one_order_leaves_out_other_orders(self, ledger: OrderLedger) -> None:
+        """Interleaved orders each get only their own events, with their global positions."""
+        first = ledger.place_order(
+            customer_id="a", currency="EUR", lines=[{"sku": "X", "quantity": 1, "unit_price": 5}]
+        )
+        second = ledger.place_order(
+            customer_id="b", currency="USD", lines=[{"sku": "Y", "quantity": 1, "unit_price": 9}]
+        )
+        paid = ledger.capture_payment(first.order_id, amount=5, payment_reference="p")
+
+        assert [(e.position, e.version) for e in ledger.order_history(first.order_id)] == [
+            (first.position, 1),
+            (paid.position, 2),
+        ]
+        assert [(e.position, e.version) for e in ledger.order_history(second.order_id)] == [
+            (second.position, 1)
+        ]
+
+    def test_state_as_of_each_version_replays_only_events_up_to_it(
+        self, ledger: OrderLedger
+    ) -> None:
+        """order_as_of(version=n) is the order after its n-th event."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        expected = [
+            (1, "pending_payment", 3000, 0),
+            (2, "pending_payment", 3700, 0),
+            (3, "partially_paid", 3700, 2000),
+            (4, "paid", 3700, 3700),
+            (5, "shipped", 3700, 3700),
+            (6, "delivered", 3700, 3700),
+        ]
+        for version, status, total, captured in expected:
+            order = ledger.order_as_of(order_id, version=version)
+            assert (order.version, order.status, order.total, order.captured) == (
+                version,
+                status,
+                total,
+                captured,
+            )
+
+    def test_state_as_of_a_version_past_the_latest_is_not_found(self, ledger: OrderLedger) -> None:
+        """Asking for a version the order never reached is an OrderNotFoundError."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        with pytest.raises(OrderNotFoundError, match="no version 7"):
+            ledger.order_as_of(order_id, version=7)
+
+    def test_state_as_of_a_moment_is_the_state_after_the_last_event_before_it(
+        self, ledger: OrderLedger
+    ) -> None:
+        """A moment at or between events gives the version recorded last by then."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        history = ledger.order_history(order_id)
+        for earlier, later in pairwise(history):
+            between = earlier.timestamp + (later.timestamp - earlier.timestamp) / 2
+            assert ledger.order_as_of(order_id, at=between).version == earlier.version
+            assert ledger.order_as_of(order_id, at=earlier.timestamp).version == earlier.version
+        after_all = history[-1].timestamp + timedelta(days=1)
+        assert ledger.order_as_of(order_id, at=after_all).status == "delivered"
+
+    def test_state_as_of_a_moment_in_another_timezone_means_the_same_instant(
+        self, ledger: OrderLedger
+    ) -> None:
+        """The same instant written with a different offset gives the same version."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        third = ledger.order_history(order_id)[2].timestamp
+        elsewhere = third.astimezone(timezone(timedelta(hours=-5)))
+        assert ledger.order_as_of(order_id, at=elsewhere).version == 3
+
+    def test_state_as_of_a_moment_before_the_first_event_is_not_found(
+        self, ledger: OrderLedger
+    ) -> None:
+        """Before the order was placed it did not exist."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        placed_at = ledger.order_history(order_id)[0].timestamp
+        with pytest.raises(OrderNotFoundError, match="did not exist yet"):
+            ledger.order_as_of(order_id, at=placed_at - timedelta(microseconds=1))
+
+    def test_state_as_of_a_naive_moment_is_rejected(self, ledger: OrderLedger) -> None:
+        """A moment without a timezone is ambiguous and rejected."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        naive = ledger.order_history(order_id)[0].timestamp.replace(tzinfo=None)
+        with pytest.raises(InvalidCommandError, match="timezone"):
+            ledger.order_as_of(order_id, at=naive)
+
+    def test_state_as_of_both_a_version_and_a_moment_is_rejected(self, ledger: OrderLedger) -> None:
+        """Only one of version and moment may be given."""
+        order_id = _record_lifecycle(ledger)[0].order_id
+        moment = ledger.order_history(order_id)[0].timestamp
+        with pytest.raises(InvalidCommandError, match="either"):
+            ledger.order_as_of(order_id, version=1, at=moment)
+
+    def test_an_unknown_order_is_not_found_by_every_read(self, ledger: OrderLedger) -> None:
+        """get_order, order_history and order_as_of all raise OrderNotFoundError."""
+        _record_lifecycle(ledger)
+        unknown = uuid4()
+        with pytest.raises(OrderNotFoundError):
+            ledger.get_order(unknown)
+        with pytest.raises(OrderNotFoundError):
+            ledger.order_history(unknown)
+        with pytest.raises(OrderNotFoundError):
+            ledger.order_as_of(unknown, version=1)
+
+    def test_reopening_the_store_sees_every_event(self, store_url: str) -> None:
+        """A new ledger on the same URL reads the same history, state and head."""
+        first = OrderLedger.from_url(store_url)
+        results = _record_lifecycle(first)
+        order_id = results[0].order_id
+        history = first.order_history(order_id)
+        state = first.get_order(order_id).snapshot()
+        first.close()
+
+        reopened = OrderLedger.from_url(store_url)
+        try:
+            assert reopened.order_history(order_id) == history
+            assert reopened.get_order(order_id).snapshot() == state
+            assert reopened.head_position() == results[-1].position
+            refund = reopened.issue_refund(order_id, amount=100, reason="scratched")
+            assert (refund.version, refund.position) == (7, results[-1].position + 1)
+        finally:
+            reopened.close()
+
+    def test_immutability_triggers_exist_as_soon_as_a_new_store_opens(
+        self, ledger: OrderLedger, store_url: str
+    ) -> None:
+        """Opening a new database installs the triggers along with the events table."""
+        table = ledger.recorder.events_table_name
+        triggers = _RawStore(store_url, table).trigger_names()
+        if store_url.startswith("sqlite"):
+            assert triggers == {f"{table}_no_update", f"{table}_no_delete"}
+        else:
+            assert triggers == {f"{table}_no_update_delete", f"{table}_no_truncate"}
+
+    @pytest.mark.parametrize(
+        ("operation", "statement"),
+        [
+            ("UPDATE", "UPDATE {table} SET topic = 'tampered'"),
+            ("UPDATE", "UPDATE {table} SET state = state WHERE originator_version = 1"),
+            ("DELETE", "DELETE FROM {table}"),
+            ("DELETE", "DELETE FROM {table} WHERE originator_version > 1"),
+        ],
+    )
+    def test_changing_recorded_events_in_the_database_fails(
+        self, ledger: OrderLedger, store_url: str, operation: str, statement: str
+    ) -> None:
+        """A raw UPDATE or DELETE is refused by the trigger and leaves every row as it was."""
+        _record_lifecycle(ledger)
+        table = ledger.recorder.events_table_name
+        raw = _RawStore(store_url, table)
+        before = raw.rows()
+
+        message = raw.error_from(statement.format(table=table))
+
+        assert f"{IMMUTABLE_MESSAGE}: {operation} on {table} is not allowed" in message
+        assert raw.rows() == before
+        assert len(before) == 6
+
+    @pytest.mark.postgres
+    def test_truncating_the_events_table_fails_on_postgres(self, postgres_url: str) -> None:
+        """TRUNCATE skips row triggers, so PostgreSQL has a statement trigger for it."""
+        ledger = OrderLedger.from_url(postgres_url)
+        try:
+            _record_lifecycle(ledger)
+            table = ledger.recorder.events_table_name
+        finally:
+            ledger.close()
+        raw = _RawStore(postgres_url, table)
+        before = raw.rows()
+
+        message = raw.error_from(f"TRUNCATE {table}")
+
+        assert f"{IMMUTABLE_MESSAGE}: TRUNCATE on {table} is not allowed" in message
+        assert raw.rows() == before
+        assert len(before) == 6
