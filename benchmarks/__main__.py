@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import write_path
+from benchmarks import projections, write_path
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Benchmark:
 # New benchmarks (projections, delivery, http) register here.
 BENCHMARKS: dict[str, Benchmark] = {
     "write": Benchmark.from_module(write_path),
+    "projections": Benchmark.from_module(projections),
 }
 DEFAULT = "write"
 
