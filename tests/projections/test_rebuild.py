@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, Table, text
 
 from projections.catalog import BUILDING, SERVING
 from projections.order_summaries import OrderSummaryProjection
@@ -172,6 +172,46 @@ class TestReadersDuringARebuild:
             thread.join(WAIT_TIMEOUT)
 
             assert rows == old_rows
+            assert served(runtime) == ("order_summaries_g2", old_rows)
+
+    def test_read_reruns_a_query_that_raced_the_switch_over(self, store_url: str) -> None:
+        """runtime.read: the takeover lands between choosing the tables and querying them."""
+        with opened(store_url, [OrderSummaryProjection()]) as (ledger, runtime):
+            place_and_pay(ledger, 12)
+            caught_up(runtime.worker())
+            _, old_rows = served(runtime)
+            runtime.catalog.start_rebuild(SUMMARIES)
+            step = builder(runtime, 2, batch_size=5)
+            for _ in range(4):
+                assert step.step().outcome is Outcome.APPLIED
+            finished = threading.Event()
+
+            def take_over() -> None:
+                while step.step().outcome is not Outcome.PROMOTED:
+                    pass
+                finished.set()
+
+            chosen: list[str] = []
+            thread = threading.Thread(target=take_over)
+
+            def query(conn: Connection, tables: dict[str, Table]) -> Rows:
+                chosen.append(tables[BASE].name)
+                if len(chosen) == 1:
+                    thread.start()
+                    wait_until(
+                        lambda: (
+                            only_generation(runtime, SUMMARIES, SERVING).generation == 2
+                            and (finished.is_set() or _drop_is_waiting(runtime))
+                        ),
+                        "the rebuild took over",
+                    )
+                return rows_of(conn, tables[BASE])
+
+            rows = runtime.read(SUMMARIES, query)
+            thread.join(WAIT_TIMEOUT)
+
+            assert rows == old_rows
+            assert chosen[0] == "order_summaries_g1"
             assert served(runtime) == ("order_summaries_g2", old_rows)
 
     def test_concurrent_readers_never_see_a_half_built_generation(self, store_url: str) -> None:
