@@ -25,7 +25,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    delete,
     insert,
     select,
     text,
@@ -39,6 +38,7 @@ from projections.database import WRITE, db_now
 SERVING = "serving"
 BUILDING = "building"
 RETIRED = "retired"
+DROPPED = "dropped"
 
 catalog_metadata = MetaData()
 
@@ -163,7 +163,11 @@ class Catalog:
 
     def rows(self, name: str | None = None) -> list[Generation]:
         with self.engine.connect() as conn:
-            query = select(generations).order_by(generations.c.name, generations.c.generation)
+            query = (
+                select(generations)
+                .where(generations.c.role != DROPPED)
+                .order_by(generations.c.name, generations.c.generation)
+            )
             if name is not None:
                 query = query.where(generations.c.name == name)
             return [Generation(**row._mapping) for row in conn.execute(query)]
@@ -275,12 +279,13 @@ class Catalog:
         return row
 
     def _drop_generation(self, conn: Connection, name: str, generation: int) -> None:
+        # The row stays (as dropped) so a generation number is never handed out twice.
         for table in self.tables(name, generation).values():
             table.drop(conn, checkfirst=True)
         conn.execute(
-            delete(generations).where(
-                generations.c.name == name, generations.c.generation == generation
-            )
+            update(generations)
+            .where(generations.c.name == name, generations.c.generation == generation)
+            .values(role=DROPPED, lease_owner=None, updated_at=self.now)
         )
 
     def drop_retired(self, name: str) -> int:

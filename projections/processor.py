@@ -9,7 +9,7 @@ from enum import Enum
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from projections.base import EventHandlingError, Projection
-from projections.catalog import BUILDING, RETIRED, SERVING, Catalog, Lease, LeaseLostError
+from projections.catalog import BUILDING, SERVING, Catalog, Lease, LeaseLostError
 from projections.database import WRITE
 from projections.source import EventBatch, EventSource
 
@@ -143,7 +143,7 @@ class Processor:
             self.projection.name, self.generation, self.owner, self.settings.lease_ttl
         )
         row = self.catalog.row(self.projection.name, self.generation)
-        if row is None or row.role == RETIRED:
+        if row is None or row.role not in (SERVING, BUILDING):
             self.finished = True
             return False
         if lease is None:
@@ -156,11 +156,13 @@ class Processor:
     def _commit(self, lease: Lease, batch: EventBatch) -> bool:
         engine = self.catalog.engine
         with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-            self.projection.apply(conn, self.tables, batch.events)
+            # Compare-and-set first: a fenced or overtaken processor touches no read-model row,
+            # and on PostgreSQL the tracking row stays locked by us until we commit.
             if batch.checkpoint != self.position:
                 self.catalog.advance(
                     conn, lease, self.position, batch.checkpoint, self.settings.lease_ttl
                 )
+            self.projection.apply(conn, self.tables, batch.events)
             if self.role == BUILDING and batch.reached_head:
                 self.catalog.promote(conn, lease, batch.checkpoint)
                 return True
@@ -174,11 +176,11 @@ class Processor:
         try:
             engine = self.catalog.engine
             with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-                self.projection.apply(conn, self.tables, before)
                 if stop_at != self.position:
                     self.catalog.advance(
                         conn, lease, self.position, stop_at, self.settings.lease_ttl
                     )
+                self.projection.apply(conn, self.tables, before)
             self.position = stop_at
         except LeaseLostError:
             self.lease = None
