@@ -361,6 +361,8 @@ def report(
             "orders/s",
             "events/s",
             "overhead",
+            "best-run ovh",
+            "cpu ovh",
             "spread",
         ],
         rows,
