@@ -190,6 +190,7 @@ def wait_for(
     timeout: float = PROCESS_TIMEOUT,
     interval: float = 0.02,
     processes: Sequence[subprocess.Popen[bytes]] = (),
+    output: Callable[[subprocess.Popen[bytes]], str] = lambda _process: "",
 ) -> Any:
     """Poll until ``condition()`` is truthy and return it; fail if a watched process died."""
     deadline = time.monotonic() + timeout
@@ -201,7 +202,7 @@ def wait_for(
             if process.poll() is not None:
                 raise AssertionError(
                     f"process {process.pid} exited with {process.returncode} "
-                    f"while waiting until {what}"
+                    f"while waiting until {what}:\n{output(process)}"
                 )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
@@ -242,6 +243,17 @@ class CliProcesses:
         self.started.append(process)
         self._logs[process.pid] = log
         return process
+
+    def wait_for(
+        self,
+        condition: Callable[[], Any],
+        what: str,
+        *,
+        watch: Sequence[subprocess.Popen[bytes]],
+        timeout: float = PROCESS_TIMEOUT,
+    ) -> Any:
+        """Poll until ``condition()`` holds; fail with its output if a watched child died."""
+        return wait_for(condition, what, timeout=timeout, processes=watch, output=self.output)
 
     def run(self, *args: str, timeout: float = PROCESS_TIMEOUT) -> str:
         """Run a command to its end; fail with its output unless it exits 0."""

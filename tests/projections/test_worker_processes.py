@@ -18,7 +18,6 @@ from tests.projections.process_helpers import (
     owner_pid,
     store_figures,
     summary_figures,
-    wait_for,
 )
 
 LEASE_TTL = 2.0
@@ -62,10 +61,10 @@ class TestLeaseTakeover:
                 owned = all(owner_pid(row) is not None for row in serving.values())
                 return owned and all_serving_at(runtime, names, target)
 
-            wait_for(
+            cli.wait_for(
                 lambda: caught_up_and_owned(head),
                 "both workers caught up and every serving generation has an owner",
-                processes=list(workers.values()),
+                watch=list(workers.values()),
             )
             serving = generations_by_role(runtime, SERVING)
             assert sorted(serving) == sorted(names)
@@ -82,16 +81,16 @@ class TestLeaseTakeover:
                 rows = generations_by_role(runtime, SERVING).values()
                 return all(owner_pid(row) == survivor.pid for row in rows)
 
-            wait_for(
+            cli.wait_for(
                 all_owned_by_survivor,
                 "the surviving worker holds every serving generation's lease",
                 timeout=TAKEOVER_TIMEOUT,
-                processes=[survivor],
+                watch=[survivor],
             )
-            wait_for(
+            cli.wait_for(
                 lambda: all_serving_at(runtime, names, new_head),
                 "the surviving worker brought every projection to the new head",
-                processes=[survivor],
+                watch=[survivor],
             )
 
             assert summary_figures(runtime) == store_figures(ledger)
@@ -112,10 +111,10 @@ class TestWorkerLifecycle:
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=1500, seed=201)
             worker = cli.start("worker", "--database-url", store_url)
-            wait_for(
+            cli.wait_for(
                 lambda: all_serving_at(runtime, names, head),
                 "the worker caught up",
-                processes=[worker],
+                watch=[worker],
             )
 
             assert cli.terminate(worker) == 0, cli.output(worker)
@@ -141,10 +140,10 @@ class TestWorkerLifecycle:
 
             worker = cli.start("worker", "--database-url", store_url)
             try:
-                wait_for(
+                cli.wait_for(
                     lambda: all_serving_at(runtime, names, head),
                     "the worker caught up",
-                    processes=[worker],
+                    watch=[worker],
                 )
                 output = cli.run("status", "--database-url", store_url, timeout=PROCESS_TIMEOUT)
             finally:
