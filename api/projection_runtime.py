@@ -6,9 +6,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, cast
+from typing import Annotated, TypeVar, cast
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from sqlalchemy import Connection, Table
 from starlette.concurrency import run_in_threadpool
 
 from api.settings import Settings
@@ -16,6 +17,8 @@ from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
 from projections.processor import ProcessorSettings
 from projections.runtime import ProjectionRuntime
+
+T = TypeVar("T")
 
 
 def open_projection_runtime(settings: Settings, ledger: OrderLedger) -> ProjectionRuntime:
@@ -110,3 +113,25 @@ async def wait_for_position(
                 headers={"Retry-After": "1"},
             )
         await asyncio.sleep(0.01)
+
+
+async def read_model(
+    request: Request,
+    name: str,
+    query: Callable[[Connection, dict[str, Table]], T],
+    min_position: int | None,
+) -> T:
+    """Run a query on read model ``name`` once it has applied ``min_position``."""
+    runtime = get_projections(request)
+    await wait_for_position(runtime, request.app.state.settings, name, min_position)
+    try:
+        return await run_in_threadpool(runtime.read, name, query)
+    except LookupError:
+        if await run_in_threadpool(runtime.catalog.serving, name) is not None:
+            raise
+        # No worker has created the read model yet (one is not run in this process).
+        raise HTTPException(
+            status_code=503,
+            detail=f"the {name} read model has not been built yet; retry shortly",
+            headers={"Retry-After": "1"},
+        ) from None

@@ -1,13 +1,27 @@
-"""Response models of the read side: read models, projection status and rebuilds."""
+"""Response models of the read side (read models, projection status, rebuilds), and its inputs."""
 
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from api.schemas import LineOut
+from domain.errors import InvalidCommandError
+from domain.order import MAX_ID_LENGTH, bounded_text
+
+
+def _identifier(value: str) -> str:
+    try:
+        return bounded_text(value, name="identifier", max_length=MAX_ID_LENGTH)
+    except InvalidCommandError as error:
+        raise ValueError(str(error)) from None
+
+
+# No store can hold an id the domain refuses (and PostgreSQL refuses NUL in any text),
+# so such an id in a path or query is invalid input rather than a lookup.
+IdentifierParam = Annotated[str, AfterValidator(_identifier)]
 
 
 class OrderSummaryPublic(BaseModel):
@@ -94,6 +108,8 @@ class RebuildAccepted(BaseModel):
 
 
 class DaySalesPublic(BaseModel):
+    """One day's sales in one currency, in minor units; net is captured minus refunded."""
+
     day: date
     currency: str
     orders_placed: int
@@ -102,3 +118,45 @@ class DaySalesPublic(BaseModel):
     refunded: int
     net: int
     cancellations: int
+
+
+class DailySalesPublic(BaseModel):
+    """Sales per day and currency over a range of days, oldest first."""
+
+    data: list[DaySalesPublic]
+
+
+class CustomerSpendPublic(BaseModel):
+    """What a customer paid in one currency, in minor units."""
+
+    currency: str
+    captured: int
+    refunded: int
+    net: int = Field(description="Captured minus refunded.")
+
+
+class CustomerStatsPublic(BaseModel):
+    """A customer's orders and spend as the customer_stats read model shows them."""
+
+    customer_id: str
+    orders: int
+    first_order_at: datetime
+    last_order_at: datetime
+    spend: list[CustomerSpendPublic] = Field(description="One entry per currency ordered in.")
+
+
+class SkuSalesPublic(BaseModel):
+    """One SKU's sales in one currency; revenue in minor units, net of cancellations."""
+
+    sku: str
+    currency: str
+    units_ordered: int
+    units_cancelled: int
+    net_units: int = Field(description="Units ordered minus units cancelled.")
+    revenue: int
+
+
+class TopSkusPublic(BaseModel):
+    """The best-selling SKUs by net units, most first."""
+
+    data: list[SkuSalesPublic]

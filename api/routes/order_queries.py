@@ -8,12 +8,10 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from api.problems import problem_responses
-from api.projection_runtime import MinPositionDep, ProjectionsDep, wait_for_position
-from api.read_schemas import OrderSummariesPublic, OrderSummaryPublic
-from domain.order import MAX_ID_LENGTH
+from api.projection_runtime import MinPositionDep, read_model
+from api.read_schemas import IdentifierParam, OrderSummariesPublic, OrderSummaryPublic
 from projections.order_summaries import (
     InvalidCursorError,
     OrderSummary,
@@ -35,12 +33,16 @@ def _start_of(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=UTC)
 
 
+def _end_of(day: date) -> datetime | None:
+    """The moment after the day, or None for the last day a date can name."""
+    return None if day == date.max else _start_of(day + timedelta(days=1))
+
+
 @router.get("")
 async def list_orders(
-    runtime: ProjectionsDep,
     request: Request,
     min_position: MinPositionDep,
-    customer_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH)] = None,
+    customer_id: Annotated[IdentifierParam | None, Query()] = None,
     status: Status | None = None,
     placed_from: Annotated[date | None, Query(description="First day, inclusive (UTC).")] = None,
     placed_to: Annotated[date | None, Query(description="Last day, inclusive (UTC).")] = None,
@@ -48,18 +50,17 @@ async def list_orders(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> OrderSummariesPublic:
     """Orders newest first, by customer, status and placed-date range, one page at a time."""
-    await wait_for_position(runtime, request.app.state.settings, "order_summaries", min_position)
     query = partial(
         list_order_summaries,
         customer_id=customer_id,
         status=status,
         placed_from=_start_of(placed_from) if placed_from else None,
-        placed_to=_start_of(placed_to + timedelta(days=1)) if placed_to else None,
+        placed_to=_end_of(placed_to) if placed_to else None,
         limit=limit,
         cursor=cursor,
     )
     try:
-        page = await run_in_threadpool(runtime.read, "order_summaries", query)
+        page = await read_model(request, "order_summaries", query, min_position)
     except InvalidCursorError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     next_link = None
@@ -77,16 +78,14 @@ async def list_orders(
 )
 async def read_order(
     order_id: UUID,
-    runtime: ProjectionsDep,
     request: Request,
     response: Response,
     min_position: MinPositionDep,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> OrderSummaryPublic | Response:
     """The order from the read model (its full audit is at /orders/{id}/history)."""
-    await wait_for_position(runtime, request.app.state.settings, "order_summaries", min_position)
     query = partial(get_order_summary, order_id=str(order_id))
-    summary = await run_in_threadpool(runtime.read, "order_summaries", query)
+    summary = await read_model(request, "order_summaries", query, min_position)
     if summary is None:
         raise HTTPException(status_code=404, detail=f"order {order_id} not found")
     etag = f'"{summary.version}"'
