@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import literal_column
@@ -63,3 +64,66 @@ def db_now(dialect_name: str) -> ColumnElement[float]:
     if dialect_name == "sqlite":
         return literal_column("((julianday('now') - 2440587.5) * 86400.0)", Float)
     return literal_column("extract(epoch from clock_timestamp())::float8", Float)
+
+
+_Plan = tuple[str, list[tuple[str, Callable[[Any], Any] | None]]]
+_plans: dict[tuple[str, Table, str | None], _Plan] = {}
+
+
+def _plan(conn: Connection, table: Table, key: str | None) -> _Plan:
+    """The SQL of an INSERT (no key) or an UPDATE by key, and each parameter's converter."""
+    dialect = conn.dialect
+    cache_key = (dialect.name, table, key)
+    plan = _plans.get(cache_key)
+    if plan is None:
+        # Identifiers come from our own Table and are quoted by the dialect; values are bound.
+        quote = dialect.identifier_preparer.quote
+        name = dialect.identifier_preparer.format_table(table)
+        mark = "?" if dialect.paramstyle in ("qmark", "numeric") else "%s"
+        if key is None:
+            columns = list(table.columns)
+            names = ", ".join(quote(c.name) for c in columns)
+            marks = ", ".join([mark] * len(columns))
+            statement = f"INSERT INTO {name} ({names}) VALUES ({marks})"  # noqa: S608
+        else:
+            columns = [c for c in table.columns if c.name != key]
+            assignments = ", ".join(f"{quote(c.name)} = {mark}" for c in columns)
+            statement = f"UPDATE {name} SET {assignments} WHERE {quote(key)} = {mark}"  # noqa: S608
+            columns.append(table.c[key])
+        converters: list[tuple[str, Any]] = [
+            (c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns
+        ]
+        plan = _plans[cache_key] = (statement, converters)
+    return plan
+
+
+def _parameters(plan: _Plan, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    converters = plan[1]
+    if all(convert is None for _, convert in converters):
+        names = [name for name, _ in converters]
+        return [tuple([row[n] for n in names]) for row in rows]
+    return [
+        tuple([row[n] if convert is None else convert(row[n]) for n, convert in converters])
+        for row in rows
+    ]
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``conn.execute(insert(table), rows)`` for rows with every column, with less overhead.
+
+    One executemany of a plain statement; each value goes through the same bind processor
+    SQLAlchemy would apply, so what is stored is the same. Catch-up writes thousands of
+    rows per batch, and SQLAlchemy's per-row parameter handling was a tenth of its time.
+    """
+    if rows:
+        plan = _plan(conn, table, None)
+        conn.exec_driver_sql(plan[0], _parameters(plan, rows))
+
+
+def update_rows(
+    conn: Connection, table: Table, key: str, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Update every other column of each row, found by its ``key`` column, in one executemany."""
+    if rows:
+        plan = _plan(conn, table, key)
+        conn.exec_driver_sql(plan[0], _parameters(plan, rows))

@@ -24,16 +24,14 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    bindparam,
-    insert,
     or_,
     select,
-    update,
 )
 
 from domain.order import Order
 from domain.summary import balance_due, order_status, refund_due
 from projections.base import Batch, Projection
+from projections.database import insert_rows, update_rows
 from projections.source import RecordedEvent
 
 _CHUNK = 500
@@ -208,19 +206,8 @@ class OrderSummaryBatch(Batch):
             self._recompute(order_id)
         new = [self.rows[i] for i in self.changed if i not in self.existing]
         old = [self.rows[i] for i in self.changed if i in self.existing]
-        if new:
-            self.conn.execute(insert(self.table), new)
-        if old:
-            columns = [c.name for c in self.table.columns if c.name != "order_id"]
-            statement = (
-                update(self.table)
-                .where(self.table.c.order_id == bindparam("key"))
-                .values({name: bindparam(f"v_{name}") for name in columns})
-            )
-            self.conn.execute(
-                statement,
-                [{"key": row["order_id"], **{f"v_{n}": row[n] for n in columns}} for row in old],
-            )
+        insert_rows(self.conn, self.table, new)
+        update_rows(self.conn, self.table, "order_id", old)
 
 
 # -- queries ------------------------------------------------------------------------------------
