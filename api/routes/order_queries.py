@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from pydantic import AfterValidator
 
 from api.problems import problem_responses
 from api.projection_runtime import MinPositionDep, read_model
@@ -15,6 +16,7 @@ from api.read_schemas import IdentifierParam, OrderSummariesPublic, OrderSummary
 from projections.order_summaries import (
     InvalidCursorError,
     OrderSummary,
+    decode_cursor,
     get_order_summary,
     list_order_summaries,
 )
@@ -33,6 +35,18 @@ def _start_of(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=UTC)
 
 
+def _issued_cursor(cursor: str) -> str:
+    """Refuse a cursor holding no order id before it reaches the database.
+
+    PostgreSQL fails on a NUL in a text parameter rather than matching nothing.
+    """
+    try:
+        UUID(decode_cursor(cursor)[1])
+    except ValueError:
+        raise ValueError("cursor is malformed; use the one a previous page returned") from None
+    return cursor
+
+
 def _end_of(day: date) -> datetime | None:
     """The moment after the day, or None for the last day a date can name."""
     return None if day == date.max else _start_of(day + timedelta(days=1))
@@ -47,7 +61,7 @@ async def list_orders(
     placed_from: Annotated[date | None, Query(description="First day, inclusive (UTC).")] = None,
     placed_to: Annotated[date | None, Query(description="Last day, inclusive (UTC).")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512), AfterValidator(_issued_cursor)] = None,
 ) -> OrderSummariesPublic:
     """Orders newest first, by customer, status and placed-date range, one page at a time."""
     query = partial(
