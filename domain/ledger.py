@@ -264,7 +264,7 @@ class OrderLedger(Application[UUID]):
         retries = _UNCONDITIONAL_RETRIES if expected_version is None else 0
         attempt = 0
         while True:
-            order = self._apply(command, order_id, args, expected_version)
+            order, read_version = self._apply(command, order_id, args, expected_version)
             pending: list[Aggregate] = [order]
             if idempotency_key is not None and fingerprint is not None:
                 pending.append(
@@ -282,16 +282,16 @@ class OrderLedger(Application[UUID]):
                     earlier = self._recorded_result(idempotency_key, fingerprint)
                     if earlier is not None:
                         return earlier
-                if order_id is None:
-                    # A new order has a fresh id, so only its key can collide: anything else
-                    # is the store failing, and calling it a conflict would hide that.
+                current = self._current_version(order_id)
+                if order_id is None or current == read_version:
+                    # Nothing else was recorded on the order (a new one has a fresh id), so
+                    # no race was lost: the store refused the write, and that is no conflict.
                     raise
                 if attempt < retries:
                     attempt += 1
                     # A random pause stops the same losers from colliding again in lockstep.
                     time.sleep(random.uniform(0, _RETRY_BACKOFF_SECONDS * min(attempt, 10)))
                     continue
-                current = self._current_version(order_id)
                 raise ConcurrencyConflictError(
                     f"order {order_id} changed while the command ran "
                     f"(now at version {current}); nothing was recorded",
@@ -308,10 +308,12 @@ class OrderLedger(Application[UUID]):
         order_id: UUID | None,
         args: dict[str, Any],
         expected_version: int | None,
-    ) -> Order:
+    ) -> tuple[Order, int]:
+        """The order with the command's events pending, and the version it was read at."""
         if order_id is None:
-            return Order.place(**args)
+            return Order.place(**args), 0
         order = self.get_order(order_id)
+        read_version = order.version
         if expected_version is not None and order.version != expected_version:
             raise ConcurrencyConflictError(
                 f"order {order_id} is at version {order.version}, "
@@ -319,7 +321,7 @@ class OrderLedger(Application[UUID]):
                 current_version=order.version,
             )
         _COMMANDS[command](order, args)
-        return order
+        return order, read_version
 
     def _recorded_result(self, key: str, fingerprint: str) -> CommandResult | None:
         try:
