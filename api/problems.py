@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from http import HTTPStatus
 from typing import Any
 
+from eventsourcing.persistence import PersistenceError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +23,8 @@ from domain.errors import (
     OrderNotFoundError,
     OrderRuleError,
 )
+
+log = logging.getLogger("orderledger.api")
 
 PROBLEM_TYPE_BASE = "https://orderledger.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -83,6 +87,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OrderLedgerError, ledger_error_problem)
     app.add_exception_handler(RequestValidationError, validation_problem)
     app.add_exception_handler(StarletteHTTPException, http_problem)
+    app.add_exception_handler(PersistenceError, store_unavailable_problem)
     app.add_exception_handler(Exception, internal_error_problem)
 
 
@@ -161,6 +166,19 @@ async def http_problem(request: Request, exc: Exception) -> Response:
         title=phrase.capitalize(),
         detail=str(detail),
         headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+async def store_unavailable_problem(request: Request, exc: Exception) -> Response:
+    """The event store refused or failed the write: nothing was recorded; retrying may work."""
+    log.warning("event store failure on %s: %s", request.url.path, exc)
+    return problem_response(
+        request,
+        status=503,
+        slug="store-unavailable",
+        title="Store unavailable",
+        detail="the event store could not complete the request; nothing was recorded, retry",
+        headers={"Retry-After": "1"},
     )
 
 

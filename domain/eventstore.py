@@ -33,12 +33,30 @@ class PositionedRecorder(Protocol):
 
 
 class SQLiteEventRecorder(SQLiteApplicationRecorder):
-    """The library's SQLite recorder with immutability triggers and per-order positions."""
+    """The library's SQLite recorder with immutability triggers and per-order positions.
+
+    The library's table keeps positions in SQLite's implicit rowid, which VACUUM may renumber.
+    Ours declares the rowid as an AUTOINCREMENT primary key: positions never change and are
+    never reused, and the library's ``SELECT rowid, *`` queries read them unchanged.
+    """
+
+    def __init__(self, datastore: Any, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name)
+        self.insert_events_statement = (
+            f"INSERT INTO {events_table_name} "  # noqa: S608 - our own table name
+            "(originator_id, originator_version, topic, state) VALUES (?,?,?,?)"
+        )
 
     def construct_create_table_statements(self) -> list[str]:
         table = self.events_table_name
         return [
-            *super().construct_create_table_statements(),
+            f"CREATE TABLE IF NOT EXISTS {table} ("
+            "rowid INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "originator_id TEXT NOT NULL, "
+            "originator_version INTEGER NOT NULL, "
+            "topic TEXT, "
+            "state BLOB, "
+            "UNIQUE (originator_id, originator_version))",
             *(
                 f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
                 f"BEGIN SELECT RAISE(ABORT, '{IMMUTABLE_MESSAGE}: {op} on {table} "
@@ -179,8 +197,10 @@ def event_store_env(database_url: str) -> dict[str, str]:
             "POSTGRES_USER": unquote(parts.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(parts.password or ""),
             "POSTGRES_SCHEMA": query.get("schema", ["public"])[0],
-            "POSTGRES_POOL_SIZE": "5",
+            # Few idle connections per process: many processes share one server.
+            "POSTGRES_POOL_SIZE": "2",
             "POSTGRES_MAX_OVERFLOW": "10",
+            "POSTGRES_CONNECT_TIMEOUT": "5",
             "POSTGRES_LOCK_TIMEOUT": "30",
             "APPLICATION_RECORDER_TOPIC": f"{__name__}:PostgresEventRecorder",
             "CREATE_TABLE": "y",

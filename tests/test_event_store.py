@@ -323,3 +323,30 @@ class TestEventStoreContract:
         assert f"{IMMUTABLE_MESSAGE}: TRUNCATE on {table} is not allowed" in message
         assert raw.rows() == before
         assert len(before) == 6
+
+
+class TestSQLitePositions:
+    """SQLite-specific guarantees of the global position."""
+
+    def test_vacuum_does_not_renumber_positions(self, sqlite_url: str) -> None:
+        """Positions survive VACUUM, which renumbers an implicit rowid."""
+        ledger = OrderLedger.from_url(sqlite_url)
+        first = ledger.place_order(
+            customer_id="c-1", currency="EUR", lines=[{"sku": "A", "quantity": 1, "unit_price": 5}]
+        )
+        # A second order whose events sit between the first order's events.
+        second = ledger.place_order(
+            customer_id="c-2", currency="EUR", lines=[{"sku": "B", "quantity": 1, "unit_price": 7}]
+        )
+        ledger.capture_payment(first.order_id, amount=5, payment_reference="p-1")
+        before = [(e.position, e.version) for e in ledger.order_history(first.order_id)]
+        ledger.close()
+        path = sqlite_url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as raw:
+            raw.execute("VACUUM")
+        reopened = OrderLedger.from_url(sqlite_url)
+        after = [(e.position, e.version) for e in reopened.order_history(first.order_id)]
+        assert after == before
+        assert before[0][0] < second.position < before[1][0]
+        assert reopened.head_position() == before[1][0]
+        reopened.close()
