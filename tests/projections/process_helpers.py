@@ -277,9 +277,13 @@ class CliProcesses:
             process.send_signal(signal.SIGKILL)
         process.wait(PROCESS_TIMEOUT)
 
-    @staticmethod
-    def terminate(process: subprocess.Popen[bytes]) -> int:
-        """SIGTERM and wait: the worker stops cleanly and gives its leases back."""
+    def terminate(self, process: subprocess.Popen[bytes]) -> int:
+        """SIGTERM once the worker is running (its handlers installed); wait for it to stop."""
+        self.wait_for(
+            lambda: " running: " in self.output(process),
+            "the worker is running",
+            watch=[process],
+        )
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         return process.wait(PROCESS_TIMEOUT)

@@ -104,6 +104,75 @@ class TestWorkerKilledDuringCatchUp:
             assert summary_figures(runtime) == store_figures(ledger)
 
 
+@pytest.mark.slow
+class TestWorkerKilledDuringRebuild:
+    """A worker SIGKILLed while it builds new generations, up to and around their takeover."""
+
+    def test_generations_rebuilt_under_kills_take_over_equal_to_the_ones_they_replace(
+        self, store_url: str, tmp_path: Path
+    ) -> None:
+        """Kills spread over a rebuild of every projection; the result equals what it replaced."""
+        rng = random.Random(20240331)
+        with (
+            opened_store(store_url) as (ledger, runtime),
+            cli_processes(
+                tmp_path,
+                projection_lease_ttl=1.0,
+                projection_batch_size=500,
+                projection_idle_wait=0.2,
+            ) as cli,
+        ):
+            names = [p.name for p in runtime.projections]
+            head = generate_orders(ledger, events=10_000, seed=17)
+            run_until_caught_up(runtime)
+            original = checksums(runtime)
+            replaced = generations_by_role(runtime, SERVING)
+            building = {
+                name: runtime.catalog.start_rebuild(name, target=head).generation for name in names
+            }
+            summaries = building[SUMMARIES]
+
+            still_building_at_kill = []
+            for target in sorted(rng.sample(range(1, head), KILLS // 2)):
+                worker = cli.start("worker", "--database-url", store_url)
+
+                def working(target: int = target, pid: int = worker.pid) -> bool:
+                    rows = runtime.catalog.rows()
+                    row = runtime.catalog.row(SUMMARIES, summaries)
+                    assert row is not None
+                    built = row.role != BUILDING or row.position >= target
+                    return built and any(owner_pid(r) == pid for r in rows)
+
+                cli.wait_for(
+                    working,
+                    f"the worker holds a lease and built past position {target}",
+                    watch=[worker],
+                )
+                time.sleep(rng.uniform(0.0, 0.3))
+                cli.kill(worker)
+                still_building_at_kill.append(
+                    any(row.role == BUILDING for row in runtime.catalog.rows())
+                )
+
+            assert sum(still_building_at_kill) >= KILLS // 4, still_building_at_kill
+            worker = cli.start("worker", "--database-url", store_url)
+            cli.wait_for(
+                lambda: all_serving_at(runtime, names, head),
+                "every rebuilt generation took over at the head",
+                watch=[worker],
+            )
+            assert cli.terminate(worker) == 0, cli.output(worker)
+
+            serving = generations_by_role(runtime, SERVING)
+            assert {n: serving[n].generation for n in names} == building
+            assert checksums(runtime) == original
+            leftovers = {
+                f"{n}{generation_suffix(replaced[n].generation)}" for n in names
+            } & _table_names(runtime)
+            assert leftovers == set()
+            assert summary_figures(runtime) == store_figures(ledger)
+
+
 def _live_generations(runtime: ProjectionRuntime) -> list[int]:
     """Generations of order_summaries that still serve or build (not retired or dropped)."""
     rows = runtime.catalog.rows(SUMMARIES)
