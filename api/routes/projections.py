@@ -14,7 +14,9 @@ from api.read_schemas import ProjectionPublic, ProjectionsPublic, RebuildAccepte
 from projections.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.status import ProjectionStatus, all_statuses, projection_status
 
-router = APIRouter(prefix="/projections", tags=["projections"], responses=problem_responses(404))
+router = APIRouter(
+    prefix="/projections", tags=["projections"], responses=problem_responses(404, 422)
+)
 
 ProjectionName = Annotated[str, Path(min_length=1, max_length=64)]
 
