@@ -783,3 +783,26 @@ class TestOnEveryStore:
         """Huge, negative, malformed and unicode values everywhere answer below 500."""
         with start(store_url, read_your_writes_timeout=0.05) as client:
             odd_reads(client)
+
+
+class TestOpenAPI:
+    """The read routes document their models and problem responses."""
+
+    def test_read_routes_declare_problem_responses_and_response_models(
+        self, reader: TestClient
+    ) -> None:
+        """Each read route names its response model and its problem+json statuses."""
+        paths = ok(reader.get("/openapi.json"))["paths"]
+        expected = {
+            "/customers/{customer_id}": ("CustomerStatsPublic", ["404", "422", "503"]),
+            "/reports/daily-sales": ("DailySalesPublic", ["422", "503"]),
+            "/reports/top-skus": ("TopSkusPublic", ["422", "503"]),
+            "/orders": ("OrderSummariesPublic", ["422", "503"]),
+        }
+        for path, (model, statuses) in expected.items():
+            responses = paths[path]["get"]["responses"]
+            schema = responses["200"]["content"]["application/json"]["schema"]
+            assert schema["$ref"].endswith(f"/{model}")
+            for status in statuses:
+                assert "application/problem+json" in responses[status]["content"], (path, status)
+            assert paths[path]["get"]["description"]
