@@ -158,10 +158,9 @@ class Processor:
         with engine.connect().execution_options(**WRITE) as conn, conn.begin():
             # Compare-and-set first: a fenced or overtaken processor touches no read-model row,
             # and on PostgreSQL the tracking row stays locked by us until we commit.
-            if batch.checkpoint != self.position:
-                self.catalog.advance(
-                    conn, lease, self.position, batch.checkpoint, self.settings.lease_ttl
-                )
+            self.catalog.advance(
+                conn, lease, self.position, batch.checkpoint, self.settings.lease_ttl
+            )
             self.projection.apply(conn, self.tables, batch.events)
             if self.role == BUILDING and batch.reached_head:
                 self.catalog.promote(conn, lease, batch.checkpoint)
@@ -176,10 +175,8 @@ class Processor:
         try:
             engine = self.catalog.engine
             with engine.connect().execution_options(**WRITE) as conn, conn.begin():
-                if stop_at != self.position:
-                    self.catalog.advance(
-                        conn, lease, self.position, stop_at, self.settings.lease_ttl
-                    )
+                # Also when nothing moves: a fenced processor must not stop the projection.
+                self.catalog.advance(conn, lease, self.position, stop_at, self.settings.lease_ttl)
                 self.projection.apply(conn, self.tables, before)
             self.position = stop_at
         except LeaseLostError:

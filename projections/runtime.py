@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, Table, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from domain.ledger import OrderLedger
@@ -88,7 +88,27 @@ class ProjectionRuntime:
     def reading(self, name: str) -> Iterator[tuple[Connection, dict[str, Table]]]:
         """A read transaction on the serving generation's tables."""
         with self.engine.connect() as conn, conn.begin():
-            yield conn, self.catalog.serving_tables(conn, name)
+            yield conn, self._pinned_serving_tables(conn, name)
+
+    def _pinned_serving_tables(self, conn: Connection, name: str) -> dict[str, Table]:
+        """The serving tables, kept from being dropped until this read transaction ends.
+
+        SQLite's read snapshot already keeps them; PostgreSQL needs a share lock, which the
+        switch-over's DROP TABLE waits for.
+        """
+        for _ in range(3):
+            tables = self.catalog.serving_tables(conn, name)
+            if conn.dialect.name != "postgresql":
+                return tables
+            try:
+                with conn.begin_nested():
+                    for table in tables.values():
+                        quoted = conn.dialect.identifier_preparer.format_table(table)
+                        conn.execute(text(f"LOCK TABLE {quoted} IN ACCESS SHARE MODE"))
+                return tables
+            except ProgrammingError:
+                continue  # dropped between the catalog read and the lock: look again
+        return self.catalog.serving_tables(conn, name)
 
     def read(self, name: str, query: Callable[[Connection, dict[str, Table]], T]) -> T:
         """Run a query on the serving generation's tables.
