@@ -27,6 +27,9 @@ from domain.errors import (
     RefundExceedsCapturedError,
 )
 from domain.money import MAX_AMOUNT, validate_amount, validate_currency
+from domain.summary import OrderStatus, balance_due, order_status, refund_due
+
+__all__ = ["EVENT_TYPES", "Order", "OrderLine", "OrderStatus"]
 
 MAX_LINES = 100
 MAX_QUANTITY = 1_000_000
@@ -96,19 +99,6 @@ class OrderLine:
             )
         price = validate_amount(unit_price, name=f"unit_price of {sku!r}", minimum=0)
         return cls(sku=sku, quantity=quantity, unit_price=price)
-
-
-class OrderStatus:
-    """The statuses an order moves through (strings, so they read the same everywhere)."""
-
-    PENDING_PAYMENT = "pending_payment"
-    PARTIALLY_PAID = "partially_paid"
-    PAID = "paid"
-    SHIPPED = "shipped"
-    DELIVERED = "delivered"
-    CANCELLED = "cancelled"
-
-    ALL = (PENDING_PAYMENT, PARTIALLY_PAID, PAID, SHIPPED, DELIVERED, CANCELLED)
 
 
 class Order(Aggregate):
@@ -383,25 +373,23 @@ class Order(Aggregate):
 
     @property
     def balance_due(self) -> int:
-        return 0 if self.is_cancelled else self.total - self.captured
+        return balance_due(total=self.total, captured=self.captured, cancelled=self.is_cancelled)
 
     @property
     def refund_due(self) -> int:
-        return self.captured - self.refunded if self.is_cancelled else 0
+        return refund_due(
+            captured=self.captured, refunded=self.refunded, cancelled=self.is_cancelled
+        )
 
     @property
     def status(self) -> str:
-        if self.is_cancelled:
-            return OrderStatus.CANCELLED
-        if self.delivered_at is not None:
-            return OrderStatus.DELIVERED
-        if self.is_shipped:
-            return OrderStatus.SHIPPED
-        if self.captured >= self.total:
-            return OrderStatus.PAID
-        if self.captured > 0:
-            return OrderStatus.PARTIALLY_PAID
-        return OrderStatus.PENDING_PAYMENT
+        return order_status(
+            total=self.total,
+            captured=self.captured,
+            shipped=self.is_shipped,
+            delivered=self.delivered_at is not None,
+            cancelled=self.is_cancelled,
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """The order's state as plain data (for audit and the API)."""

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from domain.order import OrderStatus
+
+class OrderStatus:
+    """The statuses an order moves through (strings, so they read the same everywhere)."""
+
+    PENDING_PAYMENT = "pending_payment"
+    PARTIALLY_PAID = "partially_paid"
+    PAID = "paid"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+    ALL = (PENDING_PAYMENT, PARTIALLY_PAID, PAID, SHIPPED, DELIVERED, CANCELLED)
 
 
 def order_status(
