@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -128,7 +129,8 @@ class OrderSummaryBatch(Batch):
         row = self.rows[order_id]
         row["version"] = event.originator_version
         row["last_position"] = recorded.position
-        row["updated_at"] = event.timestamp
+        # SQLite keeps no time zone: store UTC so reading it back as UTC is right.
+        row["updated_at"] = event.timestamp.astimezone(UTC)
         self.changed.add(order_id)
 
     @singledispatchmethod
@@ -149,7 +151,7 @@ class OrderSummaryBatch(Batch):
             "shipped": False,
             "delivered": False,
             "cancelled": False,
-            "placed_at": event.timestamp,
+            "placed_at": event.timestamp.astimezone(UTC),
         }
 
     @on_event.register
@@ -291,7 +293,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         placed_at, order_id = json.loads(raw)
-        return datetime.fromisoformat(placed_at), str(order_id)
+        return datetime.fromisoformat(placed_at), str(uuid.UUID(order_id))
     except (ValueError, TypeError) as error:
         raise InvalidCursorError(
             "cursor is malformed; use the one a previous page returned"
