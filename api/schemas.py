@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictS
 from domain.money import MAX_AMOUNT
 from domain.order import (
     MAX_ADDRESS_LENGTH,
+    MAX_EMAIL_LENGTH,
     MAX_ID_LENGTH,
     MAX_REASON_LENGTH,
     MAX_REFERENCE_LENGTH,
@@ -26,6 +27,10 @@ Identifier = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 Reference = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REFERENCE_LENGTH)]
 Address = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ADDRESS_LENGTH)]
 Reason = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REASON_LENGTH)]
+Email = Annotated[
+    StrictStr,
+    Field(min_length=3, max_length=MAX_EMAIL_LENGTH, examples=["ada@example.com"]),
+]
 Currency = Annotated[
     StrictStr,
     Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.", examples=["EUR"]),
@@ -64,6 +69,7 @@ class OrderCreate(_Command):
                     "lines": [_LINE_EXAMPLE],
                     "shipping_address": "1 Quay Street, Dublin",
                     "client_reference": "cart-9f1c",
+                    "customer_email": "ada@example.com",
                 }
             ]
         },
@@ -74,6 +80,7 @@ class OrderCreate(_Command):
     lines: list[LineIn]
     shipping_address: Address | None = None
     client_reference: Reference | None = None
+    customer_email: Email | None = None
 
 
 class LineCreate(LineIn):
@@ -197,6 +204,7 @@ class OrderState(BaseModel):
     payment_references: list[str]
     shipping_address: str | None
     client_reference: str | None
+    customer_email: str | None
     carrier: str | None
     tracking_number: str | None
     placed_at: datetime

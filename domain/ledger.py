@@ -81,6 +81,7 @@ class OrderLedger(Application[UUID]):
         lines: Sequence[Mapping[str, Any]],
         shipping_address: str | None = None,
         client_reference: str | None = None,
+        customer_email: str | None = None,
         idempotency_key: str | None = None,
     ) -> CommandResult:
         """Place a new order."""
@@ -90,6 +91,7 @@ class OrderLedger(Application[UUID]):
             "lines": [dict(line) for line in lines],
             "shipping_address": shipping_address,
             "client_reference": client_reference,
+            "customer_email": customer_email,
         }
         return self._execute("place_order", None, args, None, idempotency_key)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,18 @@ def optional_text(
     return bounded_text(value, name=name, max_length=max_length, multiline=multiline)
 
 
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+MAX_EMAIL_LENGTH = 254
+
+
+def validate_email(value: object) -> str:
+    """Return the address if it looks like one (local@domain.tld, at most 254 characters)."""
+    text = bounded_text(value, name="customer_email", max_length=MAX_EMAIL_LENGTH)
+    if not _EMAIL.fullmatch(text):
+        raise InvalidCommandError(f"customer_email {text!r} is not an email address")
+    return text
+
+
 @dataclass(frozen=True)
 class OrderLine:
     """One SKU on an order: quantity times unit price in minor units."""
@@ -107,20 +120,26 @@ class Order(Aggregate):
     class Placed(Aggregate.Created):
         """The order was placed.
 
-        Version 2 added ``client_reference``; ``upcast_v1_v2`` gives older events ``None``.
+        Version 2 added ``client_reference`` and version 3 ``customer_email``; the upcasters
+        give events stored in older shapes ``None`` for them.
         """
 
-        class_version = 2
+        class_version = 3
 
         customer_id: str
         currency: str
         lines: list[dict[str, Any]]
         shipping_address: str | None
         client_reference: str | None
+        customer_email: str | None
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             state["client_reference"] = None
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["customer_email"] = None
 
     class LineAdded(Aggregate.Event):
         sku: str
@@ -166,8 +185,10 @@ class Order(Aggregate):
         lines: list[dict[str, Any]],
         shipping_address: str | None,
         client_reference: str | None,
+        customer_email: str | None,
     ) -> None:
         self.customer_id = customer_id
+        self.customer_email = customer_email
         self.currency = currency
         self.lines: dict[str, OrderLine] = {}
         for line in lines:
@@ -195,6 +216,7 @@ class Order(Aggregate):
         lines: Iterable[Mapping[str, Any]],
         shipping_address: str | None = None,
         client_reference: str | None = None,
+        customer_email: str | None = None,
     ) -> Order:
         """Place a new order after checking every part of it."""
         customer_id = bounded_text(customer_id, name="customer_id", max_length=MAX_ID_LENGTH)
@@ -229,6 +251,7 @@ class Order(Aggregate):
             client_reference=optional_text(
                 client_reference, name="client_reference", max_length=MAX_REFERENCE_LENGTH
             ),
+            customer_email=None if customer_email is None else validate_email(customer_email),
         )
 
     def add_line(self, *, sku: str, quantity: int, unit_price: int) -> None:
@@ -408,6 +431,7 @@ class Order(Aggregate):
             "payment_references": list(self.payment_references),
             "shipping_address": self.shipping_address,
             "client_reference": self.client_reference,
+            "customer_email": self.customer_email,
             "carrier": self.carrier,
             "tracking_number": self.tracking_number,
             "placed_at": self.created_on.isoformat(),

@@ -227,9 +227,9 @@ class TestPlacing:
         assert recorded.shipping_address is None
         assert recorded.client_reference is None
 
-    def test_placed_events_are_class_version_2(self) -> None:
-        """Placed gained client_reference in version 2; the other events are still version 1."""
-        assert Order.Placed.class_version == 2
+    def test_placed_events_are_class_version_3(self) -> None:
+        """Placed gained client_reference (v2) and customer_email (v3); the rest are still v1."""
+        assert Order.Placed.class_version == 3
         others = [cls for cls in EVENT_TYPES.values() if cls is not Order.Placed]
         assert all(getattr(cls, "class_version", 1) == 1 for cls in others)
 
@@ -810,6 +810,7 @@ class TestSnapshot:
             "payment_references": ["pay-1"],
             "shipping_address": "1 Main St",
             "client_reference": "web-9",
+            "customer_email": None,
             "carrier": None,
             "tracking_number": None,
             "placed_at": events[0].timestamp.isoformat(),
@@ -861,3 +862,29 @@ class TestSnapshot:
             Order.RefundIssued,
         }
         assert len(EVENT_TYPES) == 8
+
+
+class TestCustomerEmail:
+    def test_an_order_may_carry_the_customer_email(self) -> None:
+        """The address given at placement is recorded on Placed and kept on the order."""
+        order = Order.place(
+            customer_id="c-1",
+            currency="EUR",
+            lines=[{"sku": "A", "quantity": 1, "unit_price": 100}],
+            customer_email="ada@example.com",
+        )
+        (placed,) = order.collect_events()
+        assert isinstance(placed, Order.Placed)
+        assert placed.customer_email == "ada@example.com"
+        assert order.snapshot()["customer_email"] == "ada@example.com"
+
+    @pytest.mark.parametrize("address", ["ada", "ada@", "@example.com", "a b@example.com", "x@y"])
+    def test_a_malformed_email_is_rejected(self, address: str) -> None:
+        """Something that is not local@domain.tld is refused with a reason."""
+        with pytest.raises(InvalidCommandError, match="customer_email"):
+            Order.place(
+                customer_id="c-1",
+                currency="EUR",
+                lines=[{"sku": "A", "quantity": 1, "unit_price": 100}],
+                customer_email=address,
+            )

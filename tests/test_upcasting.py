@@ -124,10 +124,42 @@ class TestVersion1PlacedEvents:
 
 
 class TestVersion2PlacedEvents:
-    def test_a_v2_placed_event_stores_its_class_version_and_round_trips(
+    def test_a_v2_order_loads_with_no_customer_email(self, ledger: OrderLedger) -> None:
+        """A Placed stored at version 2 (before customer_email) loads with customer_email None."""
+        order_id = uuid4()
+        state: dict[str, Any] = {
+            "timestamp": PLACED_AT,
+            "originator_topic": get_topic(Order),
+            "customer_id": "cust-v2",
+            "currency": "EUR",
+            "lines": V1_LINES,
+            "shipping_address": None,
+            "client_reference": "web-2",
+            "class_version": 2,
+        }
+        ledger.recorder.insert_events(
+            [
+                StoredEvent(
+                    originator_id=order_id,
+                    originator_version=1,
+                    topic=get_topic(Order.Placed),
+                    state=ledger.mapper.transcoder.encode(state),
+                )
+            ]
+        )
+        order = ledger.get_order(order_id)
+        assert order.customer_email is None
+        assert order.client_reference == "web-2"
+        assert order.total == 3300
+        (entry,) = ledger.order_history(order_id)
+        assert entry.data["customer_email"] is None
+
+
+class TestCurrentPlacedEvents:
+    def test_a_new_placed_event_stores_its_class_version_and_round_trips(
         self, ledger: OrderLedger, store_url: str
     ) -> None:
-        """New Placed events record class_version 2 and read back their client_reference."""
+        """New Placed events record class_version 3 and read back their client_reference."""
         placed = ledger.place_order(
             customer_id="cust-new",
             currency="EUR",
@@ -136,7 +168,7 @@ class TestVersion2PlacedEvents:
         )
 
         state = stored_state(ledger, placed.order_id, 1)
-        assert state["class_version"] == 2
+        assert state["class_version"] == 3
         assert state["client_reference"] == "web-77"
 
         # A fresh ledger on the same store decodes it without any in-memory state.
@@ -152,14 +184,14 @@ class TestVersion2PlacedEvents:
         assert entry.data["client_reference"] == "web-77"
         assert "class_version" not in entry.data
 
-    def test_a_v2_placed_event_without_a_client_reference_keeps_none(
+    def test_a_new_placed_event_without_a_client_reference_keeps_none(
         self, ledger: OrderLedger
     ) -> None:
         """None is stored as such and is not confused with a missing v1 field."""
         placed = ledger.place_order(customer_id="cust-new", currency="EUR", lines=V1_LINES)
 
         state = stored_state(ledger, placed.order_id, 1)
-        assert state["class_version"] == 2
+        assert state["class_version"] == 3
         assert "client_reference" in state
         assert state["client_reference"] is None
         assert ledger.get_order(placed.order_id).client_reference is None
