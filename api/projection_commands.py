@@ -107,7 +107,7 @@ def rebuild_command(
     if (name is None) == (not all_projections):
         errors.print("[red]error:[/] give a projection NAME or --all (not both)")
         raise typer.Exit(2)
-    with _runtime(database_url) as (_settings, runtime):
+    with _runtime(database_url) as (settings, runtime):
         try:
             names = (
                 [runtime.projection(name).name] if name else [p.name for p in runtime.projections]
@@ -138,7 +138,13 @@ def rebuild_command(
                     )
 
                 try:
-                    row = rebuild(runtime, projection_name, restart=restart, on_progress=show)
+                    row = rebuild(
+                        runtime,
+                        projection_name,
+                        restart=restart,
+                        batch_size=settings.projection_batch_size,
+                        on_progress=show,
+                    )
                 except RebuildFailedError as error:
                     errors.print(f"[red]rebuild failed:[/] {error}")
                     raise typer.Exit(1) from None
