@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from api.effects_runtime import dispatcher_for
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.processor import ProcessorSettings
@@ -73,9 +74,16 @@ def worker(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Run only this projection (repeatable).")
     ] = None,
+    effects: Annotated[
+        bool,
+        typer.Option("--effects/--no-effects", help="Also deliver side effects (webhooks, email)."),
+    ] = True,
+    projections: Annotated[
+        bool, typer.Option("--projections/--no-projections", help="Run projections.")
+    ] = True,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Run projection workers until interrupted (SIGINT or SIGTERM)."""
+    """Run projection workers and the effect dispatcher until interrupted (SIGINT or SIGTERM)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     with _runtime(database_url) as (settings, runtime):
         try:
@@ -86,11 +94,22 @@ def worker(
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        projection_worker.start()
-        names = ", ".join(p.name for p in projection_worker.projections)
-        console.print(f"worker {projection_worker.owner} running: {names}")
+        dispatcher = None
+        if effects and settings.run_effects:
+            dispatcher = dispatcher_for(settings, runtime, runtime.ledger)
+            dispatcher.start()
+        if projections:
+            projection_worker.start()
+        names = ", ".join(p.name for p in projection_worker.projections) if projections else "-"
+        console.print(
+            f"worker {projection_worker.owner} running: {names}"
+            f"{'; delivering effects' if dispatcher else ''}"
+        )
         stop.wait()
-        projection_worker.stop()
+        if projections:
+            projection_worker.stop()
+        if dispatcher is not None:
+            dispatcher.stop()
 
 
 def rebuild_command(

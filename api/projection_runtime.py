@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from sqlalchemy import Connection, Table
 from starlette.concurrency import run_in_threadpool
 
+from api.effects_runtime import dispatcher_for
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
@@ -48,12 +49,18 @@ def projections_resource(
         )
         app.state.projections = held
         worker = None
+        dispatcher = None
         if settings.run_projections:
             worker = held.worker(idle_wait=settings.projection_idle_wait)
             await run_in_threadpool(worker.start)
+            if settings.run_effects:
+                dispatcher = dispatcher_for(settings, held, app.state.ledger)
+                dispatcher.start()
         try:
             yield
         finally:
+            if dispatcher is not None:
+                await run_in_threadpool(dispatcher.stop)
             if worker is not None:
                 await run_in_threadpool(worker.stop)
             if owned:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -54,3 +54,30 @@ class Settings(BaseSettings):
     @property
     def read_model_url(self) -> str:
         return self.read_model_database_url or self.database_url
+
+    # -- side effects ---------------------------------------------------------------------------
+    run_effects: bool = Field(
+        default=True,
+        description="Deliver side effects (webhooks, email) wherever projections run",
+    )
+    effect_max_attempts: int = Field(default=8, ge=1, le=100, description="Attempts before dead")
+    effect_backoff_base: float = Field(
+        default=1.0, gt=0, description="Seconds: the first retry waits up to this (full jitter)"
+    )
+    effect_backoff_cap: float = Field(
+        default=300.0, gt=0, description="Seconds: no wait between attempts is longer"
+    )
+    effect_timeout: float = Field(default=10.0, gt=0, le=300, description="Seconds per attempt")
+    effect_concurrency: int = Field(default=8, ge=1, le=256, description="Deliveries at once")
+    effect_per_target: int = Field(
+        default=4, ge=1, le=256, description="Deliveries at once to one endpoint or address"
+    )
+    effect_claim_ttl: float = Field(
+        default=60.0, gt=0, description="Seconds before a dead dispatcher's claim expires"
+    )
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP server for customer emails")
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_from: str = Field(default="orders@orderledger.local", description="From address")
+    smtp_starttls: bool = Field(default=False, description="Upgrade the SMTP connection to TLS")
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None

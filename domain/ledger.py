@@ -14,7 +14,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, Notification
 
 from domain.errors import (
     ConcurrencyConflictError,
@@ -206,22 +206,27 @@ class OrderLedger(Application[UUID]):
         """Every event of the order, oldest first, with its global position."""
         entries = []
         for notification in self.store.select_aggregate_notifications(order_id):
-            domain_event = cast(Aggregate.Event, self.mapper.to_domain_event(notification))
-            event_name = EVENT_NAMES.get(type(domain_event))
-            if event_name is None:
+            entry = self.history_entry(notification)
+            if entry is None:
                 raise OrderNotFoundError(f"order {order_id} not found")
-            entries.append(
-                HistoryEntry(
-                    position=notification.id,
-                    version=notification.originator_version,
-                    type=event_name,
-                    timestamp=domain_event.timestamp,
-                    data=_event_data(domain_event),
-                )
-            )
+            entries.append(entry)
         if not entries:
             raise OrderNotFoundError(f"order {order_id} not found")
         return entries
+
+    def history_entry(self, notification: Notification) -> HistoryEntry | None:
+        """One stored event as an audit entry (None if it is not an order event)."""
+        domain_event = cast(Aggregate.Event, self.mapper.to_domain_event(notification))
+        event_name = EVENT_NAMES.get(type(domain_event))
+        if event_name is None:
+            return None
+        return HistoryEntry(
+            position=notification.id,
+            version=notification.originator_version,
+            type=event_name,
+            timestamp=domain_event.timestamp,
+            data=_event_data(domain_event),
+        )
 
     def order_as_of(
         self, order_id: UUID, *, version: int | None = None, at: datetime | None = None

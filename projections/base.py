@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from eventsourcing.domain import Aggregate
-from sqlalchemy import Connection, MetaData, Table
+from sqlalchemy import Connection, Engine, MetaData, Table
 
 from projections.source import RecordedEvent, topics_of
 
@@ -55,6 +55,9 @@ class Projection(ABC):
     @property
     def topics(self) -> list[str]:
         return topics_of(self.handles)
+
+    def setup(self, engine: Engine, head: int) -> None:  # noqa: B027 - optional hook
+        """Create anything shared by every generation (called once at start-up)."""
 
     @abstractmethod
     def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from projections.base import Projection
 from projections.customer_stats import CustomerStatsProjection
 from projections.daily_sales import DailySalesProjection
+from projections.effects.outbox import OutboxProjection
 from projections.order_summaries import OrderSummaryProjection
 from projections.sku_sales import SkuSalesProjection
 
@@ -16,4 +17,5 @@ def all_projections() -> list[Projection]:
         CustomerStatsProjection(),
         DailySalesProjection(),
         SkuSalesProjection(),
+        OutboxProjection(),
     ]

@@ -31,6 +31,7 @@ class ProjectionRuntime:
     """Everything projections need, built once at start-up."""
 
     engine: Engine
+    ledger: OrderLedger
     catalog: Catalog
     source: EventSource
     projections: list[Projection]
@@ -50,10 +51,15 @@ class ProjectionRuntime:
         chosen = list(projections) if projections is not None else all_projections()
         catalog = Catalog(engine, chosen)
         catalog.install()
+        source = EventSource(ledger, poll_interval=poll_interval)
+        head = source.head()
+        for projection in chosen:
+            projection.setup(engine, head)
         return cls(
             engine=engine,
+            ledger=ledger,
             catalog=catalog,
-            source=EventSource(ledger, poll_interval=poll_interval),
+            source=source,
             projections=chosen,
             settings=settings or ProcessorSettings(),
         )

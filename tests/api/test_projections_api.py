@@ -15,7 +15,7 @@ from api.settings import Settings
 from projections.processor import ProcessorSettings
 from tests.api import assert_problem, head_position, order_body
 
-NAMES = {"order_summaries", "customer_stats", "daily_sales", "sku_sales"}
+NAMES = {"order_summaries", "customer_stats", "daily_sales", "sku_sales", "outbox"}
 PATIENCE = 60.0
 """How long a test waits for the in-process worker before failing (a bound, not a measure)."""
 
@@ -79,7 +79,7 @@ class TestProjectionStatus:
     """What /projections says about each read model."""
 
     def test_every_projection_is_live_at_the_head_after_catch_up(self, live: TestClient) -> None:
-        """All four projections list as live, at the head, from their first generation."""
+        """Every projection lists as live, at the head, from their first generation."""
         place_orders(live, 6)
         head = head_position(live)
         wait_for_every_read_model(live, head)

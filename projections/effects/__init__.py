@@ -1,0 +1,1 @@
+"""Side effects: the transactional outbox, its dispatcher, webhooks and email."""

@@ -1,0 +1,270 @@
+"""The dispatcher delivers pending effects at least once, in order per order and target.
+
+Several dispatchers may run at once (threads, processes, machines): each claims rows with a
+lease (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock on SQLite) that expires if the
+claimer dies, and finishes a row only while its claim is still its own. An effect waits while an
+earlier effect of the same order to the same target is not delivered (retrying or dead), so a
+receiver sees one order's effects in position order; other orders keep flowing. Between attempts
+it waits with exponential backoff and full jitter; after the last attempt the effect is dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+from sqlalchemy import Engine, and_, exists, insert, select, update
+from sqlalchemy.orm import aliased
+
+from projections.database import WRITE, db_now
+from projections.effects.outbox import DEAD, DELIVERED, PENDING, attempts, effects
+from projections.effects.senders import Effect, Outcome, Sender
+
+log = logging.getLogger("orderledger.effects")
+
+ATTEMPTS = Counter(
+    "orderledger_effect_attempts",
+    "Effect delivery attempts by kind and outcome",
+    ["kind", "outcome"],
+)
+DEAD_LETTERS = Counter("orderledger_effects_dead", "Effects that went dead", ["kind"])
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """How hard and how fast to deliver."""
+
+    max_attempts: int = 8
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    concurrency: int = 8
+    per_target: int = 4
+    claim_ttl: float = 60.0
+    batch_size: int = 64
+    idle_wait: float = 0.2
+
+
+def backoff(attempt: int, settings: DispatchSettings, rng: random.Random | None = None) -> float:
+    """Full jitter: a uniform wait up to min(cap, base * 2^(attempt-1))."""
+    ceiling = min(settings.backoff_cap, settings.backoff_base * 2 ** (attempt - 1))
+    return (rng or random).uniform(0, ceiling)
+
+
+class Dispatcher:
+    """Claims due effects and hands each to the sender of its kind."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        senders: Mapping[str, Sender],
+        owner: str,
+        settings: DispatchSettings | None = None,
+        *,
+        on_dead: Callable[[Effect, Outcome], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.senders = dict(senders)
+        self.owner = owner
+        self.settings = settings or DispatchSettings()
+        self.now = db_now(engine.dialect.name)
+        self.on_dead = on_dead
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.settings.concurrency, thread_name_prefix="orderledger-deliver"
+        )
+        self._target_slots: dict[str, threading.Semaphore] = defaultdict(
+            lambda: threading.Semaphore(self.settings.per_target)
+        )
+        self._slots_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="orderledger-dispatch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except Exception:
+                log.exception("dispatcher iteration failed; retrying")
+                self._stop.wait(1.0)
+                continue
+            if handled == 0:
+                self._stop.wait(self.settings.idle_wait)
+
+    def run_once(self) -> int:
+        """Claim a batch of due effects and deliver them; returns how many were attempted."""
+        claimed = self.claim(self.settings.batch_size)
+        futures = [self._pool.submit(self._deliver, effect) for effect in claimed]
+        for future in futures:
+            future.result()
+        return len(claimed)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Deliver until nothing is due (for tests and one-off runs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.run_once():
+            pass
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def claim(self, limit: int) -> list[Effect]:
+        """Take up to ``limit`` due effects whose earlier effects (same order, target) are done."""
+        earlier = aliased(effects)
+        blocked = exists().where(
+            and_(
+                earlier.c.order_id == effects.c.order_id,
+                earlier.c.target == effects.c.target,
+                earlier.c.position < effects.c.position,
+                earlier.c.status != DELIVERED,
+            )
+        )
+        query = (
+            select(effects)
+            .where(
+                effects.c.status == PENDING,
+                effects.c.next_attempt_at <= self.now,
+                (effects.c.claim_expires_at.is_(None)) | (effects.c.claim_expires_at < self.now),
+                ~blocked,
+            )
+            .order_by(effects.c.position)
+            .limit(limit)
+        )
+        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True, of=effects)
+            rows = list(conn.execute(query))
+            if not rows:
+                return []
+            conn.execute(
+                update(effects)
+                .where(effects.c.id.in_([row.id for row in rows]))
+                .values(claimed_by=self.owner, claim_expires_at=self.now + self.settings.claim_ttl)
+            )
+        return [
+            Effect(
+                id=row.id,
+                effect=row.effect,
+                kind=row.kind,
+                position=row.position,
+                order_id=row.order_id,
+                order_version=row.order_version,
+                event_type=row.event_type,
+                occurred_at=row.occurred_at,
+                target=row.target,
+                attempt=row.attempts + 1,
+            )
+            for row in rows
+        ]
+
+    # -- delivering --------------------------------------------------------------------------
+
+    def _slot(self, target: str) -> threading.Semaphore:
+        with self._slots_lock:
+            return self._target_slots[target]
+
+    def _deliver(self, effect: Effect) -> None:
+        context = _context(effect)
+        if self._already_delivered(effect):
+            log.info("skipped", extra={**context, "why": "already delivered"})
+            return
+        sender = self.senders.get(effect.kind)
+        log.info("attempting", extra=context)
+        started = time.time()
+        with self._slot(effect.target):
+            if sender is None:
+                outcome = Outcome(False, error=f"no sender configured for {effect.kind} effects")
+            else:
+                try:
+                    outcome = sender.send(effect)
+                except Exception as error:
+                    outcome = Outcome(False, error=f"{type(error).__name__}: {error}")
+        duration = (time.time() - started) * 1000
+        self._finish(effect, outcome, started, duration)
+
+    def _already_delivered(self, effect: Effect) -> bool:
+        with self.engine.connect() as conn:
+            status = conn.execute(
+                select(effects.c.status).where(effects.c.id == effect.id)
+            ).scalar_one_or_none()
+        return status == DELIVERED
+
+    def _finish(self, effect: Effect, outcome: Outcome, started: float, duration: float) -> None:
+        context = {**_context(effect), "status_code": outcome.status_code}
+        values: dict[str, Any] = {
+            "attempts": effect.attempt,
+            "total_attempts": effects.c.total_attempts + 1,
+            "claimed_by": None,
+            "claim_expires_at": None,
+        }
+        dead = False
+        if outcome.delivered:
+            values.update(status=DELIVERED, delivered_at=self.now, last_error=None)
+        elif effect.attempt >= self.settings.max_attempts:
+            dead = True
+            values.update(status=DEAD, last_error=outcome.error)
+        else:
+            wait = backoff(effect.attempt, self.settings)
+            values.update(next_attempt_at=self.now + wait, last_error=outcome.error)
+            context["retry_in"] = round(wait, 3)
+        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            total: int = conn.execute(
+                select(effects.c.total_attempts).where(effects.c.id == effect.id)
+            ).scalar_one()
+            result = conn.execute(
+                update(effects)
+                .where(effects.c.id == effect.id, effects.c.claimed_by == self.owner)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                log.warning("claim lost before the attempt was recorded", extra=context)
+                return
+            conn.execute(
+                insert(attempts).values(
+                    effect_id=effect.id,
+                    attempt=total + 1,
+                    started_at=started,
+                    duration_ms=duration,
+                    outcome=DELIVERED if outcome.delivered else ("dead" if dead else "failed"),
+                    status_code=outcome.status_code,
+                    error=outcome.error,
+                )
+            )
+        ATTEMPTS.labels(effect.kind, "delivered" if outcome.delivered else "failed").inc()
+        if outcome.delivered:
+            log.info("delivered", extra=context)
+        elif dead:
+            DEAD_LETTERS.labels(effect.kind).inc()
+            log.error("failed; effect is dead", extra={**context, "error": outcome.error})
+            if self.on_dead is not None:
+                self.on_dead(effect, outcome)
+        else:
+            log.warning("failed", extra={**context, "error": outcome.error})
+
+
+def _context(effect: Effect) -> dict[str, Any]:
+    return {
+        "effect_id": effect.id,
+        "order_id": effect.order_id,
+        "position": effect.position,
+        "attempt": effect.attempt,
+        "effect": effect.effect,
+    }

@@ -1,0 +1,313 @@
+"""The outbox: side effects recorded exactly once per (effect, event position).
+
+The ``outbox`` projection records, in the same transaction as its position, one row per
+effect an event triggers: a webhook delivery per matching subscription, and a customer email
+on placed, shipped and refunded. The outbox tables are shared by every generation of the
+projection and an effect's identity, (effect, position), is unique in the database, so a crash,
+a restart, a rebuild or a new projection version never records an effect twice. A rebuilt
+generation records nothing at or below the high-water mark the projection already reached.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import singledispatchmethod
+from typing import Any
+from uuid import UUID, uuid5
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from domain.order import Order
+from projections.base import Batch, Projection
+from projections.database import WRITE, db_now
+from projections.source import RecordedEvent
+
+PENDING = "pending"
+DELIVERED = "delivered"
+DEAD = "dead"
+
+WEBHOOK = "webhook"
+EMAIL = "email"
+
+EMAIL_EVENTS = {"OrderPlaced", "OrderShipped", "RefundIssued"}
+"""Events that send the customer an email (when the order has an address)."""
+
+_EFFECT_NAMESPACE = UUID("1b7f0f55-0c55-4a52-9f6e-7f3c2d0b8e61")
+
+outbox_metadata = MetaData()
+
+effects = Table(
+    "outbox_effects",
+    outbox_metadata,
+    Column("id", String(36), primary_key=True),
+    Column("effect", String(96), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("order_id", String(36), nullable=False),
+    Column("order_version", Integer, nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("occurred_at", Float, nullable=False),
+    Column("target", String(2048), nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("total_attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("claimed_by", String(128)),
+    Column("claim_expires_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Column("last_error", Text),
+    UniqueConstraint("effect", "position", name="outbox_effects_once"),
+    Index("outbox_effects_due", "status", "next_attempt_at"),
+    Index("outbox_effects_sequence", "order_id", "target", "position"),
+)
+
+attempts = Table(
+    "outbox_attempts",
+    outbox_metadata,
+    Column("effect_id", String(36), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("outcome", String(12), nullable=False),
+    Column("status_code", Integer),
+    Column("error", Text),
+)
+
+subscriptions = Table(
+    "webhook_subscriptions",
+    outbox_metadata,
+    Column("id", String(36), primary_key=True),
+    Column("url", String(2048), nullable=False),
+    Column("event_types", Text, nullable=False),
+    Column("secret", String(128), nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_position", BigInteger, nullable=False),
+)
+
+watermarks = Table(
+    "outbox_watermark",
+    outbox_metadata,
+    Column("name", String(64), primary_key=True),
+    Column("installed_position", BigInteger, nullable=False),
+    Column("position", BigInteger, nullable=False),
+)
+
+
+def effect_id(effect: str, position: int) -> str:
+    """The effect's stable id: the receiver's idempotency key, the same across every retry."""
+    return str(uuid5(_EFFECT_NAMESPACE, f"{effect}@{position}"))
+
+
+def install_outbox(engine: Engine, head: int) -> None:
+    """Create the outbox tables; the first install starts effects after the current head.
+
+    Effects begin when the outbox is installed: events recorded before (e.g. demo data or an
+    import) trigger nothing.
+    """
+    for attempt in (1, 2):
+        try:
+            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                outbox_metadata.create_all(conn, checkfirst=True)
+                exists = conn.execute(
+                    select(watermarks.c.name).where(watermarks.c.name == OutboxProjection.name)
+                ).first()
+                if exists is None:
+                    conn.execute(
+                        insert(watermarks).values(
+                            name=OutboxProjection.name, installed_position=head, position=head
+                        )
+                    )
+            return
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == 2:
+                raise
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A webhook endpoint and the event types it wants."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    active: bool
+    created_position: int
+
+    def wants(self, event_type: str, position: int) -> bool:
+        return (
+            self.active
+            and position > self.created_position
+            and ("*" in self.event_types or event_type in self.event_types)
+        )
+
+
+def load_subscriptions(conn: Connection) -> list[Subscription]:
+    rows = conn.execute(select(subscriptions).where(subscriptions.c.active.is_(True)))
+    return [
+        Subscription(
+            id=row.id,
+            url=row.url,
+            event_types=json.loads(row.event_types),
+            active=row.active,
+            created_position=row.created_position,
+        )
+        for row in rows
+    ]
+
+
+def insert_ignoring_duplicates(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert outbox rows; a row whose (effect, position) exists already is left as it is."""
+    if not rows:
+        return 0
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(effects).on_conflict_do_nothing()
+    before = conn.execute(select(effects.c.id).where(effects.c.id.in_([r["id"] for r in rows])))
+    existing = {row.id for row in before}
+    conn.execute(statement, rows)
+    return len([r for r in rows if r["id"] not in existing])
+
+
+class OutboxProjection(Projection):
+    """Records the side effects each event triggers, in the outbox, once per position."""
+
+    name = "outbox"
+    version = 1
+    handles = (
+        Order.Placed,
+        Order.LineAdded,
+        Order.LineRemoved,
+        Order.PaymentCaptured,
+        Order.Shipped,
+        Order.Delivered,
+        Order.Cancelled,
+        Order.RefundIssued,
+    )
+
+    def setup(self, engine: Engine, head: int) -> None:
+        install_outbox(engine, head)
+
+    def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
+        # Per generation: which address each order's emails go to.
+        table = Table(
+            f"outbox_order_contacts{suffix}",
+            metadata,
+            Column("order_id", String(36), primary_key=True),
+            Column("customer_email", String(254)),
+        )
+        return {"outbox_order_contacts": table}
+
+    def batch(self, conn: Connection, tables: dict[str, Table]) -> Batch:
+        return OutboxBatch(conn, tables)
+
+
+class OutboxBatch(Batch):
+    """Folds a batch of events into outbox rows."""
+
+    def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
+        super().__init__(conn, tables)
+        self.contacts_table = tables["outbox_order_contacts"]
+        self.contacts: dict[str, str | None] = {}
+        self.new_contacts: dict[str, str | None] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.subscriptions: list[Subscription] = []
+        self.watermark = 0
+        self.last_position = 0
+        self.now = 0.0
+
+    def load(self, events: Sequence[RecordedEvent]) -> None:
+        self.watermark = self.conn.execute(
+            select(watermarks.c.position).where(watermarks.c.name == OutboxProjection.name)
+        ).scalar_one()
+        self.now = float(self.conn.execute(select(db_now(self.conn.dialect.name))).scalar_one())
+        self.subscriptions = load_subscriptions(self.conn)
+        ids = list({str(r.event.originator_id) for r in events})
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for row in self.conn.execute(
+                select(self.contacts_table).where(self.contacts_table.c.order_id.in_(chunk))
+            ):
+                self.contacts[row.order_id] = row.customer_email
+
+    def handle(self, recorded: RecordedEvent) -> None:
+        order_id = str(recorded.event.originator_id)
+        self.on_event(recorded.event, order_id)
+        self.last_position = recorded.position
+        if recorded.position <= self.watermark:
+            return  # already recorded by an earlier generation: never twice
+        event_type = recorded.type_name
+        for subscription in self.subscriptions:
+            if subscription.wants(event_type, recorded.position):
+                self._record(recorded, f"{WEBHOOK}:{subscription.id}", WEBHOOK, subscription.url)
+        email = self.contacts.get(order_id)
+        if email is not None and event_type in EMAIL_EVENTS:
+            self._record(recorded, f"{EMAIL}:{event_type}", EMAIL, email)
+
+    @singledispatchmethod
+    def on_event(self, event: object, order_id: str) -> None:
+        """Only the placement matters for contacts; other events need nothing here."""
+
+    @on_event.register
+    def order_placed(self, event: Order.Placed, order_id: str) -> None:
+        self.contacts[order_id] = event.customer_email
+        self.new_contacts[order_id] = event.customer_email
+
+    def _record(self, recorded: RecordedEvent, effect: str, kind: str, target: str) -> None:
+        event = recorded.event
+        self.rows.append(
+            {
+                "id": effect_id(effect, recorded.position),
+                "effect": effect,
+                "kind": kind,
+                "position": recorded.position,
+                "order_id": str(event.originator_id),
+                "order_version": event.originator_version,
+                "event_type": recorded.type_name,
+                "occurred_at": event.timestamp.timestamp(),
+                "target": target,
+                "status": PENDING,
+                "attempts": 0,
+                "total_attempts": 0,
+                "next_attempt_at": self.now,
+                "created_at": self.now,
+            }
+        )
+
+    def flush(self) -> None:
+        if self.new_contacts:
+            self.conn.execute(
+                insert(self.contacts_table),
+                [{"order_id": k, "customer_email": v} for k, v in self.new_contacts.items()],
+            )
+        insert_ignoring_duplicates(self.conn, self.rows)
+        if self.last_position > self.watermark:
+            self.conn.execute(
+                update(watermarks)
+                .where(
+                    watermarks.c.name == OutboxProjection.name,
+                    watermarks.c.position < self.last_position,
+                )
+                .values(position=self.last_position)
+            )

@@ -1,0 +1,244 @@
+"""Senders deliver one effect: a signed webhook POST, or an email over SMTP.
+
+A sender loads what it needs when it runs (the event, the order as of that event) from the
+ledger; the outbox row carries only ids. Any exception or a non-2xx answer is a failed attempt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import smtplib
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any, Protocol
+from uuid import UUID
+
+import httpx
+
+from domain.ledger import OrderLedger
+from domain.money import MINOR_UNITS
+from domain.order import Order
+
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a sender needs to know about one outbox row."""
+
+    id: str
+    effect: str
+    kind: str
+    position: int
+    order_id: str
+    order_version: int
+    event_type: str
+    occurred_at: float
+    target: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one delivery attempt went."""
+
+    delivered: bool
+    status_code: int | None = None
+    error: str | None = None
+
+
+class Sender(Protocol):
+    def send(self, effect: Effect) -> Outcome: ...
+
+
+# -- Standard Webhooks signatures -----------------------------------------------------------------
+
+
+def new_secret() -> str:
+    """A fresh signing secret in the Standard Webhooks format (``whsec_`` + base64)."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: ``v1,`` + base64 HMAC-SHA256 of id.timestamp.body."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+class InvalidSignatureError(ValueError):
+    """The webhook's signature does not match its body under the secret."""
+
+
+def verify(secret: str, headers: Mapping[str, str], body: bytes, *, tolerance: int = 300) -> None:
+    """Check a received webhook as a receiver would (raises InvalidSignatureError)."""
+    message_id = headers.get("webhook-id", "")
+    raw_timestamp = headers.get("webhook-timestamp", "")
+    if not message_id or not raw_timestamp.isdigit():
+        raise InvalidSignatureError("missing webhook-id or webhook-timestamp")
+    timestamp = int(raw_timestamp)
+    if abs(time.time() - timestamp) > tolerance:
+        raise InvalidSignatureError("timestamp outside the tolerance")
+    expected = sign(secret, message_id, timestamp, body).split(",", 1)[1]
+    offered = [part.split(",", 1)[1] for part in headers.get("webhook-signature", "").split()]
+    if not any(hmac.compare_digest(expected, candidate) for candidate in offered if candidate):
+        raise InvalidSignatureError("no signature matches")
+
+
+# -- webhooks ---------------------------------------------------------------------------------
+
+
+class WebhookSender:
+    """POSTs ``{id, type, order_id, position, occurred_at, data}``, signed with the secret."""
+
+    def __init__(
+        self, ledger: OrderLedger, secrets_by_subscription: SecretSource, *, timeout: float
+    ) -> None:
+        self.ledger = ledger
+        self.secrets = secrets_by_subscription
+        self.client = httpx.Client(timeout=timeout, follow_redirects=False)
+
+    def body(self, effect: Effect) -> bytes:
+        history = self.ledger.store.select_aggregate_notifications(
+            UUID(effect.order_id), lte_version=effect.order_version
+        )
+        entry = self.ledger.history_entry(history[-1]) if history else None
+        data: dict[str, Any] = entry.data if entry is not None else {}
+        document = {
+            "id": effect.id,
+            "type": effect.event_type,
+            "order_id": effect.order_id,
+            "position": effect.position,
+            "occurred_at": _iso(effect.occurred_at),
+            "data": data,
+        }
+        return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+    def send(self, effect: Effect) -> Outcome:
+        secret = self.secrets.secret_for(effect.effect.split(":", 1)[1])
+        if secret is None:
+            return Outcome(False, error="the subscription no longer exists")
+        body = self.body(effect)
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": effect.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secret, effect.id, timestamp, body),
+            "user-agent": "orderledger-webhooks",
+        }
+        try:
+            response = self.client.post(effect.target, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            return Outcome(False, error=f"{type(error).__name__}: {error}")
+        if 200 <= response.status_code < 300:
+            return Outcome(True, status_code=response.status_code)
+        return Outcome(
+            False, status_code=response.status_code, error=f"HTTP {response.status_code}"
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class SecretSource(Protocol):
+    def secret_for(self, subscription_id: str) -> str | None: ...
+
+
+# -- email ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    sender: str = "orders@orderledger.local"
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 10.0
+
+
+def format_amount(amount: int, currency: str) -> str:
+    exponent = MINOR_UNITS.get(currency, 2)
+    if exponent == 0:
+        return f"{currency} {amount:,}"
+    whole, fraction = divmod(amount, 10**exponent)
+    return f"{currency} {whole:,}.{fraction:0{exponent}d}"
+
+
+def render_email(effect: Effect, order: Order) -> tuple[str, str]:
+    """Subject and plain-text body of the customer email for an event."""
+    reference = order.client_reference or str(order.id)[:8]
+    total = format_amount(order.total, order.currency)
+    if effect.event_type == "OrderPlaced":
+        lines = "\n".join(
+            f"  {line.quantity} x {line.sku} at {format_amount(line.unit_price, order.currency)}"
+            for line in order.lines.values()
+        )
+        return (
+            f"Your order {reference} is placed",
+            f"Thank you. Your order:\n{lines}\nTotal: {total}\n",
+        )
+    if effect.event_type == "OrderShipped":
+        return (
+            f"Your order {reference} has shipped",
+            f"Your order is on its way with {order.carrier}, tracking number "
+            f"{order.tracking_number}.\n",
+        )
+    refunded = format_amount(order.refunded, order.currency)
+    return f"A refund for order {reference}", f"We have refunded you; {refunded} in all so far.\n"
+
+
+class EmailSender:
+    """Sends the customer email over SMTP; its Message-ID derives from the effect id."""
+
+    def __init__(self, ledger: OrderLedger, settings: SmtpSettings) -> None:
+        self.ledger = ledger
+        self.settings = settings
+
+    def message(self, effect: Effect) -> EmailMessage:
+        order = self.ledger.get_order(UUID(effect.order_id), version=effect.order_version)
+        subject, text = render_email(effect, order)
+        message = EmailMessage()
+        message["From"] = self.settings.sender
+        message["To"] = effect.target
+        message["Subject"] = subject
+        message["Message-ID"] = f"<{effect.id}@orderledger>"
+        message["X-Orderledger-Effect"] = effect.id
+        message.set_content(text)
+        return message
+
+    def send(self, effect: Effect) -> Outcome:
+        try:
+            message = self.message(effect)
+            with smtplib.SMTP(
+                self.settings.host, self.settings.port, timeout=self.settings.timeout
+            ) as smtp:
+                if self.settings.starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                if self.settings.username:
+                    smtp.login(self.settings.username, self.settings.password or "")
+                smtp.send_message(message)
+        except (OSError, smtplib.SMTPException) as error:
+            return Outcome(False, error=f"{type(error).__name__}: {error}")
+        return Outcome(True)
+
+    def close(self) -> None:
+        """Nothing is kept open between messages."""
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat()

@@ -1,0 +1,284 @@
+"""Managing side effects: webhook subscriptions, the outbox's contents, retries and reconciling."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine, func, select, update
+
+from domain.order import EVENT_TYPES, Order
+from projections.database import WRITE, db_now
+from projections.effects.outbox import (
+    DEAD,
+    EMAIL,
+    EMAIL_EVENTS,
+    PENDING,
+    WEBHOOK,
+    OutboxProjection,
+    Subscription,
+    attempts,
+    effect_id,
+    effects,
+    insert_ignoring_duplicates,
+    load_subscriptions,
+    subscriptions,
+    watermarks,
+)
+from projections.effects.senders import new_secret
+from projections.source import EventSource
+
+MAX_URL_LENGTH = 2048
+
+
+class EffectNotFoundError(LookupError):
+    """No effect (or subscription) has that id."""
+
+
+class InvalidSubscriptionError(ValueError):
+    """The subscription's URL or event types are not acceptable."""
+
+
+@dataclass(frozen=True)
+class CreatedSubscription:
+    subscription: Subscription
+    secret: str
+    """Shown once, at creation; never returned again."""
+
+
+@dataclass(frozen=True)
+class EffectView:
+    """One outbox row with its attempts, for operators."""
+
+    id: str
+    effect: str
+    kind: str
+    position: int
+    order_id: str
+    event_type: str
+    target: str
+    status: str
+    attempts: int
+    total_attempts: int
+    next_attempt_at: float
+    created_at: float
+    delivered_at: float | None
+    last_error: str | None
+    history: list[dict[str, object]]
+
+
+class Effects:
+    """Operations on the outbox and the webhook subscriptions."""
+
+    def __init__(self, engine: Engine, source: EventSource) -> None:
+        self.engine = engine
+        self.source = source
+        self.now = db_now(engine.dialect.name)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def add_subscription(self, url: str, event_types: list[str]) -> CreatedSubscription:
+        """Subscribe a URL to event types (``*`` for all); it receives events recorded from now."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > MAX_URL_LENGTH:
+            raise InvalidSubscriptionError(f"{url!r} is not an http(s) URL")
+        types = sorted(set(event_types)) or ["*"]
+        unknown = [t for t in types if t != "*" and t not in EVENT_TYPES]
+        if unknown:
+            known = ", ".join(sorted(EVENT_TYPES))
+            raise InvalidSubscriptionError(f"unknown event types {unknown}; known: {known}, *")
+        secret = new_secret()
+        subscription = Subscription(
+            id=str(uuid.uuid4()),
+            url=url,
+            event_types=types,
+            active=True,
+            created_position=self.source.head(),
+        )
+        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            conn.execute(
+                subscriptions.insert().values(
+                    id=subscription.id,
+                    url=url,
+                    event_types=json.dumps(types),
+                    secret=secret,
+                    active=True,
+                    created_at=self.now,
+                    created_position=subscription.created_position,
+                )
+            )
+        return CreatedSubscription(subscription, secret)
+
+    def subscriptions(self, *, include_inactive: bool = False) -> list[Subscription]:
+        with self.engine.connect() as conn:
+            if not include_inactive:
+                return load_subscriptions(conn)
+            return [
+                Subscription(
+                    id=row.id,
+                    url=row.url,
+                    event_types=json.loads(row.event_types),
+                    active=row.active,
+                    created_position=row.created_position,
+                )
+                for row in conn.execute(select(subscriptions).order_by(subscriptions.c.created_at))
+            ]
+
+    def remove_subscription(self, subscription_id: str) -> None:
+        """Stop recording effects for it (deliveries already recorded still go out)."""
+        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            result = conn.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == subscription_id, subscriptions.c.active.is_(True))
+                .values(active=False)
+            )
+        if result.rowcount != 1:
+            raise EffectNotFoundError(f"no active subscription {subscription_id!r}")
+
+    def secret_for(self, subscription_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            secret: str | None = conn.execute(
+                select(subscriptions.c.secret).where(subscriptions.c.id == subscription_id)
+            ).scalar_one_or_none()
+        return secret
+
+    # -- the outbox ----------------------------------------------------------------------------
+
+    def find(self, *, status: str | None = None, limit: int = 100) -> list[EffectView]:
+        query = select(effects).order_by(effects.c.position, effects.c.effect).limit(limit)
+        if status is not None:
+            query = query.where(effects.c.status == status)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query))
+        return [self._view(row, []) for row in rows]
+
+    def get(self, identifier: str) -> EffectView:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(effects).where(effects.c.id == identifier)).first()
+            if row is None:
+                raise EffectNotFoundError(f"no effect {identifier!r}")
+            history = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(attempts)
+                    .where(attempts.c.effect_id == identifier)
+                    .order_by(attempts.c.attempt)
+                )
+            ]
+        return self._view(row, history)
+
+    def counts(self) -> dict[str, int]:
+        """How many effects are in each status."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(effects.c.status, func.count()).group_by(effects.c.status))
+            found: dict[str, int] = {row[0]: int(row[1]) for row in rows}
+        return {status: found.get(status, 0) for status in (PENDING, "delivered", DEAD)}
+
+    def retry(self, identifier: str) -> EffectView:
+        """Send a dead effect again (with a fresh set of attempts); its history is kept."""
+        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            result = conn.execute(
+                update(effects)
+                .where(effects.c.id == identifier, effects.c.status == DEAD)
+                .values(status=PENDING, attempts=0, next_attempt_at=self.now, last_error=None)
+            )
+        if result.rowcount != 1:
+            self.get(identifier)  # raises if unknown
+            raise EffectNotFoundError(f"effect {identifier!r} is not dead; only dead effects retry")
+        return self.get(identifier)
+
+    def retry_all_dead(self) -> int:
+        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            result = conn.execute(
+                update(effects)
+                .where(effects.c.status == DEAD)
+                .values(status=PENDING, attempts=0, next_attempt_at=self.now, last_error=None)
+            )
+        return int(result.rowcount)
+
+    def reconcile(self, *, page: int = 2000) -> int:
+        """Record effects that events up to the high-water mark should have and do not.
+
+        After a restore of the read-model database from an older backup, say. In a healthy
+        system it records nothing. Returns how many effects it recorded.
+        """
+        with self.engine.connect() as conn:
+            mark = conn.execute(
+                select(watermarks).where(watermarks.c.name == OutboxProjection.name)
+            ).first()
+            if mark is None:
+                return 0
+            active = load_subscriptions(conn)
+            now = float(conn.execute(select(self.now)).scalar_one())
+        contacts: dict[str, str | None] = {}
+        missing = 0
+        position = 0
+        while position < mark.position:
+            batch = self.source.read(position, page)
+            rows = []
+            for recorded in batch.events:
+                if recorded.position > mark.position:
+                    break
+                event = recorded.event
+                order_id = str(event.originator_id)
+                if isinstance(event, Order.Placed):
+                    contacts[order_id] = event.customer_email
+                if recorded.position <= mark.installed_position:
+                    continue
+                kind_targets = [
+                    (f"{WEBHOOK}:{s.id}", WEBHOOK, s.url)
+                    for s in active
+                    if s.wants(recorded.type_name, recorded.position)
+                ]
+                email = contacts.get(order_id)
+                if email is not None and recorded.type_name in EMAIL_EVENTS:
+                    kind_targets.append((f"{EMAIL}:{recorded.type_name}", EMAIL, email))
+                for effect, kind, target in kind_targets:
+                    rows.append(
+                        {
+                            "id": effect_id(effect, recorded.position),
+                            "effect": effect,
+                            "kind": kind,
+                            "position": recorded.position,
+                            "order_id": order_id,
+                            "order_version": event.originator_version,
+                            "event_type": recorded.type_name,
+                            "occurred_at": event.timestamp.timestamp(),
+                            "target": target,
+                            "status": PENDING,
+                            "attempts": 0,
+                            "total_attempts": 0,
+                            "next_attempt_at": now,
+                            "created_at": now,
+                        }
+                    )
+            if rows:
+                with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                    missing += insert_ignoring_duplicates(conn, rows)
+            if batch.checkpoint == position:
+                break
+            position = batch.checkpoint
+        return missing
+
+    @staticmethod
+    def _view(row: object, history: list[dict[str, object]]) -> EffectView:
+        values = row._mapping  # type: ignore[attr-defined]
+        return EffectView(
+            id=values["id"],
+            effect=values["effect"],
+            kind=values["kind"],
+            position=values["position"],
+            order_id=values["order_id"],
+            event_type=values["event_type"],
+            target=values["target"],
+            status=values["status"],
+            attempts=values["attempts"],
+            total_attempts=values["total_attempts"],
+            next_attempt_at=values["next_attempt_at"],
+            created_at=values["created_at"],
+            delivered_at=values["delivered_at"],
+            last_error=values["last_error"],
+            history=history,
+        )
