@@ -1,0 +1,1 @@
+"""Side-effect tests: the outbox, its dispatcher, signed webhooks and email."""

@@ -1,0 +1,421 @@
+"""Fixtures for side-effect tests: the outbox on a real store, a real webhook receiver on
+loopback, a real SMTP server (aiosmtpd), and helpers to record and deliver effects."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from uuid import UUID
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import Engine, select
+
+from domain.ledger import OrderLedger
+from projections.effects.dispatcher import Dispatcher, DispatchSettings
+from projections.effects.outbox import PENDING, attempts, effects
+from projections.effects.runtime import build_dispatcher
+from projections.effects.senders import SmtpSettings
+from projections.effects.service import Effects
+from projections.runtime import ProjectionRuntime
+from tests.projections import run_until_caught_up
+
+FAST = DispatchSettings(
+    max_attempts=6, backoff_base=0.02, backoff_cap=0.5, claim_ttl=30.0, idle_wait=0.02
+)
+"""Short backoff so retries happen within a test's time."""
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _placeholder(port: int) -> socket.socket:
+    """Hold the port while a server is down: bound but not listening, so connections are refused."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", port))
+    return holder
+
+
+# -- the webhook receiver ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request as the receiver saw it, and how it answered."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    received_at: float
+    status: int
+
+    @property
+    def webhook_id(self) -> str:
+        return self.headers.get("webhook-id", "")
+
+    @property
+    def document(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+class WebhookReceiver:
+    """A real HTTP endpoint on 127.0.0.1 that records every request and answers as told.
+
+    Behaviour: always 2xx (the default); ``fail_fraction`` of requests answer 503 at random
+    (seeded); ``failing_orders`` answer 500 for those order ids; ``fail_first`` answers 500
+    to the first n requests carrying each webhook-id; ``go_down()`` closes the socket so
+    connections are refused until ``come_up()``.
+    """
+
+    def __init__(self, *, seed: int = 7) -> None:
+        self.requests: list[ReceivedRequest] = []
+        self.fail_fraction = 0.0
+        self.failing_orders: set[str] = set()
+        self.fail_first = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._seen: dict[str, int] = {}
+        self._port = _free_port()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._holder: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/hooks"
+
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
+    def come_up(self) -> None:
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+        server = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler_class())
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def go_down(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+        self._holder = _placeholder(self._port)
+
+    def close(self) -> None:
+        self.go_down()
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+
+    # -- what it saw -------------------------------------------------------------------------
+
+    def received(self) -> list[ReceivedRequest]:
+        with self._lock:
+            return list(self.requests)
+
+    def accepted(self) -> list[ReceivedRequest]:
+        """The requests it answered with a 2xx."""
+        return [r for r in self.received() if 200 <= r.status < 300]
+
+    def accepted_ids(self) -> list[str]:
+        return [r.webhook_id for r in self.accepted()]
+
+    # -- answering -------------------------------------------------------------------------
+
+    def _answer(self, headers: dict[str, str], body: bytes) -> int:
+        with self._lock:
+            message_id = headers.get("webhook-id", "")
+            self._seen[message_id] = self._seen.get(message_id, 0) + 1
+            try:
+                order_id = json.loads(body).get("order_id")
+            except ValueError:
+                order_id = None
+            if order_id in self.failing_orders:
+                return 500
+            if self._seen[message_id] <= self.fail_first:
+                return 500
+            if self.fail_fraction and self._rng.random() < self.fail_fraction:
+                return 503
+            return 204
+
+    def _record(self, request: ReceivedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                arrived = time.time()
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                status = receiver._answer(headers, body)
+                receiver._record(ReceivedRequest(self.path, headers, body, arrived, status))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Keep test output quiet."""
+
+        return Handler
+
+
+# -- the SMTP server -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedEmail:
+    mail_from: str
+    rcpt_tos: list[str]
+    message: Message
+    received_at: float
+
+
+class _Recorder:
+    def __init__(self, inbox: list[ReceivedEmail], lock: threading.Lock) -> None:
+        self.inbox = inbox
+        self.lock = lock
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 - aiosmtpd's hook name
+        content = envelope.content
+        raw = content if isinstance(content, bytes) else str(content).encode()
+        with self.lock:
+            self.inbox.append(
+                ReceivedEmail(
+                    mail_from=str(envelope.mail_from),
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    message=message_from_bytes(raw),
+                    received_at=time.time(),
+                )
+            )
+        return "250 Message accepted for delivery"
+
+
+class SmtpServer:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1; ``go_down()`` refuses connections."""
+
+    def __init__(self) -> None:
+        self.inbox: list[ReceivedEmail] = []
+        self._lock = threading.Lock()
+        self.port = _free_port()
+        self._controller: Controller | None = None
+        self._holder: socket.socket | None = None
+
+    @property
+    def settings(self) -> SmtpSettings:
+        return SmtpSettings(host="127.0.0.1", port=self.port, sender="orders@shop.example")
+
+    def come_up(self) -> None:
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+        controller = Controller(
+            _Recorder(self.inbox, self._lock), hostname="127.0.0.1", port=self.port
+        )
+        controller.start()
+        self._controller = controller
+
+    def go_down(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+        if self._holder is None:
+            self._holder = _placeholder(self.port)
+
+    def close(self) -> None:
+        self.go_down()
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+
+    def received(self) -> list[ReceivedEmail]:
+        with self._lock:
+            return list(self.inbox)
+
+
+# -- the outbox ----------------------------------------------------------------------------------
+
+
+def outbox_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every outbox row, in position order."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(effects).order_by(effects.c.position, effects.c.effect))
+        return [dict(row._mapping) for row in rows]
+
+
+def attempt_rows(engine: Engine, effect_id: str) -> list[dict[str, Any]]:
+    """The recorded attempts of one effect, oldest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(attempts).where(attempts.c.effect_id == effect_id).order_by(attempts.c.attempt)
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+def pending_count(engine: Engine) -> int:
+    return sum(1 for row in outbox_rows(engine) if row["status"] == PENDING)
+
+
+def deliver_until(dispatcher: Dispatcher, done: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Run the dispatcher in this thread until ``done()``; waits out backoff by polling."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"effects were not delivered within {timeout}s")
+        if dispatcher.run_once() == 0:
+            time.sleep(0.01)
+
+
+def settle(dispatcher: Dispatcher, engine: Engine, timeout: float = 20.0) -> None:
+    """Deliver until no effect is pending (each is delivered or dead)."""
+    deliver_until(dispatcher, lambda: pending_count(engine) == 0, timeout)
+
+
+LINES = ({"sku": "MUG-1", "quantity": 2, "unit_price": 1250},)
+
+
+def place(
+    ledger: OrderLedger,
+    *,
+    email: str | None = None,
+    currency: str = "EUR",
+    lines: Sequence[dict[str, Any]] = LINES,
+    reference: str | None = None,
+) -> UUID:
+    """Place an order; returns its id."""
+    return ledger.place_order(
+        customer_id="cust-1",
+        currency=currency,
+        lines=lines,
+        customer_email=email,
+        client_reference=reference,
+    ).order_id
+
+
+def pay_and_ship(ledger: OrderLedger, order_id: UUID) -> None:
+    """Capture the whole balance and ship the order."""
+    order = ledger.get_order(order_id)
+    ledger.capture_payment(order_id, amount=order.total, payment_reference=f"pay-{order_id}")
+    ledger.ship_order(order_id, carrier="DHL", tracking_number="TRACK-42")
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(store_url: str) -> Iterator[OrderLedger]:
+    """The order ledger on a fresh SQLite file or PostgreSQL database."""
+    ledger = OrderLedger.from_url(store_url)
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def runtime(ledger: OrderLedger, store_url: str) -> Iterator[ProjectionRuntime]:
+    """Every projection with the outbox installed on the empty store: every event counts."""
+    runtime = ProjectionRuntime.open(ledger, store_url, poll_interval=0.02)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def effects_service(runtime: ProjectionRuntime) -> Effects:
+    """Subscriptions, the outbox's contents and retries."""
+    return Effects(runtime.engine, runtime.source)
+
+
+@pytest.fixture
+def catch_up(runtime: ProjectionRuntime) -> Callable[..., None]:
+    """Run a worker until the named projections (default: the outbox) serve at the head."""
+
+    def run(only: Sequence[str] = ("outbox",)) -> None:
+        run_until_caught_up(runtime, list(only))
+
+    return run
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A webhook endpoint on loopback, up and answering 204."""
+    receiver = WebhookReceiver()
+    receiver.come_up()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """An SMTP server on loopback, up and accepting every message."""
+    server = SmtpServer()
+    server.come_up()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_dispatcher(
+    runtime: ProjectionRuntime, ledger: OrderLedger
+) -> Iterator[Callable[..., Dispatcher]]:
+    """Build dispatchers wired as in production (webhook and email senders); stopped after."""
+    made: list[Dispatcher] = []
+    unused = _free_port()
+
+    def make(
+        settings: DispatchSettings = FAST,
+        *,
+        owner: str | None = None,
+        smtp: SmtpSettings | None = None,
+        timeout: float = 5.0,
+    ) -> Dispatcher:
+        dispatcher = build_dispatcher(
+            runtime,
+            ledger,
+            dispatch=settings,
+            smtp=smtp or SmtpSettings(host="127.0.0.1", port=unused),
+            timeout=timeout,
+            owner=owner,
+        )
+        made.append(dispatcher)
+        return dispatcher
+
+    yield make
+    for dispatcher in made:
+        dispatcher.stop()
+        for sender in dispatcher.senders.values():
+            with contextlib.suppress(Exception):
+                sender.close()  # type: ignore[attr-defined]
