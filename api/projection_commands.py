@@ -23,9 +23,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from api.effects_commands import Reconciler
 from api.effects_runtime import dispatcher_for
 from api.settings import Settings
 from domain.ledger import OrderLedger
+from projections.effects.outbox import DEAD, DELIVERED, PENDING
+from projections.effects.service import Effects
 from projections.processor import ProcessorSettings
 from projections.rebuild import Progress as RebuildProgress
 from projections.rebuild import RebuildFailedError, rebuild
@@ -95,9 +98,14 @@ def worker(
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         dispatcher = None
+        reconciler = None
         if effects and settings.run_effects:
             dispatcher = dispatcher_for(settings, runtime, runtime.ledger)
             dispatcher.start()
+            reconciler = Reconciler(
+                Effects(runtime.engine, runtime.source), settings.effect_reconcile_interval
+            )
+            reconciler.start()
         if projections:
             projection_worker.start()
         names = ", ".join(p.name for p in projection_worker.projections) if projections else "-"
@@ -108,6 +116,8 @@ def worker(
         stop.wait()
         if projections:
             projection_worker.stop()
+        if reconciler is not None:
+            reconciler.stop()
         if dispatcher is not None:
             dispatcher.stop()
 
@@ -174,7 +184,7 @@ def rebuild_command(
 
 
 def status(database_url: DatabaseOption = None) -> None:
-    """Show each projection's position, head, lag, state and last error."""
+    """Show each projection's position, head, lag, state and last error, and the effects."""
     with _runtime(database_url) as (settings, runtime):
         table = Table(title="projections")
         for column in ("name", "version", "gen", "position", "head", "lag", "lag s", "state"):
@@ -207,6 +217,17 @@ def status(database_url: DatabaseOption = None) -> None:
                 note,
             )
         console.print(table)
+        counts = Effects(runtime.engine, runtime.source).counts()
+    effects = Table(title="effects")
+    for column in (PENDING, DELIVERED, DEAD):
+        effects.add_column(column, justify="right")
+    effects.add_row(*(str(counts[column]) for column in (PENDING, DELIVERED, DEAD)))
+    console.print(effects)
+    if counts[DEAD]:
+        console.print(
+            f"[red]{counts[DEAD]} dead effect(s)[/]: see `orderledger effects list --status dead`; "
+            "fix the receivers, then `orderledger effects retry --all-dead`."
+        )
 
 
 def register(app: typer.Typer) -> None:

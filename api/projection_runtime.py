@@ -12,10 +12,12 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from sqlalchemy import Connection, Table
 from starlette.concurrency import run_in_threadpool
 
+from api.effects_commands import Reconciler
 from api.effects_runtime import dispatcher_for
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
+from projections.effects.service import Effects
 from projections.processor import ProcessorSettings
 from projections.runtime import ProjectionRuntime
 
@@ -50,15 +52,22 @@ def projections_resource(
         app.state.projections = held
         worker = None
         dispatcher = None
+        reconciler = None
         if settings.run_projections:
             worker = held.worker(idle_wait=settings.projection_idle_wait)
             await run_in_threadpool(worker.start)
             if settings.run_effects:
                 dispatcher = dispatcher_for(settings, held, app.state.ledger)
                 dispatcher.start()
+                reconciler = Reconciler(
+                    Effects(held.engine, held.source), settings.effect_reconcile_interval
+                )
+                reconciler.start()
         try:
             yield
         finally:
+            if reconciler is not None:
+                await run_in_threadpool(reconciler.stop)
             if dispatcher is not None:
                 await run_in_threadpool(dispatcher.stop)
             if worker is not None:

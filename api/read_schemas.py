@@ -160,3 +160,92 @@ class TopSkusPublic(BaseModel):
     """The best-selling SKUs by net units, most first."""
 
     data: list[SkuSalesPublic]
+
+
+# -- side effects ---------------------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    """A URL to POST events to, and the event types it wants (``*`` for every type)."""
+
+    url: str = Field(min_length=1, max_length=2048, examples=["https://example.com/hooks"])
+    event_types: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["*"], max_length=32, examples=[["OrderPlaced", "OrderShipped"]]
+    )
+
+
+class WebhookPublic(BaseModel):
+    """A webhook subscription; its signing secret is never shown again after creation."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    active: bool
+    created_at: datetime
+
+
+class WebhookCreated(WebhookPublic):
+    """A new subscription, with its signing secret: shown this once, store it now."""
+
+    secret: str = Field(description="Standard Webhooks signing secret (whsec_...).")
+
+
+class WebhooksPublic(BaseModel):
+    data: list[WebhookPublic]
+
+
+EffectStatus = Literal["pending", "delivered", "dead"]
+
+
+class EffectPublic(BaseModel):
+    """One side effect in the outbox: a webhook delivery or a customer email."""
+
+    id: str = Field(description="Stable across retries; receivers use it to drop duplicates.")
+    effect: str
+    kind: Literal["webhook", "email"]
+    order_id: str
+    position: int = Field(description="Global position of the event that triggered it.")
+    event_type: str
+    target: str
+    status: EffectStatus
+    attempts: int = Field(description="Attempts since it was recorded or last retried.")
+    total_attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+    last_error: str | None
+
+
+class EffectsPublic(BaseModel):
+    """Effects in position order."""
+
+    data: list[EffectPublic]
+
+
+class AttemptPublic(BaseModel):
+    """One delivery attempt."""
+
+    attempt: int
+    started_at: datetime
+    duration_ms: float
+    outcome: Literal["delivered", "failed", "dead"]
+    status_code: int | None
+    error: str | None
+
+
+class EffectDetailPublic(EffectPublic):
+    """An effect with every attempt made at it."""
+
+    history: list[AttemptPublic]
+
+
+class ReadinessCheck(BaseModel):
+    status: Literal["ok", "failing"]
+    detail: str
+
+
+class Readiness(BaseModel):
+    """Whether this instance should get traffic, and each check behind the answer."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, ReadinessCheck]

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     effect_claim_ttl: float = Field(
         default=60.0, gt=0, description="Seconds before a dead dispatcher's claim expires"
     )
+    effect_reconcile_interval: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds between passes recording effects the outbox should hold and lacks",
+    )
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server for customer emails")
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_from: str = Field(default="orders@orderledger.local", description="From address")

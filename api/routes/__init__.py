@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import customers, health, order_queries, orders, projections, reports
+from api.routes import (
+    customers,
+    effects,
+    health,
+    order_queries,
+    orders,
+    projections,
+    readiness,
+    reports,
+    webhooks,
+)
 
 routers: tuple[APIRouter, ...] = (
     health.router,
+    readiness.router,
     orders.router,
     order_queries.router,
     projections.router,
     customers.router,
     reports.router,
+    webhooks.router,
+    effects.router,
 )

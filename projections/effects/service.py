@@ -41,11 +41,26 @@ class InvalidSubscriptionError(ValueError):
     """The subscription's URL or event types are not acceptable."""
 
 
+class EffectNotDeadError(ValueError):
+    """Only a dead effect can be retried; this one is pending or delivered."""
+
+
 @dataclass(frozen=True)
 class CreatedSubscription:
     subscription: Subscription
     secret: str
     """Shown once, at creation; never returned again."""
+
+
+@dataclass(frozen=True)
+class SubscriptionView:
+    """A subscription as operators see it: everything but the secret."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    active: bool
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,39 @@ class Effects:
                 for row in conn.execute(select(subscriptions).order_by(subscriptions.c.created_at))
             ]
 
+    def subscription_views(
+        self, *, include_inactive: bool = False, subscription_id: str | None = None
+    ) -> list[SubscriptionView]:
+        """Subscriptions, oldest first, without their secrets."""
+        query = select(
+            subscriptions.c.id,
+            subscriptions.c.url,
+            subscriptions.c.event_types,
+            subscriptions.c.active,
+            subscriptions.c.created_at,
+        ).order_by(subscriptions.c.created_at, subscriptions.c.id)
+        if not include_inactive:
+            query = query.where(subscriptions.c.active.is_(True))
+        if subscription_id is not None:
+            query = query.where(subscriptions.c.id == subscription_id)
+        with self.engine.connect() as conn:
+            return [
+                SubscriptionView(
+                    id=row.id,
+                    url=row.url,
+                    event_types=json.loads(row.event_types),
+                    active=row.active,
+                    created_at=row.created_at,
+                )
+                for row in conn.execute(query)
+            ]
+
+    def subscription_view(self, subscription_id: str) -> SubscriptionView:
+        found = self.subscription_views(include_inactive=True, subscription_id=subscription_id)
+        if not found:
+            raise EffectNotFoundError(f"no subscription {subscription_id!r}")
+        return found[0]
+
     def remove_subscription(self, subscription_id: str) -> None:
         """Stop recording effects for it (deliveries already recorded still go out)."""
         with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
@@ -185,8 +233,10 @@ class Effects:
                 .values(status=PENDING, attempts=0, next_attempt_at=self.now, last_error=None)
             )
         if result.rowcount != 1:
-            self.get(identifier)  # raises if unknown
-            raise EffectNotFoundError(f"effect {identifier!r} is not dead; only dead effects retry")
+            status = self.get(identifier).status  # raises if unknown
+            raise EffectNotDeadError(
+                f"effect {identifier!r} is {status}, not dead; only dead effects retry"
+            )
         return self.get(identifier)
 
     def retry_all_dead(self) -> int:

@@ -1,0 +1,402 @@
+"""Side effects over HTTP: webhook subscriptions, the outbox, retries and readiness.
+
+The app runs with its lifespan (embedded worker, dispatcher and reconciler) on a real store and
+delivers to a real HTTP receiver on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import delete
+from starlette.exceptions import StarletteDeprecationWarning
+
+from api.app import create_app
+from api.settings import Settings
+from projections.database import read_model_engine
+from projections.effects.outbox import effects
+from projections.effects.senders import verify
+from tests.api import assert_problem, order_body
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from fastapi.testclient import TestClient
+
+WAIT = 30.0
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that records each POST and answers with ``status``."""
+
+    def __init__(self) -> None:
+        self.status = 204
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with receiver._lock:
+                    receiver.requests.append(
+                        ({k.lower(): v for k, v in self.headers.items()}, body)
+                    )
+                    status = receiver.status
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Keep test output quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+
+    def received(self) -> list[tuple[dict[str, str], bytes]]:
+        with self._lock:
+            return list(self.requests)
+
+    def documents(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received()]
+
+
+@pytest.fixture
+def hook_target() -> Iterator[Receiver]:
+    """A receiver answering 204 until a test says otherwise."""
+    receiver = Receiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+    receiver.thread.join(5)
+
+
+def fast_settings(url: str, **overrides: Any) -> Settings:
+    """Settings that make retries quick and dead letters come after two attempts."""
+    values: dict[str, Any] = {
+        "database_url": url,
+        "effect_backoff_base": 0.01,
+        "effect_backoff_cap": 0.05,
+        "effect_max_attempts": 2,
+        "effect_timeout": 5.0,
+        "projection_idle_wait": 0.05,
+        "projection_poll_interval": 0.01,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def eventually(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll until ``condition`` holds; fail naming ``what`` if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def count(client: TestClient, status: str) -> int:
+    """How many effects the outbox holds in that status (the list is capped well above)."""
+    response = client.get("/effects", params={"status": status, "limit": 1000})
+    assert response.status_code == 200, response.text
+    return len(response.json()["data"])
+
+
+def subscribe(client: TestClient, url: str, event_types: list[str] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"url": url}
+    if event_types is not None:
+        body["event_types"] = event_types
+    response = client.post("/webhooks", json=body)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def place_order(client: TestClient) -> str:
+    response = client.post("/orders", json=order_body())
+    assert response.status_code == 201, response.text
+    return str(response.json()["order_id"])
+
+
+def delete_outbox_rows(url: str, ids: list[str]) -> None:
+    """Lose outbox rows as a restore from an older backup would."""
+    engine = read_model_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(delete(effects).where(effects.c.id.in_(ids)))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def client(sqlite_url: str) -> Iterator[TestClient]:
+    """The app on a fresh SQLite file, with its worker, dispatcher and reconciler running."""
+    with TestClient(create_app(fast_settings(sqlite_url))) as client:
+        yield client
+
+
+class TestWebhookSubscriptions:
+    def test_a_new_subscription_shows_its_secret_once(
+        self, client: TestClient, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The secret is in the creation response only: never in the list, never in the logs."""
+        caplog.set_level(logging.DEBUG)
+        created = subscribe(client, "https://example.com/hooks", ["OrderPlaced", "OrderShipped"])
+        assert created["secret"].startswith("whsec_")
+        assert created["url"] == "https://example.com/hooks"
+        assert created["event_types"] == ["OrderPlaced", "OrderShipped"]
+        assert created["active"] is True
+        assert created["created_at"]
+        listed = client.get("/webhooks")
+        assert listed.status_code == 200
+        [entry] = listed.json()["data"]
+        assert entry["id"] == created["id"]
+        assert "secret" not in entry
+        assert created["secret"] not in listed.text
+        assert created["secret"] not in caplog.text
+
+    def test_a_subscription_without_event_types_gets_every_type(self, client: TestClient) -> None:
+        """Leaving out event_types subscribes to all of them ("*")."""
+        assert subscribe(client, "http://127.0.0.1:9/hooks")["event_types"] == ["*"]
+
+    def test_removing_a_subscription_takes_it_off_the_list(self, client: TestClient) -> None:
+        """DELETE answers 204 and the subscription is no longer listed; a second DELETE is 404."""
+        kept = subscribe(client, "https://example.com/kept")
+        removed = subscribe(client, "https://example.com/removed")
+        response = client.delete(f"/webhooks/{removed['id']}")
+        assert response.status_code == 204
+        assert [w["id"] for w in client.get("/webhooks").json()["data"]] == [kept["id"]]
+        assert_problem(client.delete(f"/webhooks/{removed['id']}"), 404, "not-found")
+
+    def test_removing_an_unknown_subscription_is_a_404_problem(self, client: TestClient) -> None:
+        """An id that names no subscription answers a problem, not a 500."""
+        assert_problem(client.delete("/webhooks/00000000-0000-0000-0000-000000000000"), 404)
+        assert_problem(client.delete("/webhooks/not%00an-id"), 422, "invalid-request")
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "ftp://example.com/hooks",
+            "example.com/hooks",
+            "javascript:alert(1)",
+            "https://",
+            "",
+            "https://example.com/" + "a" * 2100,
+        ],
+    )
+    def test_a_url_that_is_not_http_is_refused(self, client: TestClient, url: str) -> None:
+        """Only http(s) URLs of bounded length are accepted."""
+        response = client.post("/webhooks", json={"url": url})
+        assert_problem(response, 422, "invalid-request")
+        assert client.get("/webhooks").json()["data"] == []
+
+    @pytest.mark.parametrize("event_types", [["OrderTeleported"], ["orderplaced"], [""], [1]])
+    def test_an_unknown_event_type_is_refused(
+        self, client: TestClient, event_types: list[Any]
+    ) -> None:
+        """Event types must be names the ledger records, or "*"."""
+        response = client.post(
+            "/webhooks", json={"url": "https://example.com/h", "event_types": event_types}
+        )
+        assert_problem(response, 422, "invalid-request")
+        assert client.get("/webhooks").json()["data"] == []
+
+
+class TestDeliveries:
+    def test_placing_an_order_delivers_a_signed_webhook(
+        self, client: TestClient, hook_target: Receiver
+    ) -> None:
+        """The receiver gets the OrderPlaced event, signed with the subscription's secret."""
+        created = subscribe(client, hook_target.url)
+        order_id = place_order(client)
+        eventually(lambda: len(hook_target.received()) == 1, "the webhook")
+        [(headers, body)] = hook_target.received()
+        verify(created["secret"], headers, body)
+        document = json.loads(body)
+        assert document["type"] == "OrderPlaced"
+        assert document["order_id"] == order_id
+        assert document["id"] == headers["webhook-id"]
+
+        eventually(lambda: count(client, "delivered") == 1, "the effect to be marked delivered")
+        [listed] = client.get("/effects").json()["data"]
+        assert listed["id"] == document["id"]
+        assert listed["effect"] == f"webhook:{created['id']}"
+        assert listed["order_id"] == order_id
+        assert listed["status"] == "delivered"
+        detail = client.get(f"/effects/{listed['id']}").json()
+        assert [(a["outcome"], a["status_code"]) for a in detail["history"]] == [("delivered", 204)]
+        assert detail["history"][0]["started_at"]
+
+    def test_a_subscription_receives_only_the_event_types_it_asked_for(
+        self, client: TestClient, hook_target: Receiver
+    ) -> None:
+        """A subscription to payments hears nothing of the placement, only the capture."""
+        subscribe(client, hook_target.url, ["PaymentCaptured"])
+        order_id = place_order(client)
+        paid = client.post(
+            f"/orders/{order_id}/payments", json={"amount": 3000, "payment_reference": "pay-1"}
+        )
+        assert paid.status_code == 200, paid.text
+        eventually(lambda: count(client, "delivered") == 1, "the capture's webhook")
+        assert [d["type"] for d in hook_target.documents()] == ["PaymentCaptured"]
+
+    def test_a_removed_subscription_gets_nothing_new(
+        self, client: TestClient, hook_target: Receiver
+    ) -> None:
+        """Events recorded after the removal record no delivery for it."""
+        kept = subscribe(client, hook_target.url + "?kept")
+        removed = subscribe(client, hook_target.url + "?removed")
+        assert client.delete(f"/webhooks/{removed['id']}").status_code == 204
+        place_order(client)
+        eventually(lambda: count(client, "delivered") == 1, "the kept subscription's webhook")
+        assert [e["effect"] for e in client.get("/effects").json()["data"]] == [
+            f"webhook:{kept['id']}"
+        ]
+
+
+class TestEffectQueries:
+    def test_an_unknown_effect_is_a_404_problem(self, client: TestClient) -> None:
+        """Reading or retrying an effect nobody recorded answers 404."""
+        unknown = "00000000-0000-0000-0000-000000000000"
+        assert_problem(client.get(f"/effects/{unknown}"), 404, "not-found")
+        assert_problem(client.post(f"/effects/{unknown}/retry"), 404, "not-found")
+
+    @pytest.mark.parametrize(
+        "query", [{"status": "lost"}, {"limit": 0}, {"limit": 1001}, {"limit": "many"}]
+    )
+    def test_odd_queries_are_422_problems(self, client: TestClient, query: dict[str, Any]) -> None:
+        """A status that does not exist or a limit out of range is refused."""
+        assert_problem(client.get("/effects", params=query), 422, "invalid-request")
+
+    def test_the_limit_caps_the_list_in_position_order(
+        self, client: TestClient, hook_target: Receiver
+    ) -> None:
+        """limit=2 of three effects gives the two earliest."""
+        subscribe(client, hook_target.url)
+        for _ in range(3):
+            place_order(client)
+        eventually(lambda: count(client, "delivered") == 3, "three deliveries")
+        every = client.get("/effects").json()["data"]
+        first_two = client.get("/effects", params={"limit": 2}).json()["data"]
+        assert [e["position"] for e in every] == sorted(e["position"] for e in every)
+        assert first_two == every[:2]
+
+
+class TestDeadEffectsAndReadiness:
+    def test_a_healthy_instance_is_ready(self, client: TestClient) -> None:
+        """Store answering, projections live, nothing dead: 200 with every check ok."""
+        response = client.get("/readyz")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["status"] == "ready"
+        assert set(body["checks"]) == {"store", "projections", "effects"}
+        assert all(check["status"] == "ok" for check in body["checks"].values())
+
+    def test_dead_effects_keep_the_instance_not_ready_until_retried(
+        self, client: TestClient, hook_target: Receiver
+    ) -> None:
+        """A receiver answering 500 kills the effects; after a fix, a retry delivers them."""
+        hook_target.status = 500
+        subscribe(client, hook_target.url)
+        first, second = place_order(client), place_order(client)
+
+        # Each effect is tried twice (effect_max_attempts=2), then it is dead.
+        eventually(lambda: count(client, "dead") == 2, "both effects to go dead")
+        dead = client.get("/effects", params={"status": "dead"}).json()["data"]
+        assert sorted(e["order_id"] for e in dead) == sorted([first, second])
+        assert all(e["last_error"] == "HTTP 500" for e in dead)
+        detail = client.get(f"/effects/{dead[0]['id']}").json()
+        assert [(a["outcome"], a["status_code"]) for a in detail["history"]] == [
+            ("failed", 500),
+            ("dead", 500),
+        ]
+
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503
+        body = not_ready.json()
+        assert body["status"] == "not_ready"
+        assert body["checks"]["effects"]["status"] == "failing"
+        assert "2 dead" in body["checks"]["effects"]["detail"]
+        assert body["checks"]["store"]["status"] == "ok"
+
+        # The receiver is fixed; retrying one effect still leaves the other dead.
+        hook_target.status = 204
+        retried = client.post(f"/effects/{dead[0]['id']}/retry")
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["attempts"] == 0
+        assert len(retried.json()["history"]) == 2  # the history is kept
+        eventually(lambda: count(client, "delivered") == 1, "the retried effect's delivery")
+        assert client.get("/readyz").status_code == 503
+
+        # Retrying something that is not dead is a conflict.
+        assert_problem(client.post(f"/effects/{dead[0]['id']}/retry"), 409, "conflict")
+
+        assert client.post(f"/effects/{dead[1]['id']}/retry").status_code == 200
+        eventually(lambda: count(client, "delivered") == 2, "the second delivery")
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["effects"]["status"] == "ok"
+        delivered = [h["webhook-id"] for h, _ in hook_target.received()][-2:]
+        assert sorted(delivered) == sorted(e["id"] for e in dead)
+
+
+class TestPeriodicReconcile:
+    def test_the_served_app_restores_lost_outbox_rows_on_its_own(
+        self, sqlite_url: str, hook_target: Receiver, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With a short interval, the lifespan's reconciler records a deleted row again."""
+        caplog.set_level(logging.INFO, logger="orderledger.effects")
+        settings = fast_settings(sqlite_url, effect_reconcile_interval=0.2)
+        with TestClient(create_app(settings)) as client:
+            subscribe(client, hook_target.url)
+            place_order(client)
+            eventually(lambda: count(client, "delivered") == 1, "the first delivery")
+            [lost] = client.get("/effects").json()["data"]
+            eventually(
+                lambda: "reconcile pass recorded 0 effect(s)" in caplog.text, "a healthy pass"
+            )
+            delete_outbox_rows(sqlite_url, [lost["id"]])
+            eventually(
+                lambda: "reconcile pass recorded 1 effect(s)" in caplog.text, "the restoring pass"
+            )
+            # Restored as pending, it goes out again under the same id: receivers deduplicate.
+            eventually(lambda: len(hook_target.received()) == 2, "the second delivery")
+            assert [h["webhook-id"] for h, _ in hook_target.received()] == [lost["id"]] * 2
+
+
+class TestOnEveryStore:
+    def test_deliveries_dead_letters_and_retries_work(
+        self, store_url: str, hook_target: Receiver
+    ) -> None:
+        """Subscribe, deliver, kill, block readiness, retry, deliver: on SQLite and PostgreSQL."""
+        with TestClient(create_app(fast_settings(store_url))) as client:
+            created = subscribe(client, hook_target.url)
+            place_order(client)
+            eventually(lambda: count(client, "delivered") == 1, "the first delivery")
+            verify(created["secret"], *hook_target.received()[0])
+
+            hook_target.status = 500
+            place_order(client)
+            eventually(lambda: count(client, "dead") == 1, "a dead effect")
+            assert client.get("/readyz").status_code == 503
+
+            hook_target.status = 204
+            [dead] = client.get("/effects", params={"status": "dead"}).json()["data"]
+            assert client.post(f"/effects/{dead['id']}/retry").status_code == 200
+            eventually(lambda: count(client, "delivered") == 2, "the retried delivery")
+            assert client.get("/readyz").status_code == 200
+            assert client.delete(f"/webhooks/{created['id']}").status_code == 204
+            assert client.get("/webhooks").json()["data"] == []
