@@ -507,6 +507,48 @@ class TestOutage:
             assert all(a["status_code"] is None and a["error"] for a in failures)
 
 
+class TestFlakyReceiver:
+    """A receiver failing at random still gets everything, each order in position order."""
+
+    @pytest.mark.slow
+    def test_random_failures_are_retried_and_each_order_arrives_in_position_order(
+        self,
+        ledger: OrderLedger,
+        effects_service: Effects,
+        catch_up: CatchUp,
+        receiver: WebhookReceiver,
+        make_dispatcher: MakeDispatcher,
+    ) -> None:
+        """With 40% of requests refused, every effect is accepted once and never out of order."""
+        receiver.fail_fraction = 0.4
+        effects_service.add_subscription(receiver.url, ["*"])
+        orders = [place(ledger) for _ in range(8)]
+        for order_id in orders:
+            pay_and_ship(ledger, order_id)
+            ledger.deliver_order(order_id)
+        catch_up()
+        engine = effects_service.engine
+        settings = DispatchSettings(max_attempts=40, backoff_base=0.01, backoff_cap=0.05)
+
+        settle(make_dispatcher(settings), engine, timeout=25)
+
+        rows = outbox_rows(engine)
+        assert len(rows) == 8 * 4
+        assert {row["status"] for row in rows} == {DELIVERED}
+        assert Counter(receiver.accepted_ids()) == Counter({row["id"]: 1 for row in rows})
+        assert any(r.status == 503 for r in receiver.received())
+        for order_id in orders:
+            expected = [r["position"] for r in rows if r["order_id"] == str(order_id)]
+            mine = [
+                r.document["position"]
+                for r in receiver.received()
+                if r.document["order_id"] == str(order_id)
+            ]
+            # Retries repeat a position; a later one never comes before an earlier is accepted.
+            assert sorted(set(mine)) == expected
+            assert mine == sorted(mine), f"order {order_id} arrived out of order: {mine}"
+
+
 class TestPoisonedOrder:
     """An order its receiver keeps refusing goes dead without holding up other orders."""
 
