@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from enum import Enum
 
@@ -76,12 +77,13 @@ class Processor:
         self.failed = False
         self.finished = False
         self._isolate_until = 0
+        self._refused_at = -float("inf")
 
     def step(self) -> StepResult:  # noqa: PLR0911 - one return per outcome reads best
         """Read one batch after our position and commit it with the new position."""
         if self.finished or self.failed:
             return StepResult(Outcome.FINISHED if self.finished else Outcome.FAILED)
-        if self.lease is None and not self._acquire():
+        if self.lease is None and not self._try_acquire():
             return StepResult(Outcome.FINISHED if self.finished else Outcome.BUSY_ELSEWHERE)
         assert self.lease is not None
         # After a batch failed outside any one handler, go one event at a time to find the culprit.
@@ -137,6 +139,17 @@ class Processor:
         if self.lease is not None:
             self.catalog.release(self.lease)
             self.lease = None
+
+    def _try_acquire(self) -> bool:
+        # Someone else's lease lasts lease_ttl: asking far more often only contends for the
+        # write lock (SQLite has one for the whole file).
+        now = time.monotonic()
+        if now - self._refused_at < self.settings.lease_ttl / 5:
+            return False
+        acquired = self._acquire()
+        if not acquired:
+            self._refused_at = now
+        return acquired
 
     def _acquire(self) -> bool:
         lease = self.catalog.acquire(

@@ -123,7 +123,13 @@ class EventSource:
         PostgreSQL wakes up on the store's NOTIFY; SQLite (and a lost listener) polls.
         """
         deadline = time.monotonic() + timeout
-        if self._listener is not None and self._listener.wait(timeout):
+        listening = self._listener is not None and self._listener.connected
+        # If the listener drops while we wait, poll for the rest of the time.
+        if (
+            listening
+            and self._listener is not None
+            and (self._listener.wait(timeout) or self._listener.connected)
+        ):
             return
         while time.monotonic() < deadline:
             if self.head() > after:
@@ -290,6 +296,7 @@ class _PostgresListener:
         self._recorder = recorder
         self._event = threading.Event()
         self._stop = threading.Event()
+        self.connected = False
         self._thread = threading.Thread(target=self._run, name="orderledger-listen", daemon=True)
         self._thread.start()
 
@@ -307,11 +314,17 @@ class _PostgresListener:
             try:
                 with self._connection() as conn:
                     conn.execute(f'LISTEN "{self._recorder.channel_name}"')
+                    self.connected = True
+                    # Events committed while we were not listening: let the worker look.
+                    self._event.set()
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self._event.set()
-            except Exception:
+            except Exception:  # polling covers us until we listen again
+                self.connected = False
+                self._event.set()
                 self._stop.wait(1.0)
+        self.connected = False
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Any]:

@@ -132,7 +132,7 @@ def projection_status(
         state = FAILED
     elif rebuild is not None and not rebuild.failed:
         state = REBUILDING
-    elif lag_events and now - serving.progressed_at > stalled_after:
+    elif lag_events and now - max(serving.progressed_at, oldest or 0.0) > stalled_after:
         state = STALLED
     elif lag_events and lag_seconds > live_lag_seconds:
         state = CATCHING_UP

@@ -59,6 +59,8 @@ class Worker:
         self.catalog.install()
         for projection in self.projections:
             self.catalog.ensure(projection)
+            # Tables a killed process left behind after a takeover, before dropping them.
+            self.catalog.drop_retired(projection.name)
 
     def start(self) -> None:
         """Run in a background thread (the embedded mode inside ``orderledger serve``)."""
@@ -168,5 +170,9 @@ class Worker:
                 )
 
     def _lowest_position(self) -> int:
-        positions = [p.position for p in self.processors.values() if not p.failed]
-        return min(positions, default=0)
+        """Where to wait from: only processors that hold a lease can act on new events."""
+        positions = [
+            p.position for p in self.processors.values() if p.lease is not None and not p.failed
+        ]
+        # Holding nothing: new events are someone else's to apply, so never wake early.
+        return min(positions, default=2**62)
