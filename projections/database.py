@@ -15,6 +15,11 @@ from sqlalchemy.types import Float
 WRITE = {"orderledger_write": True}
 """Execution options for a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
 
+BATCH_WRITE = {**WRITE, "orderledger_batch": True}
+"""A projection batch: its rows and its position are one transaction, so on PostgreSQL it may
+commit without waiting for the disk. A server crash can lose the last batches, but always the
+rows together with the position that covers them, and the worker applies them again."""
+
 
 def read_model_engine(database_url: str) -> Engine:
     """An engine on the same database as the event store.
@@ -32,12 +37,14 @@ def read_model_engine(database_url: str) -> Engine:
         event.listen(engine, "begin", _begin_sqlite)
         return engine
     if url.get_backend_name() == "postgresql":
-        return create_engine(
+        engine = create_engine(
             url.set(drivername="postgresql+psycopg"),
             pool_size=8,
             max_overflow=8,
             pool_pre_ping=True,
         )
+        event.listen(engine, "begin", _begin_postgres)
+        return engine
     raise ValueError(f"unsupported database URL for read models: {database_url!r}")
 
 
@@ -50,6 +57,11 @@ def _configure_sqlite(dbapi_connection: Any, _record: object) -> None:
     # WAL with synchronous=NORMAL survives a killed process; only power loss can drop the tail.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _begin_postgres(connection: Connection) -> None:
+    if connection.get_execution_options().get("orderledger_batch"):
+        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
 
 def _begin_sqlite(connection: Connection) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from projections.base import EventHandlingError, Projection
 from projections.catalog import BUILDING, SERVING, Catalog, Lease, LeaseLostError
-from projections.database import WRITE
+from projections.database import BATCH_WRITE
 from projections.source import EventBatch, EventSource
 
 log = logging.getLogger("orderledger.projections")
@@ -168,7 +168,7 @@ class Processor:
 
     def _commit(self, lease: Lease, batch: EventBatch) -> bool:
         engine = self.catalog.engine
-        with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with engine.connect().execution_options(**BATCH_WRITE) as conn, conn.begin():
             # Compare-and-set first: a fenced or overtaken processor touches no read-model row,
             # and on PostgreSQL the tracking row stays locked by us until we commit.
             self.catalog.advance(
@@ -187,7 +187,7 @@ class Processor:
         stop_at = max(self.position, failing.position - 1)
         try:
             engine = self.catalog.engine
-            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            with engine.connect().execution_options(**BATCH_WRITE) as conn, conn.begin():
                 # Also when nothing moves: a fenced processor must not stop the projection.
                 self.catalog.advance(conn, lease, self.position, stop_at, self.settings.lease_ttl)
                 self.projection.apply(conn, self.tables, before)
