@@ -16,7 +16,7 @@ from typing import Annotated, NoReturn
 import typer
 from eventsourcing.persistence import PersistenceError
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -130,8 +130,10 @@ def list_webhooks(
     with _effects(database_url) as effects:
         views = effects.subscription_views(include_inactive=include_inactive)
     table = Table(title="webhook subscriptions", title_justify="left")
-    for column in ("id", "url", "event types", "active", "created (UTC)"):
-        table.add_column(column)
+    # Ids are copied into other commands: fold long cells rather than cut them short.
+    table.add_column("id", overflow="fold")
+    for column in ("url", "event types", "active", "created (UTC)"):
+        table.add_column(column, overflow="fold")
     for view in views:
         table.add_row(
             view.id,
@@ -176,8 +178,10 @@ def list_effects(
     with _effects(database_url) as effects:
         views = effects.find(status=None if status is None else status.value, limit=limit)
     table = Table(title="effects", title_justify="left")
-    for column in ("id", "effect", "order", "position", "status", "attempts", "last error"):
-        table.add_column(column, justify="right" if column in ("position", "attempts") else "left")
+    table.add_column("id", overflow="fold")
+    for column in ("effect", "order", "position", "status", "attempts", "last error"):
+        justify: JustifyMethod = "right" if column in ("position", "attempts") else "left"
+        table.add_column(column, justify=justify, overflow="fold")
     for view in views:
         table.add_row(
             view.id,

@@ -23,7 +23,7 @@ from projections.effects.service import (
     EffectView,
 )
 
-router = APIRouter(prefix="/effects", tags=["effects"], responses=problem_responses(404, 422))
+router = APIRouter(prefix="/effects", tags=["effects"], responses=problem_responses(422))
 
 MAX_PAGE = 1000
 
@@ -83,7 +83,7 @@ def read_effects(
     return EffectsPublic(data=[_public(v) for v in effects.find(status=status, limit=limit)])
 
 
-@router.get("/{effect_id}")
+@router.get("/{effect_id}", responses=problem_responses(404))
 def read_effect(effect_id: EffectId, effects: EffectsDep) -> EffectDetailPublic:
     """One effect with the time, outcome, status code and error of every attempt."""
     try:
@@ -92,7 +92,7 @@ def read_effect(effect_id: EffectId, effects: EffectsDep) -> EffectDetailPublic:
         raise HTTPException(404, detail=str(error)) from None
 
 
-@router.post("/{effect_id}/retry", responses=problem_responses(409))
+@router.post("/{effect_id}/retry", responses=problem_responses(404, 409))
 def retry_effect(effect_id: EffectId, effects: EffectsDep) -> EffectDetailPublic:
     """Send a dead effect again with a fresh set of attempts; its history is kept."""
     try:

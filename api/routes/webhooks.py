@@ -17,7 +17,7 @@ from projections.effects.service import (
     SubscriptionView,
 )
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"], responses=problem_responses(422))
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 SubscriptionId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 
@@ -32,7 +32,7 @@ def _public(view: SubscriptionView) -> WebhookPublic:
     )
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=problem_responses(422))
 def create_webhook(body: WebhookCreate, effects: EffectsDep) -> WebhookCreated:
     """Subscribe a URL to event types; the signing secret is in this response and no other."""
     try:
@@ -51,7 +51,7 @@ def read_webhooks(effects: EffectsDep) -> WebhooksPublic:
     return WebhooksPublic(data=[_public(view) for view in effects.subscription_views()])
 
 
-@router.delete("/{subscription_id}", status_code=204, responses=problem_responses(404))
+@router.delete("/{subscription_id}", status_code=204, responses=problem_responses(404, 422))
 def delete_webhook(subscription_id: SubscriptionId, effects: EffectsDep) -> Response:
     """Stop recording deliveries for a subscription; those already recorded still go out."""
     try:

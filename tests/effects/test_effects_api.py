@@ -400,3 +400,33 @@ class TestOnEveryStore:
             assert client.get("/readyz").status_code == 200
             assert client.delete(f"/webhooks/{created['id']}").status_code == 204
             assert client.get("/webhooks").json()["data"] == []
+
+
+class TestOpenApi:
+    def test_each_route_names_its_model_and_problems(self, client: TestClient) -> None:
+        """The schema documents each side-effect route's response model and problem statuses."""
+        paths = client.get("/openapi.json").json()["paths"]
+        expected = {
+            ("/webhooks", "post"): ("201", "WebhookCreated", ["422"]),
+            ("/webhooks", "get"): ("200", "WebhooksPublic", []),
+            ("/webhooks/{subscription_id}", "delete"): ("204", None, ["404", "422"]),
+            ("/effects", "get"): ("200", "EffectsPublic", ["422"]),
+            ("/effects/{effect_id}", "get"): ("200", "EffectDetailPublic", ["404", "422"]),
+            ("/effects/{effect_id}/retry", "post"): (
+                "200",
+                "EffectDetailPublic",
+                ["404", "409", "422"],
+            ),
+            ("/readyz", "get"): ("200", "Readiness", []),
+        }
+        for (path, method), (success, model, problems) in expected.items():
+            operation = paths[path][method]
+            assert operation["description"], (path, method)
+            responses = operation["responses"]
+            if model is not None:
+                schema = responses[success]["content"]["application/json"]["schema"]
+                assert schema["$ref"].endswith(f"/{model}"), (path, method)
+            for status in problems:
+                assert "application/problem+json" in responses[status]["content"], (path, status)
+        not_ready = paths["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]
+        assert not_ready["schema"]["$ref"].endswith("/Readiness")
