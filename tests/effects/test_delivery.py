@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from domain.ledger import OrderLedger
@@ -26,7 +27,7 @@ from projections.effects.dispatcher import Dispatcher, DispatchSettings, backoff
 from projections.effects.outbox import DEAD, DELIVERED, PENDING, OutboxProjection, effect_id
 from projections.effects.outbox import effects as effects_table
 from projections.effects.senders import InvalidSignatureError, new_secret, verify
-from projections.effects.service import Effects
+from projections.effects.service import CreatedSubscription, Effects
 from projections.registry import all_projections
 from projections.runtime import ProjectionRuntime
 from tests.effects.conftest import (
@@ -277,6 +278,72 @@ class TestRecording:
             assert len(new) == 2  # the webhook and the email, once each
         finally:
             upgraded.close()
+
+
+class TestSubscribingWhileOrdersFlow:
+    """A subscription gets every event after the position it starts from."""
+
+    @pytest.mark.postgres
+    @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+    def test_an_event_recorded_while_a_subscription_is_added_reaches_it(
+        self,
+        store_url: str,
+        ledger: OrderLedger,
+        effects_service: Effects,
+        catch_up: CatchUp,
+    ) -> None:
+        """The outbox running between the subscription's start and its commit loses nothing."""
+        engine = effects_service.engine
+        place(ledger)
+        catch_up()
+        created: list[CreatedSubscription] = []
+        with engine.connect() as blocker:
+            # Hold the subscription's INSERT back so the outbox runs inside its window.
+            blocker.execute(text("LOCK TABLE webhook_subscriptions IN EXCLUSIVE MODE"))
+            adding = threading.Thread(
+                target=lambda: created.append(
+                    effects_service.add_subscription("http://127.0.0.1:9/all", ["*"])
+                )
+            )
+            adding.start()
+            wait_until(lambda: _waiting_for_lock(engine) == 1, 10, "the subscription to wait")
+            concurrent = place(ledger)
+            # The outbox may finish, or wait for the subscription if it serialises with it.
+            outbox = threading.Thread(target=catch_up)
+            outbox.start()
+            wait_until(
+                lambda: not outbox.is_alive() or _waiting_for_lock(engine) == 2,
+                20,
+                "the outbox to run or to wait for the subscription",
+            )
+            blocker.rollback()
+        adding.join(10)
+        outbox.join(30)
+        assert not adding.is_alive() and not outbox.is_alive()
+        (subscription,) = [c.subscription for c in created]
+        catch_up()
+
+        placed_at = _positions(ledger, concurrent)["OrderPlaced"]
+        assert placed_at > subscription.created_position
+        recorded = _keys(outbox_rows(engine))
+        # reconcile() records what the outbox should hold: in a healthy system, nothing.
+        found_missing = effects_service.reconcile()
+        assert (f"webhook:{subscription.id}", placed_at) in recorded, (
+            f"the event never reached the subscription; reconcile() recorded {found_missing}"
+        )
+        assert found_missing == 0
+
+
+def _waiting_for_lock(engine: Any) -> int:
+    """How many other sessions wait for a lock in this database."""
+    with engine.connect() as conn:
+        waiting: int = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+        ).scalar_one()
+    return waiting
 
 
 class TestSignatures:
@@ -729,7 +796,7 @@ from domain.ledger import OrderLedger
 from projections.effects.dispatcher import DispatchSettings
 from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
-from projections.effects.service import Effects
+from projections.effects.service import CreatedSubscription, Effects
 from projections.runtime import ProjectionRuntime
 
 url, owner, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
