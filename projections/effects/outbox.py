@@ -238,8 +238,11 @@ class OutboxBatch(Batch):
         self.now = 0.0
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
+        # Locked until the batch commits: a subscription being added waits for us, or we see it.
         self.watermark = self.conn.execute(
-            select(watermarks.c.position).where(watermarks.c.name == OutboxProjection.name)
+            select(watermarks.c.position)
+            .where(watermarks.c.name == OutboxProjection.name)
+            .with_for_update()
         ).scalar_one()
         self.now = float(self.conn.execute(select(db_now(self.conn.dialect.name))).scalar_one())
         self.subscriptions = load_subscriptions(self.conn)

@@ -105,14 +105,22 @@ class Effects:
             known = ", ".join(sorted(EVENT_TYPES))
             raise InvalidSubscriptionError(f"unknown event types {unknown}; known: {known}, *")
         secret = new_secret()
-        subscription = Subscription(
-            id=str(uuid.uuid4()),
-            url=url,
-            event_types=types,
-            active=True,
-            created_position=self.source.head(),
-        )
+        head = self.source.head()
         with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            # Take turns with outbox batches (they lock the same row): a batch either sees this
+            # subscription, or it committed first and the subscription starts after it.
+            mark = conn.execute(
+                select(watermarks.c.position)
+                .where(watermarks.c.name == OutboxProjection.name)
+                .with_for_update()
+            ).scalar_one_or_none()
+            subscription = Subscription(
+                id=str(uuid.uuid4()),
+                url=url,
+                event_types=types,
+                active=True,
+                created_position=max(head, mark or 0),
+            )
             conn.execute(
                 subscriptions.insert().values(
                     id=subscription.id,
