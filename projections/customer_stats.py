@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import singledispatchmethod
@@ -17,18 +17,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    bindparam,
-    insert,
     select,
-    update,
 )
 
 from domain.order import Order
 from projections.base import Batch, Projection
+from projections.rows import KeyedRows, add_amounts
 from projections.source import RecordedEvent
-
-_CHUNK = 500
-_BIGINT = 2**63
 
 
 class CustomerStatsProjection(Projection):
@@ -76,9 +71,9 @@ class CustomerStatsBatch(Batch):
 
     def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
         super().__init__(conn, tables)
-        self.orders = _Rows(tables["customer_stats_orders"], ("order_id",))
-        self.stats = _Rows(tables["customer_stats"], ("customer_id",))
-        self.spend = _Rows(tables["customer_spend"], ("customer_id", "currency"))
+        self.orders = KeyedRows(tables["customer_stats_orders"], ("order_id",))
+        self.stats = KeyedRows(tables["customer_stats"], ("customer_id",))
+        self.spend = KeyedRows(tables["customer_spend"], ("customer_id", "currency"))
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
         order_ids = {str(r.event.originator_id) for r in events}
@@ -127,14 +122,14 @@ class CustomerStatsBatch(Batch):
     @on_event.register
     def payment_captured(self, event: Order.PaymentCaptured, order_id: str) -> None:
         spend = self._spend_of(order_id)
-        spend["captured"] = _sum(spend["captured"], event.amount)
-        spend["net"] = _sum(spend["captured"], -spend["refunded"])
+        spend["captured"] = add_amounts(spend["captured"], event.amount)
+        spend["net"] = add_amounts(spend["captured"], -spend["refunded"])
 
     @on_event.register
     def refund_issued(self, event: Order.RefundIssued, order_id: str) -> None:
         spend = self._spend_of(order_id)
-        spend["refunded"] = _sum(spend["refunded"], event.amount)
-        spend["net"] = _sum(spend["captured"], -spend["refunded"])
+        spend["refunded"] = add_amounts(spend["refunded"], event.amount)
+        spend["net"] = add_amounts(spend["captured"], -spend["refunded"])
 
     def _spend_of(self, order_id: str) -> dict[str, Any]:
         order = self.orders.get((order_id,))
@@ -151,67 +146,6 @@ class CustomerStatsBatch(Batch):
         self.orders.flush(self.conn)
         self.stats.flush(self.conn)
         self.spend.flush(self.conn)
-
-
-class _Rows:
-    """Rows of one table keyed by primary key: loaded once, written with two executemany."""
-
-    def __init__(self, table: Table, key: tuple[str, ...]) -> None:
-        self.table = table
-        self.key = key
-        self.rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.existing: set[tuple[Any, ...]] = set()
-        self.dirty: set[tuple[Any, ...]] = set()
-
-    def load(self, conn: Connection, column: str, values: Iterable[Any]) -> None:
-        wanted = sorted(set(values))
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
-            for row in conn.execute(select(self.table).where(self.table.c[column].in_(chunk))):
-                values_ = dict(row._mapping)
-                key = tuple(values_[k] for k in self.key)
-                self.rows[key] = values_
-                self.existing.add(key)
-
-    def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
-        return self.rows.get(key)
-
-    def add(self, row: dict[str, Any]) -> None:
-        key = tuple(row[k] for k in self.key)
-        self.rows[key] = row
-        self.dirty.add(key)
-
-    def changed(self, key: tuple[Any, ...]) -> None:
-        self.dirty.add(key)
-
-    def flush(self, conn: Connection) -> None:
-        keys = sorted(self.dirty)
-        new = [self.rows[k] for k in keys if k not in self.existing]
-        old = [self.rows[k] for k in keys if k in self.existing]
-        if new:
-            conn.execute(insert(self.table), new)
-        columns = [c.name for c in self.table.columns if c.name not in self.key]
-        if old and columns:
-            statement = (
-                update(self.table)
-                .where(*(self.table.c[k] == bindparam(f"k_{k}") for k in self.key))
-                .values({c: bindparam(f"v_{c}") for c in columns})
-            )
-            conn.execute(
-                statement,
-                [
-                    {**{f"k_{k}": row[k] for k in self.key}, **{f"v_{c}": row[c] for c in columns}}
-                    for row in old
-                ],
-            )
-
-
-def _sum(a: int, b: int) -> int:
-    """Add, refusing a figure the 64-bit column cannot hold (so the failing event is named)."""
-    total = a + b
-    if not -_BIGINT <= total < _BIGINT:
-        raise OverflowError(f"{total} does not fit a 64-bit amount")
-    return total
 
 
 def _utc(value: datetime) -> datetime:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import singledispatchmethod
@@ -19,18 +19,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
-    insert,
     select,
-    update,
 )
 
 from domain.order import Order
 from projections.base import Batch, Projection
+from projections.rows import KeyedRows, add_amounts
 from projections.source import RecordedEvent
-
-_CHUNK = 500
-_BIGINT = 2**63
 
 
 class DailySalesProjection(Projection):
@@ -84,8 +79,8 @@ class DailySalesBatch(Batch):
 
     def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
         super().__init__(conn, tables)
-        self.orders = _Rows(tables["daily_sales_orders"], ("order_id",))
-        self.sales = _Rows(tables["daily_sales"], ("day", "currency"))
+        self.orders = KeyedRows(tables["daily_sales_orders"], ("order_id",))
+        self.sales = KeyedRows(tables["daily_sales"], ("day", "currency"))
         self.lines: dict[str, dict[str, list[int]]] = {}
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
@@ -109,25 +104,25 @@ class DailySalesBatch(Batch):
         self.orders.add({"order_id": order_id, "currency": event.currency, "lines": ""})
         day = self._day_row(event.timestamp, event.currency)
         day["orders_placed"] += 1
-        day["gross"] = _sum(day["gross"], sum(q * p for q, p in lines.values()))
+        day["gross"] = add_amounts(day["gross"], sum(q * p for q, p in lines.values()))
 
     @on_event.register
     def line_added(self, event: Order.LineAdded, order_id: str) -> None:
         self._lines_of(order_id)[event.sku] = [event.quantity, event.unit_price]
         day = self._day_row(event.timestamp, self._currency_of(order_id))
-        day["gross"] = _sum(day["gross"], event.quantity * event.unit_price)
+        day["gross"] = add_amounts(day["gross"], event.quantity * event.unit_price)
 
     @on_event.register
     def line_removed(self, event: Order.LineRemoved, order_id: str) -> None:
         quantity, price = self._lines_of(order_id).pop(event.sku)
         day = self._day_row(event.timestamp, self._currency_of(order_id))
-        day["gross"] = _sum(day["gross"], -quantity * price)
+        day["gross"] = add_amounts(day["gross"], -quantity * price)
 
     @on_event.register
     def payment_captured(self, event: Order.PaymentCaptured, order_id: str) -> None:
         day = self._day_row(event.timestamp, self._currency_of(order_id))
-        day["captured"] = _sum(day["captured"], event.amount)
-        day["net"] = _sum(day["captured"], -day["refunded"])
+        day["captured"] = add_amounts(day["captured"], event.amount)
+        day["net"] = add_amounts(day["captured"], -day["refunded"])
 
     @on_event.register
     def order_cancelled(self, event: Order.Cancelled, order_id: str) -> None:
@@ -136,8 +131,8 @@ class DailySalesBatch(Batch):
     @on_event.register
     def refund_issued(self, event: Order.RefundIssued, order_id: str) -> None:
         day = self._day_row(event.timestamp, self._currency_of(order_id))
-        day["refunded"] = _sum(day["refunded"], event.amount)
-        day["net"] = _sum(day["captured"], -day["refunded"])
+        day["refunded"] = add_amounts(day["refunded"], event.amount)
+        day["net"] = add_amounts(day["captured"], -day["refunded"])
 
     def _order(self, order_id: str) -> dict[str, Any]:
         order = self.orders.get((order_id,))
@@ -179,67 +174,6 @@ class DailySalesBatch(Batch):
             )
         self.orders.flush(self.conn)
         self.sales.flush(self.conn)
-
-
-class _Rows:
-    """Rows of one table keyed by primary key: loaded once, written with two executemany."""
-
-    def __init__(self, table: Table, key: tuple[str, ...]) -> None:
-        self.table = table
-        self.key = key
-        self.rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.existing: set[tuple[Any, ...]] = set()
-        self.dirty: set[tuple[Any, ...]] = set()
-
-    def load(self, conn: Connection, column: str, values: Iterable[Any]) -> None:
-        wanted = sorted(set(values))
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
-            for row in conn.execute(select(self.table).where(self.table.c[column].in_(chunk))):
-                values_ = dict(row._mapping)
-                key = tuple(values_[k] for k in self.key)
-                self.rows[key] = values_
-                self.existing.add(key)
-
-    def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
-        return self.rows.get(key)
-
-    def add(self, row: dict[str, Any]) -> None:
-        key = tuple(row[k] for k in self.key)
-        self.rows[key] = row
-        self.dirty.add(key)
-
-    def changed(self, key: tuple[Any, ...]) -> None:
-        self.dirty.add(key)
-
-    def flush(self, conn: Connection) -> None:
-        keys = sorted(self.dirty)
-        new = [self.rows[k] for k in keys if k not in self.existing]
-        old = [self.rows[k] for k in keys if k in self.existing]
-        if new:
-            conn.execute(insert(self.table), new)
-        columns = [c.name for c in self.table.columns if c.name not in self.key]
-        if old and columns:
-            statement = (
-                update(self.table)
-                .where(*(self.table.c[k] == bindparam(f"k_{k}") for k in self.key))
-                .values({c: bindparam(f"v_{c}") for c in columns})
-            )
-            conn.execute(
-                statement,
-                [
-                    {**{f"k_{k}": row[k] for k in self.key}, **{f"v_{c}": row[c] for c in columns}}
-                    for row in old
-                ],
-            )
-
-
-def _sum(a: int, b: int) -> int:
-    """Add, refusing a figure the 64-bit column cannot hold (so the failing event is named)."""
-    total = a + b
-    if not -_BIGINT <= total < _BIGINT:
-        raise OverflowError(f"{total} does not fit a 64-bit amount")
-    return total
 
 
 def _day(timestamp: datetime) -> date:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import singledispatchmethod
 from typing import Any
@@ -17,18 +17,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
-    insert,
     select,
-    update,
 )
 
 from domain.order import Order
 from projections.base import Batch, Projection
+from projections.rows import KeyedRows, add_amounts
 from projections.source import RecordedEvent
-
-_CHUNK = 500
-_BIGINT = 2**63
 
 
 class SkuSalesProjection(Projection):
@@ -75,8 +70,8 @@ class SkuSalesBatch(Batch):
 
     def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
         super().__init__(conn, tables)
-        self.orders = _Rows(tables["sku_sales_orders"], ("order_id",))
-        self.sales = _Rows(tables["sku_sales"], ("sku", "currency"))
+        self.orders = KeyedRows(tables["sku_sales_orders"], ("order_id",))
+        self.sales = KeyedRows(tables["sku_sales"], ("sku", "currency"))
         self.lines: dict[str, dict[str, list[int]]] = {}
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
@@ -121,8 +116,8 @@ class SkuSalesBatch(Batch):
         quantity, price = self.lines[order_id].pop(event.sku)
         self.orders.changed((order_id,))
         row = self._sales_row(event.sku, currency)
-        row["units_ordered"] = _sum(row["units_ordered"], -quantity)
-        row["revenue"] = _sum(row["revenue"], -quantity * price)
+        row["units_ordered"] = add_amounts(row["units_ordered"], -quantity)
+        row["revenue"] = add_amounts(row["revenue"], -quantity * price)
         self._net(row)
 
     @on_event.register
@@ -130,8 +125,8 @@ class SkuSalesBatch(Batch):
         currency = self._currency_of(order_id)
         for sku, (quantity, price) in self.lines[order_id].items():
             row = self._sales_row(sku, currency)
-            row["units_cancelled"] = _sum(row["units_cancelled"], quantity)
-            row["revenue"] = _sum(row["revenue"], -quantity * price)
+            row["units_cancelled"] = add_amounts(row["units_cancelled"], quantity)
+            row["revenue"] = add_amounts(row["revenue"], -quantity * price)
             self._net(row)
 
     def _order_line(
@@ -140,8 +135,8 @@ class SkuSalesBatch(Batch):
         self.lines[order_id][sku] = [quantity, price]
         self.orders.changed((order_id,))
         row = self._sales_row(sku, currency)
-        row["units_ordered"] = _sum(row["units_ordered"], quantity)
-        row["revenue"] = _sum(row["revenue"], quantity * price)
+        row["units_ordered"] = add_amounts(row["units_ordered"], quantity)
+        row["revenue"] = add_amounts(row["revenue"], quantity * price)
         self._net(row)
 
     def _currency_of(self, order_id: str) -> str:
@@ -168,7 +163,7 @@ class SkuSalesBatch(Batch):
 
     @staticmethod
     def _net(row: dict[str, Any]) -> None:
-        row["net_units"] = _sum(row["units_ordered"], -row["units_cancelled"])
+        row["net_units"] = add_amounts(row["units_ordered"], -row["units_cancelled"])
 
     def flush(self) -> None:
         for key in self.orders.dirty:
@@ -177,67 +172,6 @@ class SkuSalesBatch(Batch):
             )
         self.orders.flush(self.conn)
         self.sales.flush(self.conn)
-
-
-class _Rows:
-    """Rows of one table keyed by primary key: loaded once, written with two executemany."""
-
-    def __init__(self, table: Table, key: tuple[str, ...]) -> None:
-        self.table = table
-        self.key = key
-        self.rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.existing: set[tuple[Any, ...]] = set()
-        self.dirty: set[tuple[Any, ...]] = set()
-
-    def load(self, conn: Connection, column: str, values: Iterable[Any]) -> None:
-        wanted = sorted(set(values))
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
-            for row in conn.execute(select(self.table).where(self.table.c[column].in_(chunk))):
-                values_ = dict(row._mapping)
-                key = tuple(values_[k] for k in self.key)
-                self.rows[key] = values_
-                self.existing.add(key)
-
-    def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
-        return self.rows.get(key)
-
-    def add(self, row: dict[str, Any]) -> None:
-        key = tuple(row[k] for k in self.key)
-        self.rows[key] = row
-        self.dirty.add(key)
-
-    def changed(self, key: tuple[Any, ...]) -> None:
-        self.dirty.add(key)
-
-    def flush(self, conn: Connection) -> None:
-        keys = sorted(self.dirty)
-        new = [self.rows[k] for k in keys if k not in self.existing]
-        old = [self.rows[k] for k in keys if k in self.existing]
-        if new:
-            conn.execute(insert(self.table), new)
-        columns = [c.name for c in self.table.columns if c.name not in self.key]
-        if old and columns:
-            statement = (
-                update(self.table)
-                .where(*(self.table.c[k] == bindparam(f"k_{k}") for k in self.key))
-                .values({c: bindparam(f"v_{c}") for c in columns})
-            )
-            conn.execute(
-                statement,
-                [
-                    {**{f"k_{k}": row[k] for k in self.key}, **{f"v_{c}": row[c] for c in columns}}
-                    for row in old
-                ],
-            )
-
-
-def _sum(a: int, b: int) -> int:
-    """Add, refusing a figure the 64-bit column cannot hold (so the failing event is named)."""
-    total = a + b
-    if not -_BIGINT <= total < _BIGINT:
-        raise OverflowError(f"{total} does not fit a 64-bit amount")
-    return total
 
 
 # -- queries ------------------------------------------------------------------------------------
