@@ -97,7 +97,12 @@ class Processor:
             self._fail(self.lease, batch, error)
             return StepResult(Outcome.FAILED, position=self.position, head=batch.head)
         except LeaseLostError as error:
-            log.warning("lease lost", extra={"projection": self.projection.name, "why": str(error)})
+            log.warning(
+                "lease lost projection=%s generation=%s: %s",
+                self.projection.name,
+                self.generation,
+                error,
+            )
             self.lease = None
             return StepResult(Outcome.LOST, position=self.position, head=batch.head)
         except TRANSIENT_ERRORS:
@@ -117,7 +122,10 @@ class Processor:
             self.role = SERVING
             dropped = self.catalog.drop_retired(self.projection.name)
             log.info(
-                "rebuilt generation took over",
+                "rebuilt generation took over projection=%s generation=%s position=%s",
+                self.projection.name,
+                self.generation,
+                self.position,
                 extra={
                     "projection": self.projection.name,
                     "generation": self.generation,
@@ -205,7 +213,11 @@ class Processor:
         )
         self.failed = True
         log.error(
-            "projection stopped on a failing event",
+            "projection stopped on a failing event projection=%s position=%s type=%s: %s",
+            self.projection.name,
+            failing.position,
+            failing.type_name,
+            message,
             extra={
                 "projection": self.projection.name,
                 "generation": self.generation,

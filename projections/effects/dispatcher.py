@@ -184,10 +184,10 @@ class Dispatcher:
     def _deliver(self, effect: Effect) -> None:
         context = _context(effect)
         if self._already_delivered(effect):
-            log.info("skipped", extra={**context, "why": "already delivered"})
+            log.info("skipped (already delivered) %s", _fields(context), extra=context)
             return
         sender = self.senders.get(effect.kind)
-        log.info("attempting", extra=context)
+        log.info("attempting %s", _fields(context), extra=context)
         started = time.time()
         with self._slot(effect.target):
             if sender is None:
@@ -235,7 +235,9 @@ class Dispatcher:
                 .values(**values)
             )
             if result.rowcount != 1:
-                log.warning("claim lost before the attempt was recorded", extra=context)
+                log.warning(
+                    "claim lost before the attempt was recorded %s", _fields(context), extra=context
+                )
                 return
             conn.execute(
                 insert(attempts).values(
@@ -250,14 +252,16 @@ class Dispatcher:
             )
         ATTEMPTS.labels(effect.kind, "delivered" if outcome.delivered else "failed").inc()
         if outcome.delivered:
-            log.info("delivered", extra=context)
+            log.info("delivered %s", _fields(context), extra=context)
         elif dead:
             DEAD_LETTERS.labels(effect.kind).inc()
-            log.error("failed; effect is dead", extra={**context, "error": outcome.error})
+            context["error"] = outcome.error
+            log.error("failed; effect is dead %s", _fields(context), extra=context)
             if self.on_dead is not None:
                 self.on_dead(effect, outcome)
         else:
-            log.warning("failed", extra={**context, "error": outcome.error})
+            context["error"] = outcome.error
+            log.warning("failed %s", _fields(context), extra=context)
 
 
 def _context(effect: Effect) -> dict[str, Any]:
@@ -268,3 +272,8 @@ def _context(effect: Effect) -> dict[str, Any]:
         "attempt": effect.attempt,
         "effect": effect.effect,
     }
+
+
+def _fields(context: dict[str, Any]) -> str:
+    """The context as key=value pairs, so plain-text logs carry it too."""
+    return " ".join(f"{key}={value}" for key, value in context.items() if value is not None)
