@@ -163,11 +163,11 @@ def store_copy(store: str, url: str, admin: str) -> Iterator[str]:
     """A fresh copy of a store no one has open (SQLite file copy, PostgreSQL template)."""
     if store == "sqlite":
         path = url.split(":///", 1)[1]
-        conn = sqlite3.connect(path)
+        lite = sqlite3.connect(path)
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            lite.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
-            conn.close()
+            lite.close()
         directory = tempfile.mkdtemp(prefix="orderledger-bench-")
         try:
             shutil.copyfile(path, f"{directory}/copy.db")
@@ -510,24 +510,24 @@ def run(args: argparse.Namespace) -> int:
 
     delivery_rows: list[list[str]] = []
     with receiver() as target:
-        results = [
+        sent = [
             receiver_ceiling(target, max(deliveries[s] for s in stores), concurrency)
             for concurrency in CONCURRENCIES
         ]
         for store in stores:
-            results.extend(measure_delivery(store, deliveries[store], target, admin))
-    for result in results:
+            sent.extend(measure_delivery(store, deliveries[store], target, admin))
+    for delivery in sent:
         delivery_rows.append(
             [
-                result.store,
-                result.variant,
-                str(result.concurrency),
-                f"{result.effects:,}",
-                f"{result.timing.wall:.2f}",
-                f"{result.timing.cpu:.2f}",
-                f"{result.rate:,.0f}",
-                f"{result.effects / result.timing.cpu:,.0f}",
-                f"{result.received:,}",
+                delivery.store,
+                delivery.variant,
+                str(delivery.concurrency),
+                f"{delivery.effects:,}",
+                f"{delivery.timing.wall:.2f}",
+                f"{delivery.timing.cpu:.2f}",
+                f"{delivery.rate:,.0f}",
+                f"{delivery.effects / delivery.timing.cpu:,.0f}",
+                f"{delivery.received:,}",
             ]
         )
     print_table(
