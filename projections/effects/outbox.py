@@ -178,14 +178,25 @@ def load_subscriptions(conn: Connection) -> list[Subscription]:
     ]
 
 
-def insert_ignoring_duplicates(conn: Connection, rows: list[dict[str, Any]]) -> int:
-    """Insert outbox rows; a row whose (effect, position) exists already is left as it is."""
+def insert_ignoring_duplicates(
+    conn: Connection, rows: list[dict[str, Any]], *, count: bool = False
+) -> int:
+    """Insert outbox rows; a row whose (effect, position) exists already is left as it is.
+
+    With ``count``, returns how many were new (one more query; the outbox's hot path skips it).
+    """
     if not rows:
         return 0
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     statement = dialect.insert(effects).on_conflict_do_nothing()
-    before = conn.execute(select(effects.c.id).where(effects.c.id.in_([r["id"] for r in rows])))
-    existing = {row.id for row in before}
+    existing: set[str] = set()
+    if count:
+        ids = [r["id"] for r in rows]
+        for start in range(0, len(ids), 500):
+            found = conn.execute(
+                select(effects.c.id).where(effects.c.id.in_(ids[start : start + 500]))
+            )
+            existing.update(row.id for row in found)
     conn.execute(statement, rows)
     return len([r for r in rows if r["id"] not in existing])
 

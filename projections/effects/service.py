@@ -314,7 +314,7 @@ class Effects:
                     )
             if rows:
                 with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
-                    missing += insert_ignoring_duplicates(conn, rows)
+                    missing += insert_ignoring_duplicates(conn, rows, count=True)
             if batch.checkpoint == position:
                 break
             position = batch.checkpoint
