@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from uuid import UUID
 
 from domain.ledger import OrderLedger
@@ -63,6 +67,15 @@ class ReceiverLog:
     """Deliveries refused as malformed or wrongly signed, with the reason."""
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender killed mid-request resets its connection: expected, not worth a trace."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 class FlakyReceiver:
     """A webhook endpoint in a thread of this process that fails, drops and deduplicates."""
 
@@ -73,8 +86,7 @@ class FlakyReceiver:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._applied_ids: set[str] = set()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -207,9 +219,9 @@ class FlakyReceiver:
 
 def place_and_follow(ledger: OrderLedger, rng: random.Random, serial: int) -> int:
     """Place and pay an order, then maybe ship, cancel or refund it; returns events recorded."""
-    skus = rng.sample(sorted(_SKUS), rng.randint(1, 2))
-    lines = [{"sku": s, "quantity": rng.randint(1, 3), "unit_price": _SKUS[s]} for s in skus]
-    total = sum(line["quantity"] * line["unit_price"] for line in lines)
+    quantities = {sku: rng.randint(1, 3) for sku in rng.sample(sorted(_SKUS), rng.randint(1, 2))}
+    lines = [{"sku": s, "quantity": q, "unit_price": _SKUS[s]} for s, q in quantities.items()]
+    total = sum(q * _SKUS[s] for s, q in quantities.items())
     placed = ledger.place_order(customer_id=f"cust-{serial % 37}", currency="EUR", lines=lines)
     order_id: UUID = placed.order_id
     ledger.capture_payment(order_id, amount=total, payment_reference=f"pay-{serial}")
@@ -229,47 +241,76 @@ def place_and_follow(ledger: OrderLedger, rng: random.Random, serial: int) -> in
 
 
 class OrderWriter:
-    """Places orders from a thread of this process through its own ledger until told how many."""
+    """Places orders from threads of this process, each through its own ledger, spread over time.
 
-    def __init__(self, url: str, *, orders: int, seed: int, first_serial: int = 0) -> None:
+    Several threads, because one command at a time waits on each commit: on PostgreSQL a single
+    thread cannot place 2,000 orders in time on a loaded machine.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        orders: int,
+        seconds: float,
+        seed: int,
+        first_serial: int = 0,
+        threads: int = 3,
+    ) -> None:
         self.url = url
         self.orders = orders
+        self.seconds = seconds
         self.seed = seed
         self.first_serial = first_serial
         self.placed = 0
-        self.events = 0
-        self.error: BaseException | None = None
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="order-writer", daemon=True)
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(n, threads), name=f"order-writer-{n}", daemon=True
+            )
+            for n in range(threads)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return any(thread.is_alive() for thread in self._threads) and not self.errors
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(30)
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self.errors:
+            raise AssertionError(f"the writer failed: {self.errors[0]!r}") from self.errors[0]
+        if any(thread.is_alive() for thread in self._threads):
             raise AssertionError(f"the writer placed only {self.placed} orders in time")
-        if self.error is not None:
-            raise AssertionError(f"the writer failed: {self.error!r}") from self.error
 
-    def _run(self) -> None:
-        rng = random.Random(self.seed)
+    def _run(self, first: int, step: int) -> None:
+        rng = random.Random(self.seed * 1000 + first)
         ledger = OrderLedger.from_url(self.url)
+        pace = self.seconds / self.orders * step
         try:
-            for serial in range(self.first_serial, self.first_serial + self.orders):
-                if self._stop.is_set():
+            started = time.monotonic()
+            for count, index in enumerate(range(first, self.orders, step)):
+                # Spread the orders over the run (no faster; a loaded machine may be slower).
+                if self._stop.wait(max(0.0, started + count * pace - time.monotonic())):
                     return
-                self.events += place_and_follow(ledger, rng, serial)
-                self.placed += 1
+                place_and_follow(ledger, rng, self.first_serial + index)
+                with self._lock:
+                    self.placed += 1
         except BaseException as error:  # reported by join() in the test's thread
-            self.error = error
+            with self._lock:
+                self.errors.append(error)
         finally:
             ledger.close()
 
@@ -278,38 +319,62 @@ class OrderWriter:
 
 
 class Victim:
-    """A CLI worker that is SIGKILLed at a random moment after it starts running, then restarted.
+    """A CLI worker SIGKILLed at random moments once it runs, and restarted each time.
 
     The moment is drawn once the process says it is running, so every kill lands in real work
-    (catching up, claiming, delivering) rather than in the interpreter's start-up.
+    (catching up, claiming, delivering) rather than in the interpreter's start-up. Most kills
+    start the replacement first and kill once it runs, so two overlap for a moment (as in a
+    crash during a rolling deploy) and start-up time is not all downtime; the rest restart cold.
     """
 
     def __init__(
-        self, cli: CliProcesses, args: Sequence[str], rng: random.Random, *, longest: float
+        self,
+        cli: CliProcesses,
+        args: Sequence[str],
+        rng: random.Random,
+        *,
+        longest: float,
+        cold: float = 0.25,
     ) -> None:
         self.cli = cli
         self.args = list(args)
         self.rng = rng
         self.longest = longest
+        self.cold = cold
         self.kills = 0
         self.process = cli.start(*self.args)
+        self._replacement: subprocess.Popen[bytes] | None = None
         self._kill_at: float | None = None
 
     def tick(self, now: float, *, keep_killing: bool) -> None:
-        """Kill and restart when the drawn moment has come; fail if the process died by itself."""
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"{self.args} exited with {self.process.returncode} on its own:\n"
-                f"{self.cli.output(self.process)[-4000:]}"
-            )
-        if not keep_killing:
+        """Kill and restart when the drawn moment has come; fail if a process died by itself."""
+        for process in (self.process, self._replacement):
+            if process is not None and process.poll() is not None:
+                raise AssertionError(
+                    f"{self.args} exited with {process.returncode} on its own:\n"
+                    f"{self.cli.output(process)[-4000:]}"
+                )
+        if self._replacement is not None:
+            if self._runs(self._replacement):
+                self._kill_and_swap(self._replacement)
             return
         if self._kill_at is None:
-            if " running: " in self.cli.output(self.process):
+            if keep_killing and self._runs(self.process):
                 self._kill_at = now + self.rng.uniform(0.0, self.longest)
             return
-        if now >= self._kill_at:
-            self.cli.kill(self.process)
-            self.kills += 1
-            self._kill_at = None
-            self.process = self.cli.start(*self.args)
+        if now < self._kill_at:
+            return
+        self._kill_at = None
+        if self.rng.random() < self.cold:
+            self._kill_and_swap(None)
+        else:
+            self._replacement = self.cli.start(*self.args)
+
+    def _runs(self, process: subprocess.Popen[bytes]) -> bool:
+        return " running: " in self.cli.output(process)
+
+    def _kill_and_swap(self, replacement: subprocess.Popen[bytes] | None) -> None:
+        self.cli.kill(self.process)
+        self.kills += 1
+        self.process = replacement or self.cli.start(*self.args)
+        self._replacement = None

@@ -6,14 +6,29 @@ import random
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 
-from projections.effects.outbox import DELIVERED, PENDING, attempts, effect_id, effects
+from projections.catalog import SERVING
+from projections.effects.outbox import (
+    DELIVERED,
+    PENDING,
+    Subscription,
+    attempts,
+    effect_id,
+    effects,
+)
 from projections.effects.service import Effects
 from projections.runtime import ProjectionRuntime
-from tests.effects.chaos_helpers import FlakyReceiver, OrderWriter, Victim, place_and_follow
+from tests.effects.chaos_helpers import (
+    FlakyReceiver,
+    OrderWriter,
+    ReceiverLog,
+    Victim,
+    place_and_follow,
+)
 from tests.projections.process_helpers import (
     all_serving_at,
     cli_processes,
@@ -23,6 +38,8 @@ from tests.projections.process_helpers import (
 )
 
 ORDERS = 2_000
+WRITE_SECONDS = 70.0
+"""Orders are spread over this long, so they keep flowing while the kills happen."""
 ORDERS_BEFORE_SUBSCRIBING = 20
 KILLS = 20
 SEED = 20240611
@@ -36,30 +53,22 @@ CHAOS_SETTINGS = {
     "effect_max_attempts": 50,
     # Short leases so a SIGKILLed process's claims and leases expire quickly.
     "effect_claim_ttl": 2,
+    # Every effect goes to the one receiver: let all of a dispatcher's deliveries use it.
+    "effect_per_target": 8,
     "projection_lease_ttl": 2,
 }
 
 
-def _outbox_rows(runtime: ProjectionRuntime) -> list[tuple[str, str, int, str, str, str]]:
+def _outbox_rows(runtime: ProjectionRuntime) -> list[Row[Any]]:
     with runtime.engine.connect() as conn:
-        rows = conn.execute(
-            select(
-                effects.c.id,
-                effects.c.effect,
-                effects.c.position,
-                effects.c.order_id,
-                effects.c.event_type,
-                effects.c.status,
-            )
-        )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        c = effects.c
+        query = select(c.id, c.effect, c.position, c.order_id, c.event_type, c.status)
+        return sorted(conn.execute(query))
 
 
-def _count(runtime: ProjectionRuntime, *where: object) -> int:
+def _pending(runtime: ProjectionRuntime) -> int:
     with runtime.engine.connect() as conn:
-        query = select(func.count()).select_from(effects)
-        for condition in where:
-            query = query.where(condition)  # type: ignore[arg-type]
+        query = select(func.count()).select_from(effects).where(effects.c.status == PENDING)
         return int(conn.execute(query).scalar_one())
 
 
@@ -81,6 +90,46 @@ def _event_positions(runtime: ProjectionRuntime) -> dict[int, tuple[str, str]]:
         after = batch.checkpoint
 
 
+def _assert_outbox_holds_what_the_events_call_for(
+    rows: list[Row[Any]], events: dict[int, tuple[str, str]], subscription: Subscription
+) -> None:
+    """One delivered webhook effect per event after the subscription, with its stable id."""
+    assert Counter(row.status for row in rows) == {DELIVERED: len(rows)}
+    recorded = [(row.effect, row.position) for row in rows]
+    assert len(recorded) == len(set(recorded))
+    assert set(recorded) == {
+        (f"webhook:{subscription.id}", position)
+        for position in events
+        if position > subscription.created_position
+    }
+    assert all(row.id == effect_id(row.effect, row.position) for row in rows)
+    assert all(events[row.position] == (row.order_id, row.event_type) for row in rows)
+
+
+def _assert_applied_once_each_in_order(seen: ReceiverLog, rows: list[Row[Any]]) -> None:
+    """The receiver applied every outbox effect once, nothing else, each order's in order."""
+    assert seen.rejected == []
+    applied_ids = [item.id for item in seen.applied]
+    assert len(applied_ids) == len(set(applied_ids))
+    assert set(applied_ids) == {row.id for row in rows}
+    assert set(seen.accepted) == set(applied_ids)
+    by_id = {row.id: row for row in rows}
+    assert all(
+        (item.position, item.order_id, item.type)
+        == (by_id[item.id].position, by_id[item.id].order_id, by_id[item.id].event_type)
+        for item in seen.applied
+    )
+    positions_by_order: dict[str, list[int]] = defaultdict(list)
+    for item in seen.applied:
+        positions_by_order[item.order_id].append(item.position)
+    out_of_order = {
+        order: positions
+        for order, positions in positions_by_order.items()
+        if positions != sorted(positions)
+    }
+    assert out_of_order == {}
+
+
 @pytest.mark.slow
 class TestEffectsUnderChaos:
     """Kills and a flaky receiver lose, duplicate and reorder no effect."""
@@ -93,7 +142,11 @@ class TestEffectsUnderChaos:
         receiver = FlakyReceiver(seed=SEED)
         receiver.start()
         writer = OrderWriter(
-            store_url, orders=ORDERS, seed=SEED, first_serial=ORDERS_BEFORE_SUBSCRIBING
+            store_url,
+            orders=ORDERS,
+            seconds=WRITE_SECONDS,
+            seed=SEED,
+            first_serial=ORDERS_BEFORE_SUBSCRIBING,
         )
         try:
             with (
@@ -113,8 +166,8 @@ class TestEffectsUnderChaos:
                 subscription = created.subscription
 
                 # Orders flow while both processes are killed at random moments and restarted.
-                workers = Victim(cli, ["worker", *url, "--no-effects"], rng, longest=2.5)
-                dispatchers = Victim(cli, ["worker", *url, "--no-projections"], rng, longest=2.5)
+                workers = Victim(cli, ["worker", *url, "--no-effects"], rng, longest=1.5)
+                dispatchers = Victim(cli, ["worker", *url, "--no-projections"], rng, longest=1.5)
                 writer.start()
                 while writer.running() or min(workers.kills, dispatchers.kills) < KILLS:
                     now = time.monotonic()
@@ -130,9 +183,7 @@ class TestEffectsUnderChaos:
                 def settled() -> bool:
                     workers.tick(time.monotonic(), keep_killing=False)
                     dispatchers.tick(time.monotonic(), keep_killing=False)
-                    return all_serving_at(runtime, names, head) and (
-                        _count(runtime, effects.c.status == PENDING) == 0
-                    )
+                    return all_serving_at(runtime, names, head) and (_pending(runtime) == 0)
 
                 wait_for(
                     settled,
@@ -152,64 +203,25 @@ class TestEffectsUnderChaos:
                     f"{workers.kills} worker kills, {dispatchers.kills} dispatcher kills"
                 )
 
-                # Every effect was delivered; none went dead.
-                assert Counter(row[5] for row in rows) == {DELIVERED: len(rows)}
-
-                # Exactly the effects the events call for: one webhook per event after the
-                # subscription was created, once per (effect, position), with its stable id.
-                expected = {
-                    (f"webhook:{subscription.id}", position)
-                    for position in events
-                    if position > subscription.created_position
-                }
-                recorded = [(row[1], row[2]) for row in rows]
-                assert len(recorded) == len(set(recorded))
-                assert set(recorded) == expected
-                assert len(expected) >= 2 * ORDERS
-                assert all(row[0] == effect_id(row[1], row[2]) for row in rows)
-                assert all(events[row[2]] == (row[3], row[4]) for row in rows)
-
-                # The receiver applied each effect exactly once, and only those effects.
-                assert seen.rejected == []
-                applied_ids = [item.id for item in seen.applied]
-                assert len(applied_ids) == len(set(applied_ids))
-                assert set(applied_ids) == {row[0] for row in rows}
-                assert set(seen.accepted) == set(applied_ids)
-                by_id = {row[0]: row for row in rows}
-                assert all(
-                    (item.position, item.order_id, item.type)
-                    == (by_id[item.id][2], by_id[item.id][3], by_id[item.id][4])
-                    for item in seen.applied
-                )
+                assert len(rows) >= 2 * ORDERS
+                _assert_outbox_holds_what_the_events_call_for(rows, events, subscription)
+                _assert_applied_once_each_in_order(seen, rows)
                 # Redeliveries of applied effects happened, and deduplication absorbed them.
                 assert seen.seen_again_after_applying > 0
-
-                # Each order's effects were applied in position order.
-                positions_by_order: dict[str, list[int]] = defaultdict(list)
-                for item in seen.applied:
-                    positions_by_order[item.order_id].append(item.position)
-                out_of_order = {
-                    order: positions
-                    for order, positions in positions_by_order.items()
-                    if positions != sorted(positions)
-                }
-                assert out_of_order == {}
-
                 assert workers.kills >= KILLS
                 assert dispatchers.kills >= KILLS
 
                 # A rebuild of every projection, with both processes running, records and
                 # delivers nothing new.
-                outbox_before = sorted(rows)
                 attempts_before = _attempt_count(runtime)
-                serving_before = generations_by_role(runtime, "serving")
+                serving_before = generations_by_role(runtime, SERVING)
                 cli.run("rebuild", "--all", *url)
                 wait_for(
                     lambda: all_serving_at(runtime, names, head),
                     "every rebuilt projection serves at the head",
                     timeout=SETTLE,
                 )
-                serving_after = generations_by_role(runtime, "serving")
+                serving_after = generations_by_role(runtime, SERVING)
                 assert all(
                     serving_after[name].generation > serving_before[name].generation
                     for name in names
@@ -218,7 +230,7 @@ class TestEffectsUnderChaos:
                 time.sleep(1.5)
                 workers.tick(time.monotonic(), keep_killing=False)
                 dispatchers.tick(time.monotonic(), keep_killing=False)
-                assert sorted(_outbox_rows(runtime)) == outbox_before
+                assert _outbox_rows(runtime) == rows
                 assert _attempt_count(runtime) == attempts_before
                 assert receiver.snapshot().requests == seen.requests
         finally:
