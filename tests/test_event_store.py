@@ -144,6 +144,7 @@ class TestEventStoreContract:
             "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": 1500}],
             "shipping_address": "1 Rue de la Paix, Paris",
             "client_reference": None,
+            "customer_email": None,
         }
         assert history[1].data == {"sku": "SKU-2", "quantity": 1, "unit_price": 700}
         assert history[2].data == {"amount": 2000, "payment_reference": "pay-1"}
