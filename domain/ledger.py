@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,16 +16,20 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, Notification
+from eventsourcing.utils import EnvType
 
 from domain.errors import (
     ConcurrencyConflictError,
     IdempotencyKeyReusedError,
     InvalidCommandError,
     OrderNotFoundError,
+    OrderRuleError,
 )
 from domain.eventstore import PositionedRecorder, event_store_env
 from domain.idempotency import IdempotencyRecord, record_id
 from domain.order import EVENT_TYPES, Order
+
+log = logging.getLogger("orderledger.ledger")
 
 EVENT_NAMES: dict[type[Aggregate.Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -33,6 +38,17 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # command needs at most N - 1 retries; the budget covers a busy order with room to spare.
 _UNCONDITIONAL_RETRIES = 20
 _RETRY_BACKOFF_SECONDS = 0.002
+
+CommandObserver = Callable[[str, str, float], None]
+"""Told of every command once it finishes: (command, outcome, seconds taken)."""
+
+_OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
+    (ConcurrencyConflictError, "conflict"),
+    (OrderNotFoundError, "not_found"),
+    (InvalidCommandError, "rejected"),
+    (OrderRuleError, "rejected"),
+    (IdempotencyKeyReusedError, "rejected"),
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,11 @@ class OrderLedger(Application[UUID]):
     """Places and changes orders, and reads back their full history."""
 
     name = "OrderLedger"
+
+    def __init__(self, env: EnvType | None = None) -> None:
+        super().__init__(env)
+        self.command_observers: list[CommandObserver] = []
+        """Hooks (e.g. metrics) told of each command, so every caller's commands count alike."""
 
     @classmethod
     def from_url(cls, database_url: str) -> OrderLedger:
@@ -258,6 +279,33 @@ class OrderLedger(Application[UUID]):
         expected_version: int | None,
         idempotency_key: str | None,
     ) -> CommandResult:
+        """Run the command and tell the observers how it ended and how long it took."""
+        started = time.perf_counter()
+        try:
+            result = self._run(command, order_id, args, expected_version, idempotency_key)
+        except Exception as error:
+            self._tell_observers(command, _outcome_of(error), time.perf_counter() - started)
+            raise
+        outcome = "replayed" if result.replayed else "ok"
+        self._tell_observers(command, outcome, time.perf_counter() - started)
+        return result
+
+    def _tell_observers(self, command: str, outcome: str, seconds: float) -> None:
+        for observer in self.command_observers:
+            # The command's outcome stands whatever an observer does; a broken hook is logged.
+            try:
+                observer(command, outcome, seconds)
+            except Exception:
+                log.exception("command observer %r failed", observer)
+
+    def _run(
+        self,
+        command: str,
+        order_id: UUID | None,
+        args: dict[str, Any],
+        expected_version: int | None,
+        idempotency_key: str | None,
+    ) -> CommandResult:
         fingerprint = None
         if idempotency_key is not None:
             if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
@@ -368,6 +416,14 @@ _COMMANDS: dict[str, Callable[[Order, dict[str, Any]], None]] = {
     "cancel": lambda order, a: order.cancel(**a),
     "issue_refund": lambda order, a: order.issue_refund(**a),
 }
+
+
+def _outcome_of(error: Exception) -> str:
+    """The outcome label of a command that raised: what the caller did wrong, or an error."""
+    for kind, outcome in _OUTCOMES:
+        if isinstance(error, kind):
+            return outcome
+    return "error"
 
 
 def _fingerprint(command: str, order_id: UUID | None, args: dict[str, Any]) -> str:
