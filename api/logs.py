@@ -1,0 +1,150 @@
+"""Structured logs: one JSON object per line, and one line per HTTP request with its request id.
+
+The request line replaces uvicorn's access log: it knows the route template, the latency, the
+API key and the request id, which a client may send in ``X-Request-ID`` to follow a call across
+services. Every response carries the id back, problems and 401s included.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.metrics import route_template
+
+LogFormat = Literal["json", "text"]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's coloured copy of the message
+}
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+request_log = logging.getLogger("orderledger.http")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, message, pid and the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def logging_config(log_format: LogFormat, level: str) -> dict[str, Any]:
+    """A dictConfig: everything (uvicorn's errors too) to stderr in one format; no access log."""
+    formatter: dict[str, Any] = (
+        {"()": f"{__name__}.JsonFormatter"} if log_format == "json" else {"format": TEXT_FORMAT}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            # Our request line replaces it.
+            "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(log_format: LogFormat, level: str) -> None:
+    """Send this process's logs to stderr in the chosen format."""
+    logging.config.dictConfig(logging_config(log_format, level))
+
+
+def request_id(sent: str | None) -> str:
+    """The client's request id when it is sane (1-128 of [A-Za-z0-9._-]), else a new one."""
+    if sent is not None and _SANE_REQUEST_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
+
+
+class RequestLogMiddleware:
+    """Give each request an id, echo it on the response and log one line when it is done."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = rid
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app fails before starting a response
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            _log_request(scope, rid, status, (time.perf_counter() - started) * 1000)
+
+
+def _log_request(scope: Scope, rid: str, status: int, latency_ms: float) -> None:
+    principal = scope.get("state", {}).get("principal")
+    client = scope.get("client")
+    fields: dict[str, Any] = {
+        "request_id": rid,
+        "method": scope["method"],
+        "route": route_template(scope),
+        "path": scope["path"],
+        "status": status,
+        "latency_ms": round(latency_ms, 3),
+        "client": client[0] if client else None,
+    }
+    if principal is not None:
+        fields["key_id"] = principal.key_id
+    level = logging.ERROR if status >= 500 else logging.INFO
+    request_log.log(
+        level,
+        "%s %s %s %.1fms",
+        fields["method"],
+        fields["path"],
+        status,
+        latency_ms,
+        extra=fields,
+    )
