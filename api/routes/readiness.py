@@ -1,8 +1,8 @@
 """Readiness: whether this instance should get traffic, with every check behind the answer.
 
-Not ready while the store does not answer, a projection is failed or stalled, or an effect is
-dead: a dead effect needs an operator (fix the receiver, then retry), so it keeps the instance
-visibly unhealthy until someone handles it.
+Not ready while the store does not answer, a projection is failed, stalled or more than
+``ready_max_lag_events`` behind, or an effect is dead: a dead effect needs an operator (fix the
+receiver, then retry), so it keeps the instance visibly unhealthy until someone handles it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from fastapi.responses import JSONResponse
 from api.dependencies import LedgerDep
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import Readiness, ReadinessCheck
+from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.effects.outbox import DEAD, PENDING
 from projections.effects.service import Effects
 from projections.runtime import ProjectionRuntime
-from projections.status import FAILED, STALLED, all_statuses
+from projections.status import FAILED, STALLED, ProjectionStatus, all_statuses
 
 router = APIRouter(tags=["health"])
 
@@ -28,14 +29,28 @@ def _store(ledger: OrderLedger) -> ReadinessCheck:
     return ReadinessCheck(status="ok", detail=f"answering at position {ledger.head_position()}")
 
 
-def _projections(runtime: ProjectionRuntime, stalled_after: float) -> ReadinessCheck:
-    statuses = all_statuses(runtime.catalog, runtime.source, stalled_after=stalled_after)
-    broken = [f"{s.name} is {s.state}" for s in statuses if s.state in (FAILED, STALLED)]
+def _projections(runtime: ProjectionRuntime, settings: Settings) -> ReadinessCheck:
+    statuses = all_statuses(
+        runtime.catalog, runtime.source, stalled_after=settings.projection_stalled_after
+    )
+    limit = settings.ready_max_lag_events
+    verdicts = [_verdict(status, limit) for status in statuses]
+    broken = [verdict for verdict, ok in verdicts if not ok]
     if broken:
         return ReadinessCheck(status="failing", detail="; ".join(broken))
-    return ReadinessCheck(
-        status="ok", detail=f"{len(statuses)} projections, none failed or stalled"
-    )
+    return ReadinessCheck(status="ok", detail="; ".join(verdict for verdict, _ in verdicts))
+
+
+def _verdict(status: ProjectionStatus, max_lag_events: int) -> tuple[str, bool]:
+    """One projection's line in the check, and whether it passes."""
+    if status.state in (FAILED, STALLED):
+        return f"{status.name} is {status.state}", False
+    if status.lag_events > max_lag_events:
+        return (
+            f"{status.name} is {status.lag_events} events behind (more than {max_lag_events})",
+            False,
+        )
+    return f"{status.name} {status.state}, {status.lag_events} events behind", True
 
 
 def _effects(runtime: ProjectionRuntime) -> ReadinessCheck:
@@ -63,11 +78,12 @@ def _checked(check: Callable[[], ReadinessCheck]) -> ReadinessCheck:
     responses={503: {"model": Readiness, "description": "Not ready; the failing checks say why"}},
 )
 def read_readiness(ledger: LedgerDep, runtime: ProjectionsDep, request: Request) -> JSONResponse:
-    """Ready when the store answers, no projection is failed or stalled and no effect is dead."""
-    stalled_after = request.app.state.settings.projection_stalled_after
+    """Ready when the store answers, each projection is neither failed, stalled nor far behind,
+    and no effect is dead; the body names each check and each projection."""
+    settings = request.app.state.settings
     checks = {
         "store": _checked(lambda: _store(ledger)),
-        "projections": _checked(lambda: _projections(runtime, stalled_after)),
+        "projections": _checked(lambda: _projections(runtime, settings)),
         "effects": _checked(lambda: _effects(runtime)),
     }
     ready = all(check.status == "ok" for check in checks.values())
