@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["json", "text"]
 
 
 class Settings(BaseSettings):
@@ -22,6 +23,9 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Interface `orderledger serve` binds to")
     port: int = Field(default=8000, ge=1, le=65535, description="Port `orderledger serve` binds to")
     log_level: LogLevel = Field(default="info", description="Server log level")
+    log_format: LogFormat = Field(
+        default="json", description="Logs on stderr: one JSON object per line, or plain text"
+    )
 
     # -- projections --------------------------------------------------------------------------
     read_model_database_url: str | None = Field(
@@ -46,6 +50,11 @@ class Settings(BaseSettings):
     )
     projection_stalled_after: float = Field(
         default=30.0, gt=0, description="A projection behind with no progress this long is stalled"
+    )
+    ready_max_lag_events: int = Field(
+        default=10_000,
+        ge=0,
+        description="/readyz fails while a projection is more than this many events behind",
     )
     read_your_writes_timeout: float = Field(
         default=5.0, ge=0, le=60, description="Longest wait for min_position before a 503"
