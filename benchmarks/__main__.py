@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import effects, projections, write_path
+from benchmarks import effects, http, projections, write_path
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "write": Benchmark.from_module(write_path),
     "projections": Benchmark.from_module(projections),
     "effects": Benchmark.from_module(effects),
+    "http": Benchmark.from_module(http),
 }
 DEFAULT = "write"
 
