@@ -323,17 +323,21 @@ class Cell:
     load: float
 
 
-def cpu_over_window(spec: LoadSpec, cpu: Callable[[], float]) -> float:
+def cpu_over_window(
+    spec: LoadSpec, cpu: Callable[[], float], at_start: Callable[[], object] | None = None
+) -> float:
     """The CPU ``cpu()`` counts between the cell's window start and end (sleeping meanwhile)."""
     window = Window.of(spec)
     time.sleep(max(0.0, window.start - time.perf_counter()))
+    if at_start is not None:
+        at_start()
     before = cpu()
     time.sleep(max(0.0, window.end - time.perf_counter()))
     return cpu() - before
 
 
-def http_cell(server: Server, spec: LoadSpec) -> Cell:
-    """Run the load generator against the server for one cell."""
+def http_cell(server: Server, spec: LoadSpec, profile: Path | None = None) -> Cell:
+    """Run the load generator against the server for one cell (under py-spy, if profiling)."""
     spec = replace(spec, port=server.port, begin_at=time.time() + START_DELAY)
     generator = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.loadgen", json.dumps(spec.__dict__)],
@@ -342,8 +346,16 @@ def http_cell(server: Server, spec: LoadSpec) -> Cell:
         stdout=subprocess.PIPE,
         text=True,
     )
-    app_cpu = cpu_over_window(spec, partial(tree_cpu_seconds, server.process.pid))
+    spies: list[subprocess.Popen[bytes]] = []
+
+    def start_profiling() -> None:
+        if profile is not None:
+            spies.append(py_spy(server.process.pid, spec.seconds, profile))
+
+    app_cpu = cpu_over_window(spec, partial(tree_cpu_seconds, server.process.pid), start_profiling)
     out, _ = generator.communicate(timeout=spec.warmup + spec.seconds + 120)
+    for spy in spies:
+        spy.wait(timeout=60)
     if generator.returncode != 0:
         raise RuntimeError(f"the load generator failed ({generator.returncode})")
     result = CellResult.from_json(out.strip().splitlines()[-1])
@@ -451,6 +463,65 @@ def _direct_operation(
     return get
 
 
+# -- profiling ---------------------------------------------------------------------------------
+
+
+def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes]:
+    """Sample the server (and its worker processes) with py-spy into collapsed stacks."""
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
+    command += ["--duration", str(max(1, round(seconds))), "--rate", "250"]
+    command += ["--format", "raw", "--output", str(output)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(path: Path, top: int = 20) -> list[list[str]]:
+    """Where the server's samples were: the top functions by own samples, then ours.
+
+    Rows are (own share, inclusive share, function). A function counts once per sample
+    however deep it recurs, so inclusive shares nest: a caller's includes its callees'.
+    "Ours" are the functions in this repository (api/, domain/, projections/).
+    """
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [_frame_name(frame) for frame in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+    if not total:
+        return []
+    by_own = sorted(own, key=lambda frame: -own[frame])[:top]
+    ours = [frame for frame in inclusive if frame.startswith("ours:")]
+    by_inclusive = sorted(ours, key=lambda frame: -inclusive[frame])[:top]
+    return [
+        [f"{own.get(frame, 0) / total:.1%}", f"{inclusive[frame] / total:.1%}", frame]
+        for frame in [*by_own, *by_inclusive]
+    ]
+
+
+OUR_PACKAGES = ("api", "domain", "projections")
+
+
+def _frame_name(frame: str) -> str:
+    """``function (package/module.py)`` from py-spy's ``function (package/module.py:12)``.
+
+    py-spy names files relative to their ``sys.path`` entry; this repository's packages are
+    marked ``ours:``.
+    """
+    if " (" not in frame:
+        return frame
+    function, location = frame.split(" (", 1)
+    path = location.rstrip(")").rsplit(":", 1)[0]
+    mine = path.split("/", 1)[0] in OUR_PACKAGES
+    return f"{'ours: ' if mine else ''}{function} ({path})"
+
+
 # -- the command -------------------------------------------------------------------------------
 
 
@@ -506,8 +577,22 @@ def measure_store(
         for count in processes:
             with serving(url, count, work) as server:
                 for spec in specs:
-                    rows.append(Row(store, http_variant(count), spec, http_cell(server, spec)))
+                    profile = None
+                    if args.profile_dir is not None:
+                        name = f"{store}-{count}proc-{spec.operation}-{spec.clients}.txt"
+                        profile = args.profile_dir / name
+                    cell = http_cell(server, spec, profile)
+                    rows.append(Row(store, http_variant(count), spec, cell))
                     report_cell(rows[-1])
+                    if profile is not None and profile.exists():
+                        print_table(
+                            f"py-spy, {store} {http_variant(count)} {spec.operation} "
+                            f"x{spec.clients}: top functions by own samples, then ours by "
+                            f"inclusive samples ({profile})",
+                            ["own", "inclusive", "function"],
+                            profile_summary(profile),
+                            markdown=args.markdown,
+                        )
     return rows
 
 
@@ -620,6 +705,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20_000,
         help="random existing order ids the get-order clients choose from (20,000)",
     )
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="sample the server with py-spy (must be on PATH) during every HTTP cell, keep "
+        "the collapsed stacks here and print the top functions (the samples cost CPU: not "
+        "for the figures)",
+    )
     parser.add_argument("--markdown", action="store_true", help="tables as Markdown")
 
 
@@ -636,6 +729,8 @@ def run(args: argparse.Namespace) -> int:
     print_description(machine_description(admin if "postgres" in stores else None))
     console.print(f"[bold]command[/bold]: python -m benchmarks http {' '.join(sys.argv[2:])}")
 
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="orderledger-bench-http-"))
     try:
