@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.process
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import typer
 from eventsourcing.persistence import PersistenceError
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,6 +39,9 @@ from domain.ledger import HistoryEntry, OrderLedger
 from domain.money import MINOR_UNITS
 from domain.order import Order
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 app = typer.Typer(
     help="orderledger: an event-sourced order ledger.",
     no_args_is_help=True,
@@ -41,6 +52,10 @@ app = typer.Typer(
 # Exit codes: 1 when the store or the order says no, 2 when the command line itself is wrong.
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+_SERVE_PID_VAR = "ORDERLEDGER_SERVE_PID"
+"""Set by ``serve --workers N`` for its children, which exit when that process is gone."""
+_PARENT_POLL_SECONDS = 1.0
 
 DatabaseUrlOption = Annotated[
     str | None,
@@ -139,20 +154,34 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="Port to bind (default ORDERLEDGER_PORT or 8000).")
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="API processes. With more than one, projections and effects run once, in one "
+            "worker process beside them.",
+        ),
+    ] = 1,
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Serve the HTTP API."""
     settings = _settings(database_url, host=host, port=port)
     with _reported_errors():
-        run_server(settings)
+        if workers == 1:
+            run_server(settings)
+        else:
+            run_workers(settings, workers)
 
 
 def run_server(settings: Settings) -> None:
-    """Run the API under uvicorn until interrupted."""
+    """Run the API under uvicorn until interrupted, projections and effects in the same process."""
     # The HTTP stack loads only when serving, so the other commands start quickly.
     import uvicorn  # noqa: PLC0415
 
     from api.app import create_app  # noqa: PLC0415
+    from api.logs import logging_config  # noqa: PLC0415
 
     # Opened here rather than in the app's start-up so a bad store is one clear line, not a
     # failed lifespan with a traceback.
@@ -163,9 +192,103 @@ def run_server(settings: Settings) -> None:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
+            log_config=logging_config(settings.log_format, settings.log_level),
+            access_log=False,
         )
     finally:
         ledger.close()
+
+
+def run_workers(settings: Settings, workers: int) -> None:
+    """Run ``workers`` API processes, and projections and effects once, in a worker process.
+
+    The API processes read their settings from the environment set here and share their
+    counters through a fresh PROMETHEUS_MULTIPROC_DIR; every child exits with this process.
+    """
+    import uvicorn  # noqa: PLC0415
+
+    from api.logs import logging_config  # noqa: PLC0415
+    from api.metrics import MULTIPROCESS_DIR_VAR  # noqa: PLC0415
+
+    _open_ledger(settings).close()  # a bad store is one clear line before any process starts
+    metrics_dir = tempfile.mkdtemp(prefix="orderledger-metrics-")
+    os.environ.update(_environment(settings.model_copy(update={"run_projections": False})))
+    os.environ[MULTIPROCESS_DIR_VAR] = metrics_dir
+    os.environ[_SERVE_PID_VAR] = str(os.getpid())
+    projection_worker = _start_projection_worker() if settings.run_projections else None
+    try:
+        uvicorn.run(
+            "api.cli:serve_app",
+            factory=True,
+            workers=workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            log_config=logging_config(settings.log_format, settings.log_level),
+            access_log=False,
+        )
+    finally:
+        if projection_worker is not None:
+            _stop_process(projection_worker)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve_app() -> FastAPI:
+    """The app of one ``serve --workers N`` process, configured by the environment serve set."""
+    from api.app import create_app  # noqa: PLC0415
+
+    _exit_with_parent(int(os.environ[_SERVE_PID_VAR]))
+    return create_app(Settings())
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    """The settings as ORDERLEDGER_* variables, so every process serve starts configures alike."""
+    variables = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        else:
+            text = str(value)
+        variables[f"ORDERLEDGER_{name.upper()}"] = text
+    return variables
+
+
+def _start_projection_worker() -> multiprocessing.process.BaseProcess:
+    """``orderledger worker`` in a child process: the deployment's one projection worker."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_projection_worker, args=(os.getpid(),), name="orderledger-worker"
+    )
+    process.start()
+    return process
+
+
+def _projection_worker(parent: int) -> None:
+    _exit_with_parent(parent)
+    projection_commands.worker()
+
+
+def _stop_process(process: multiprocessing.process.BaseProcess, timeout: float = 15.0) -> None:
+    """SIGTERM the process and wait for it to finish its batch; SIGKILL it if it hangs."""
+    process.terminate()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM this process once ``parent`` is gone, so a SIGKILLed serve leaves no orphans."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orderledger-parent-watch", daemon=True).start()
 
 
 # -- demo -------------------------------------------------------------------------------------

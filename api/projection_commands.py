@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -87,8 +86,11 @@ def worker(
     database_url: DatabaseOption = None,
 ) -> None:
     """Run projection workers and the effect dispatcher until interrupted (SIGINT or SIGTERM)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Loaded here: it pulls in the HTTP stack, which the other commands do without.
+    from api.logs import configure_logging  # noqa: PLC0415
+
     with _runtime(database_url) as (settings, runtime):
+        configure_logging(settings.log_format, settings.log_level)
         try:
             projection_worker = runtime.worker(only, idle_wait=settings.projection_idle_wait)
         except UnknownProjectionError as error:
