@@ -9,10 +9,12 @@ from typing import Annotated, Any, cast
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 
-from domain.ledger import MAX_IDEMPOTENCY_KEY_LENGTH, OrderLedger
+from domain.errors import InvalidCommandError
+from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
 
 _ENTITY_TAG = re.compile(r'"(\d{1,19})"')
+_KEY_PATTERN = re.compile(r"^[\x21-\x7e]+$")
 
 
 def get_ledger(request: Request) -> OrderLedger:
@@ -22,14 +24,60 @@ def get_ledger(request: Request) -> OrderLedger:
 
 LedgerDep = Annotated[OrderLedger, Depends(get_ledger)]
 
-IdempotencyKeyDep = Annotated[
+MAX_IDEMPOTENCY_KEY_HEADER_LENGTH = 200
+"""Room is left in the ledger's key for the caller's API key id, which scopes it."""
+ANONYMOUS_SCOPE = "anonymous"
+
+_IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        description=f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters. A repeat with the same "
-        "body returns the first response and records nothing; a different body is refused.",
+        # Documented here, checked by idempotency_key() so the refusal names the rule.
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": MAX_IDEMPOTENCY_KEY_HEADER_LENGTH,
+            "pattern": _KEY_PATTERN.pattern,
+        },
+        description=f"1 to {MAX_IDEMPOTENCY_KEY_HEADER_LENGTH} visible ASCII characters, "
+        "scoped to the API key sending it. A repeat with the same body returns the first "
+        "response (with `Idempotent-Replayed: true`) and does nothing again; a different "
+        "body is refused with 422. Kept at least 24 hours.",
+        examples=["3f1c2a9e-order-77"],
     ),
 ]
+
+
+def idempotency_key(key: _IdempotencyKeyHeader = None) -> str | None:
+    """The Idempotency-Key header, if it is 1 to 200 visible ASCII characters."""
+    if key is not None and not (
+        len(key) <= MAX_IDEMPOTENCY_KEY_HEADER_LENGTH and _KEY_PATTERN.fullmatch(key)
+    ):
+        raise InvalidCommandError(
+            f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_HEADER_LENGTH} "
+            "visible ASCII characters"
+        )
+    return key
+
+
+IdempotencyKeyHeader = Annotated[str | None, Depends(idempotency_key)]
+
+
+def idempotency_scope(request: Request) -> str:
+    """Whose keys these are: the authenticated API key's id (keys never cross callers)."""
+    principal = getattr(request.state, "principal", None)
+    key_id = getattr(principal, "key_id", None)
+    return str(key_id) if key_id else ANONYMOUS_SCOPE
+
+
+def scoped_idempotency_key(request: Request, key: IdempotencyKeyHeader) -> str | None:
+    """The Idempotency-Key as the ledger records it: prefixed with the caller's scope.
+
+    Key ids are 16 characters, so a scoped key stays within the ledger's 255.
+    """
+    return None if key is None else f"{idempotency_scope(request)}:{key}"
+
+
+IdempotencyKeyDep = Annotated[str | None, Depends(scoped_idempotency_key)]
 
 
 def expected_version(
@@ -73,7 +121,7 @@ class CommandOptions:
 
 def command_options(
     version: Annotated[int | None, Depends(expected_version)],
-    idempotency_key: IdempotencyKeyDep = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> CommandOptions:
     """Collect If-Match and Idempotency-Key for a command."""
     return CommandOptions(expected_version=version, idempotency_key=idempotency_key)

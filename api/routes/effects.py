@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
+from api.idempotency import IdempotentRoute
 from api.problems import problem_responses
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import (
@@ -23,7 +24,12 @@ from projections.effects.service import (
     EffectView,
 )
 
-router = APIRouter(prefix="/effects", tags=["effects"], responses=problem_responses(422))
+router = APIRouter(
+    prefix="/effects",
+    tags=["effects"],
+    responses=problem_responses(422),
+    route_class=IdempotentRoute,
+)
 
 MAX_PAGE = 1000
 

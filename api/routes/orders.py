@@ -50,7 +50,7 @@ def create_order(
     body: OrderCreate,
     ledger: LedgerDep,
     response: Response,
-    idempotency_key: IdempotencyKeyDep = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> CommandAccepted:
     """Place a new order."""
     result = ledger.place_order(**body.model_dump(), idempotency_key=idempotency_key)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from api.idempotency import IdempotentRoute
 from api.problems import problem_responses
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import ProjectionPublic, ProjectionsPublic, RebuildAccepted
@@ -15,7 +16,10 @@ from projections.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.status import ProjectionStatus, all_statuses, projection_status
 
 router = APIRouter(
-    prefix="/projections", tags=["projections"], responses=problem_responses(404, 422)
+    prefix="/projections",
+    tags=["projections"],
+    responses=problem_responses(404, 422),
+    route_class=IdempotentRoute,
 )
 
 ProjectionName = Annotated[str, Path(min_length=1, max_length=64)]

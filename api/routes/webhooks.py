@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response
 from fastapi.exceptions import RequestValidationError
 
+from api.idempotency import IdempotentRoute
 from api.problems import problem_responses
 from api.read_schemas import WebhookCreate, WebhookCreated, WebhookPublic, WebhooksPublic
 from api.routes.effects import EffectsDep
@@ -17,7 +18,7 @@ from projections.effects.service import (
     SubscriptionView,
 )
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=IdempotentRoute)
 
 SubscriptionId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 
