@@ -10,6 +10,8 @@ from fastapi import FastAPI, HTTPException
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.logs import RequestLogMiddleware
+from api.metrics import HttpMetricsMiddleware, metrics_resource
 from api.problems import install_problem_handlers
 from api.projection_runtime import projections_resource
 from api.routes import routers
@@ -33,6 +35,7 @@ def create_app(
     resources: list[LifespanResource] = [
         ledger_resource(settings, ledger),
         projections_resource(settings, projections),
+        metrics_resource(settings),
     ]
     app = FastAPI(
         title="orderledger",
@@ -42,6 +45,8 @@ def create_app(
     )
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(RequestLogMiddleware)  # outermost: its request id reaches every response
     install_problem_handlers(app)
     for router in routers:
         app.include_router(router)

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         default="json", description="Logs on stderr: one JSON object per line, or plain text"
     )
+    metrics_public: bool = Field(
+        default=False, description="Serve /metrics without an API key (default: admin keys only)"
+    )
 
     # -- projections --------------------------------------------------------------------------
     read_model_database_url: str | None = Field(

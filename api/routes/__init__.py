@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from api.auth import ADMIN, LEDGER, OPEN, OPERATIONS, Access
 from api.routes import (
     customers,
     effects,
     health,
+    keys,
     order_queries,
     orders,
     projections,
@@ -26,4 +28,19 @@ routers: tuple[APIRouter, ...] = (
     reports.router,
     webhooks.router,
     effects.router,
+    keys.router,
 )
+
+access: tuple[tuple[APIRouter, Access], ...] = (
+    (health.router, OPEN),
+    (readiness.router, OPEN),
+    (orders.router, LEDGER),
+    (order_queries.router, LEDGER),
+    (projections.router, OPERATIONS),
+    (customers.router, LEDGER),
+    (reports.router, LEDGER),
+    (webhooks.router, ADMIN),
+    (effects.router, ADMIN),
+    (keys.router, ADMIN),
+)
+"""The roles each router needs (see api/auth.py); every router must have an entry."""

@@ -1,4 +1,4 @@
-"""The app built on a real store, driven through its ASGI interface."""
+"""The app built on a real store, driven through its ASGI interface, authenticated as admin."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
 from api.app import create_app
+from api.keys import Role
 from api.settings import Settings
 from tests.api import order_body
+from tests.api.auth_support import bearer, issue_key
 
 # Starlette would rather its test client ran on httpx2; httpx is what the project installs.
 with warnings.catch_warnings():
@@ -19,18 +21,47 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 
+def _admin_client(database_url: str) -> Iterator[TestClient]:
+    """The app on ``database_url``, every request sending an admin key made before start-up."""
+    headers = bearer(issue_key(database_url, Role.admin, "test admin"))
+    with TestClient(create_app(Settings(database_url=database_url)), headers=headers) as client:
+        yield client
+
+
 @pytest.fixture
 def client(sqlite_url: str) -> Iterator[TestClient]:
-    """The app on a fresh SQLite file, started and shut down around the test."""
-    with TestClient(create_app(Settings(database_url=sqlite_url))) as client:
-        yield client
+    """The app on a fresh SQLite file, started and shut down around the test; sends an admin key."""
+    yield from _admin_client(sqlite_url)
 
 
 @pytest.fixture
 def store_client(store_url: str) -> Iterator[TestClient]:
-    """The app on a fresh SQLite file or PostgreSQL database."""
-    with TestClient(create_app(Settings(database_url=store_url))) as client:
-        yield client
+    """The app on a fresh SQLite file or PostgreSQL database; sends an admin key."""
+    yield from _admin_client(store_url)
+
+
+def _database_url(client: TestClient) -> str:
+    return str(client.app.state.settings.database_url)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def api_key(client: TestClient) -> Callable[[Role], str]:
+    """Create a key with a role in the client's store and return its token."""
+
+    def create(role: Role) -> str:
+        return issue_key(_database_url(client), Role(role), f"test {role}")
+
+    return create
+
+
+@pytest.fixture
+def auth_headers(api_key: Callable[[Role], str]) -> Callable[[Role], dict[str, str]]:
+    """Headers authenticating a request with a new key of a role, e.g. auth_headers("reader")."""
+
+    def headers(role: Role) -> dict[str, str]:
+        return bearer(api_key(role))
+
+    return headers
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from api.app import MAX_BODY_BYTES, create_app
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from tests.api import assert_problem, head_position, order_body
+from tests.api.auth_support import authenticated
 
 JSON = "application/json"
 
@@ -114,8 +115,10 @@ class TestAppLifecycle:
         assert not db.exists()
         with TestClient(app) as client:
             assert db.exists()
+            authenticated(client, f"sqlite:///{db}")
             assert client.post("/orders", json=order_body()).status_code == 201
         with TestClient(create_app(Settings(database_url=f"sqlite:///{db}"))) as client:
+            authenticated(client, f"sqlite:///{db}")
             assert head_position(client) == 1
 
     def test_a_ledger_passed_in_is_used_and_left_open(self, sqlite_url: str) -> None:
@@ -124,6 +127,7 @@ class TestAppLifecycle:
         try:
             app = create_app(Settings(database_url="sqlite:////nonexistent/x.db"), ledger=ledger)
             with TestClient(app) as client:
+                authenticated(client, "sqlite:////nonexistent/x.db")
                 order_id = client.post("/orders", json=order_body()).json()["order_id"]
                 assert app.state.ledger is ledger
             assert str(ledger.get_order(uuid.UUID(order_id)).id) == order_id

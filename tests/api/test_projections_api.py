@@ -14,6 +14,7 @@ from api.app import create_app
 from api.settings import Settings
 from projections.processor import ProcessorSettings
 from tests.api import assert_problem, head_position, order_body
+from tests.api.auth_support import bearer, issue_key
 
 NAMES = {"order_summaries", "customer_stats", "daily_sales", "sku_sales", "outbox"}
 PATIENCE = 60.0
@@ -23,7 +24,8 @@ PATIENCE = 60.0
 def start(url: str, **settings: Any) -> TestClient:
     """A client on the app over ``url``; used as a context manager so the lifespan runs."""
     return TestClient(
-        create_app(Settings(database_url=url, read_your_writes_timeout=PATIENCE, **settings))
+        create_app(Settings(database_url=url, read_your_writes_timeout=PATIENCE, **settings)),
+        headers=bearer(issue_key(url)),
     )
 
 

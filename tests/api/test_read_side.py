@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import Settings
 from tests.api import assert_problem, order_body
+from tests.api.auth_support import bearer, issue_key
 
 LONG_WAIT = 60.0
 """Read-your-writes bound for the embedded worker on a busy machine; a read answers sooner."""
@@ -25,7 +26,9 @@ LONG_WAIT = 60.0
 
 def start(url: str, **settings: Any) -> TestClient:
     """A client on the app over ``url``; used as a context manager so the lifespan runs."""
-    return TestClient(create_app(Settings(database_url=url, **settings)))
+    return TestClient(
+        create_app(Settings(database_url=url, **settings)), headers=bearer(issue_key(url))
+    )
 
 
 @pytest.fixture

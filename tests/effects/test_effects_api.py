@@ -25,6 +25,7 @@ from projections.database import read_model_engine
 from projections.effects.outbox import effects
 from projections.effects.senders import verify
 from tests.api import assert_problem, order_body
+from tests.api.auth_support import admin
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -144,7 +145,7 @@ def delete_outbox_rows(url: str, ids: list[str]) -> None:
 @pytest.fixture
 def client(sqlite_url: str) -> Iterator[TestClient]:
     """The app on a fresh SQLite file, with its worker, dispatcher and reconciler running."""
-    with TestClient(create_app(fast_settings(sqlite_url))) as client:
+    with TestClient(create_app(fast_settings(sqlite_url)), headers=admin(sqlite_url)) as client:
         yield client
 
 
@@ -360,7 +361,7 @@ class TestPeriodicReconcile:
         """With a short interval, the lifespan's reconciler records a deleted row again."""
         caplog.set_level(logging.INFO, logger="orderledger.effects")
         settings = fast_settings(sqlite_url, effect_reconcile_interval=0.2)
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), headers=admin(sqlite_url)) as client:
             subscribe(client, hook_target.url)
             place_order(client)
             eventually(lambda: count(client, "delivered") == 1, "the first delivery")
@@ -382,7 +383,7 @@ class TestOnEveryStore:
         self, store_url: str, hook_target: Receiver
     ) -> None:
         """Subscribe, deliver, kill, block readiness, retry, deliver: on SQLite and PostgreSQL."""
-        with TestClient(create_app(fast_settings(store_url))) as client:
+        with TestClient(create_app(fast_settings(store_url)), headers=admin(store_url)) as client:
             created = subscribe(client, hook_target.url)
             place_order(client)
             eventually(lambda: count(client, "delivered") == 1, "the first delivery")

@@ -22,6 +22,7 @@ from api.cli import app
 from domain.ledger import OrderLedger
 from projections.effects.outbox import effects
 from projections.runtime import ProjectionRuntime
+from tests.api.auth_support import admin
 from tests.effects.test_effects_api import (
     Receiver,
     count,
@@ -153,7 +154,7 @@ class TestEffectsCommands:
         """A receiver answering 500 leaves dead effects; `effects retry --all-dead` sends them."""
         target.status = 500
         add_webhook(sqlite_url, target.url)
-        with TestClient(create_app(fast_settings(sqlite_url))) as client:
+        with TestClient(create_app(fast_settings(sqlite_url)), headers=admin(sqlite_url)) as client:
             order_id = place_order(client)
             eventually(lambda: count(client, "dead") == 1, "the effect to go dead")
             [dead] = client.get("/effects", params={"status": "dead"}).json()["data"]
@@ -185,7 +186,7 @@ class TestEffectsCommands:
         """`effects retry ID` sends that dead effect again; a delivered one is refused."""
         target.status = 500
         add_webhook(sqlite_url, target.url)
-        with TestClient(create_app(fast_settings(sqlite_url))) as client:
+        with TestClient(create_app(fast_settings(sqlite_url)), headers=admin(sqlite_url)) as client:
             place_order(client)
             eventually(lambda: count(client, "dead") == 1, "the effect to go dead")
             [dead] = client.get("/effects", params={"status": "dead"}).json()["data"]
