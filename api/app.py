@@ -6,15 +6,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from importlib.metadata import version
 
-from fastapi import FastAPI, HTTPException
+from fastapi import APIRouter, FastAPI, HTTPException
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import Access, keys_resource
 from api.logs import RequestLogMiddleware
 from api.metrics import HttpMetricsMiddleware, metrics_resource
 from api.problems import install_problem_handlers
 from api.projection_runtime import projections_resource
-from api.routes import routers
+from api.routes import access, routers
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.runtime import ProjectionRuntime
@@ -33,6 +34,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app; it opens the ledger at start-up unless given one (whose owner closes it)."""
     resources: list[LifespanResource] = [
+        keys_resource(settings),
         ledger_resource(settings, ledger),
         projections_resource(settings, projections),
         metrics_resource(settings),
@@ -49,8 +51,17 @@ def create_app(
     app.add_middleware(RequestLogMiddleware)  # outermost: its request id reaches every response
     install_problem_handlers(app)
     for router in routers:
-        app.include_router(router)
+        app.include_router(router, **route_access(router).include_options())
     return app
+
+
+def route_access(router: APIRouter) -> Access:
+    """The roles a router needs: a router nobody decided on is a start-up error, never open."""
+    decided = next((roles for known, roles in access if known is router), None)
+    if decided is None:
+        paths = ", ".join(sorted({getattr(route, "path", "?") for route in router.routes}))
+        raise LookupError(f"the router serving {paths} has no entry in api.routes.access")
+    return decided
 
 
 def ledger_resource(settings: Settings, ledger: OrderLedger | None) -> LifespanResource:
