@@ -10,6 +10,7 @@ from api.routes import (
     effects,
     health,
     keys,
+    metrics,
     order_queries,
     orders,
     projections,
@@ -29,6 +30,7 @@ routers: tuple[APIRouter, ...] = (
     webhooks.router,
     effects.router,
     keys.router,
+    metrics.router,
 )
 
 access: tuple[tuple[APIRouter, Access], ...] = (
@@ -42,5 +44,6 @@ access: tuple[tuple[APIRouter, Access], ...] = (
     (webhooks.router, ADMIN),
     (effects.router, ADMIN),
     (keys.router, ADMIN),
+    (metrics.router, OPEN),  # guarded by its own metrics_guard (settings.metrics_public)
 )
 """The roles each router needs (see api/auth.py); every router must have an entry."""
