@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(BIN)/orderledger demo --if-empty --orders $(DEMO_ORDERS)
+	$(BIN)/orderledger keys bootstrap
 	$(BIN)/orderledger serve --host 127.0.0.1 --port 8000
 
 test: install

@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api import effects_commands, projection_commands
+from api import effects_commands, keys_commands, projection_commands
 from api.demo import SCENARIOS, populate
 from api.settings import Settings
 from domain.errors import InvalidCommandError, OrderLedgerError
@@ -526,6 +526,7 @@ def audit(
 # worker, rebuild and status live beside the projections they run.
 projection_commands.register(app)
 effects_commands.register(app)
+keys_commands.register(app)
 
 
 def _last_resort(error: Exception) -> tuple[str, int]:
