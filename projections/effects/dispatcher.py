@@ -32,7 +32,7 @@ log = logging.getLogger("orderledger.effects")
 
 ATTEMPTS = Counter(
     "orderledger_effect_attempts",
-    "Effect delivery attempts by kind and outcome",
+    "Effect delivery attempts by kind and outcome (delivered, failed, dead: as in outbox_attempts)",
     ["kind", "outcome"],
 )
 DEAD_LETTERS = Counter("orderledger_effects_dead", "Effects that went dead", ["kind"])
@@ -225,6 +225,7 @@ class Dispatcher:
             wait = backoff(effect.attempt, self.settings)
             values.update(next_attempt_at=self.now + wait, last_error=outcome.error)
             context["retry_in"] = round(wait, 3)
+        recorded = DELIVERED if outcome.delivered else ("dead" if dead else "failed")
         with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
             total: int = conn.execute(
                 select(effects.c.total_attempts).where(effects.c.id == effect.id)
@@ -245,12 +246,12 @@ class Dispatcher:
                     attempt=total + 1,
                     started_at=started,
                     duration_ms=duration,
-                    outcome=DELIVERED if outcome.delivered else ("dead" if dead else "failed"),
+                    outcome=recorded,
                     status_code=outcome.status_code,
                     error=outcome.error,
                 )
             )
-        ATTEMPTS.labels(effect.kind, "delivered" if outcome.delivered else "failed").inc()
+        ATTEMPTS.labels(effect.kind, recorded).inc()
         if outcome.delivered:
             log.info("delivered %s", _fields(context), extra=context)
         elif dead:

@@ -217,7 +217,7 @@ class TestEffectMetrics:
     def test_a_dead_effect_shows_in_the_outbox_gauge_and_the_attempt_counters(
         self, sqlite_url: str
     ) -> None:
-        """A webhook to a refused port dies after one attempt: dead 1, a failed attempt counted."""
+        """A webhook to a refused port dies after one attempt: dead 1, one dead attempt counted."""
         settings = Settings(
             database_url=sqlite_url,
             effect_max_attempts=1,
@@ -243,7 +243,8 @@ class TestEffectMetrics:
         assert value(after, "orderledger_outbox_effects", status="pending") == 0
         assert value(after, "orderledger_outbox_effects", status="delivered") == 0
         attempts = "orderledger_effect_attempts_total"
-        assert growth(before, after, attempts, kind="webhook", outcome="failed") == 1
+        assert growth(before, after, attempts, kind="webhook", outcome="dead") == 1
+        assert growth(before, after, attempts, kind="webhook", outcome="failed") == 0
         assert growth(before, after, "orderledger_effects_dead_total", kind="webhook") == 1
 
 
