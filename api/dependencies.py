@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 
+from api.projection_runtime import MinPositionDep
 from domain.errors import InvalidCommandError
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
@@ -128,3 +129,52 @@ def command_options(
 
 
 CommandOptionsDep = Annotated[CommandOptions, Depends(command_options)]
+
+
+def reachable_min_position(ledger: LedgerDep, position: MinPositionDep) -> int | None:
+    """The read-your-writes position, refused if the store has not recorded it yet.
+
+    Positions come from command responses, so one beyond the newest event is a client error:
+    waiting for it would only end in a 503 after the read timeout.
+    """
+    if position is None:
+        return None
+    head = ledger.head_position()
+    if position > head:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "less_than_equal",
+                    "loc": ("query", "min_position"),
+                    "msg": f"no event is recorded at position {position} yet "
+                    f"(the newest is at {head}); use a position a command returned",
+                    "input": position,
+                }
+            ]
+        )
+    return position
+
+
+ReachableMinPositionDep = Annotated[int | None, Depends(reachable_min_position)]
+
+
+def json_body(request: Request) -> None:
+    """Refuse a request body that is not declared JSON with 415, before anything parses it."""
+    has_body = request.headers.get("content-length", "0") != "0" or (
+        "transfer-encoding" in request.headers
+    )
+    if not has_body:
+        return
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return
+    raise HTTPException(
+        415,
+        detail=f"the body must be JSON sent as Content-Type: application/json, "
+        f"not {media_type or 'an undeclared type'}",
+        headers={"Accept-Post": "application/json"},
+    )
+
+
+JSON_BODY = Depends(json_body)
+"""A router dependency for routes that take a JSON body."""

@@ -57,6 +57,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from starlette.concurrency import run_in_threadpool
 
 from api.dependencies import IdempotencyKeyHeader, idempotency_scope
+from api.problems import problem_responses, response_headers
 from projections.database import WRITE
 
 DEFAULT_TTL_SECONDS = 24 * 3600
@@ -64,6 +65,7 @@ ABANDONED_AFTER = 60.0
 WAIT_FOR_FIRST_SECONDS = 10.0
 _POLL_SECONDS = 0.02
 REPLAYED_HEADER = "Idempotent-Replayed"
+REPLAY_HEADER_DOC = response_headers(REPLAYED_HEADER)
 # The response headers worth replaying; others (dates, request ids) belong to each answer.
 _KEPT_HEADERS = ("content-type", "location", "etag", "orderledger-position")
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -267,6 +269,9 @@ class IdempotentRoute(APIRoute):
                 *(kwargs.get("dependencies") or []),
                 Depends(claim_idempotency_key),
             ]
+            kwargs["responses"] = _with_replay_documented(
+                dict(kwargs.get("responses") or {}), kwargs.get("status_code") or 200
+            )
         super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -299,6 +304,15 @@ class IdempotentRoute(APIRoute):
             return response
 
         return handle_once
+
+
+def _with_replay_documented(
+    responses: dict[int | str, dict[str, Any]], status: int
+) -> dict[int | str, dict[str, Any]]:
+    """Responses plus the replay header on success, and the problems a key can cause."""
+    success = dict(responses.get(status, {}))
+    success["headers"] = {**success.get("headers", {}), **REPLAY_HEADER_DOC["headers"]}
+    return {**problem_responses(409, 422), **responses, status: success}
 
 
 async def _release(request: Request) -> None:

@@ -11,6 +11,7 @@ from eventsourcing.persistence import PersistenceError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -70,6 +71,45 @@ def problem_response(
     )
 
 
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "Location": {
+        "description": "Where the new resource (or the status of the started work) is read.",
+        "schema": {"type": "string"},
+    },
+    "ETag": {
+        "description": 'The order\'s version as an entity tag, e.g. "3": send it back as '
+        "If-Match (commands) or If-None-Match (reads).",
+        "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+    },
+    "Orderledger-Position": {
+        "description": "Global position of the command's event: pass it as min_position to "
+        "read your own write.",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "Idempotent-Replayed": {
+        "description": "Present on a stored response replayed for a repeated Idempotency-Key; "
+        "nothing was done again.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+# Problems that tell the client when to try again.
+_RETRY_STATUSES = frozenset({409, 503})
+
+
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operation ids are the route functions' names: readable, and unique by design."""
+    return route.name
+
+
+def response_headers(*names: str) -> dict[str, Any]:
+    """An OpenAPI response entry fragment documenting these response headers."""
+    return {"headers": {name: RESPONSE_HEADERS[name] for name in names}}
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries declaring that these statuses answer with a problem document."""
     return {
@@ -77,6 +117,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "model": Problem,
             "description": HTTPStatus(status).phrase,
             "content": {PROBLEM_MEDIA_TYPE: {}},
+            **(response_headers("Retry-After") if status in _RETRY_STATUSES else {}),
         }
         for status in statuses
     }
@@ -100,13 +141,18 @@ async def ledger_error_problem(request: Request, exc: Exception) -> Response:
         current_version = exc.current_version
         if "if-match" in request.headers:
             status = HTTPStatus.PRECONDITION_FAILED
+    detail = str(exc)
+    if isinstance(exc, IdempotencyKeyReusedError):
+        # The ledger names the key with its caller's scope prefixed; the caller sent it bare.
+        sent = request.headers.get("idempotency-key")
+        detail = f"idempotency key {sent!r} was already used for a different command"
     words = _words(type(exc).__name__.removesuffix("Error"))
     return problem_response(
         request,
         status=status,
         slug="-".join(words),
         title=" ".join(words).capitalize(),
-        detail=str(exc),
+        detail=detail,
         current_version=current_version,
     )
 
@@ -150,6 +196,15 @@ async def validation_problem(request: Request, exc: Exception) -> Response:
 async def http_problem(request: Request, exc: Exception) -> Response:
     """Routing and protocol errors (unknown path, wrong method, body too large, ...)."""
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == HTTPStatus.BAD_REQUEST and isinstance(exc.__cause__, ValueError):
+        # FastAPI's answer to a body it cannot even decode (e.g. not UTF-8): still bad JSON.
+        return problem_response(
+            request,
+            status=422,
+            slug="malformed-json",
+            title="Malformed JSON",
+            detail=f"the request body is not valid JSON: {exc.__cause__}",
+        )
     try:
         phrase = HTTPStatus(exc.status_code).phrase
     except ValueError:

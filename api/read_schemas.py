@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api.schemas import LineOut
 from domain.errors import InvalidCommandError
@@ -167,6 +167,15 @@ class TopSkusPublic(BaseModel):
 
 class WebhookCreate(BaseModel):
     """A URL to POST events to, and the event types it wants (``*`` for every type)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"url": "https://example.com/hooks", "event_types": ["OrderPlaced", "OrderShipped"]}
+            ]
+        },
+    )
 
     url: str = Field(min_length=1, max_length=2048, examples=["https://example.com/hooks"])
     event_types: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(

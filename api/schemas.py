@@ -6,13 +6,23 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
-from domain.money import MAX_AMOUNT
+from domain.money import MAX_AMOUNT, MINOR_UNITS
 from domain.order import (
     MAX_ADDRESS_LENGTH,
     MAX_EMAIL_LENGTH,
     MAX_ID_LENGTH,
+    MAX_LINES,
+    MAX_QUANTITY,
     MAX_REASON_LENGTH,
     MAX_REFERENCE_LENGTH,
 )
@@ -22,7 +32,11 @@ MinorUnits = Annotated[
     StrictInt,
     Field(ge=0, le=MAX_AMOUNT, description="Integer minor units (cents), at most 2**63-1."),
 ]
-Quantity = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)]
+# Bounds the domain checks itself (its problem names the rule) are only documented here.
+Quantity = Annotated[
+    StrictInt,
+    Field(ge=0, le=MAX_AMOUNT, json_schema_extra={"minimum": 1, "maximum": MAX_QUANTITY}),
+]
 Identifier = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 Reference = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REFERENCE_LENGTH)]
 Address = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ADDRESS_LENGTH)]
@@ -31,9 +45,13 @@ Email = Annotated[
     StrictStr,
     Field(min_length=3, max_length=MAX_EMAIL_LENGTH, examples=["ada@example.com"]),
 ]
+# The schema lists the active ISO 4217 codes; the domain refuses any other with its own problem.
 Currency = Annotated[
     StrictStr,
-    Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.", examples=["EUR"]),
+    Field(pattern=r"^[A-Z]{3}$", description="Active ISO 4217 code.", examples=["EUR"]),
+    WithJsonSchema(
+        {"type": "string", "enum": sorted(MINOR_UNITS), "description": "Active ISO 4217 code."}
+    ),
 ]
 
 _LINE_EXAMPLE: dict[str, JsonValue] = {"sku": "SKU-1", "quantity": 2, "unit_price": 1250}
@@ -77,7 +95,7 @@ class OrderCreate(_Command):
 
     customer_id: Identifier
     currency: Currency
-    lines: list[LineIn]
+    lines: Annotated[list[LineIn], Field(json_schema_extra={"minItems": 1, "maxItems": MAX_LINES})]
     shipping_address: Address | None = None
     client_reference: Reference | None = None
     customer_email: Email | None = None

@@ -7,20 +7,26 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request
 
-from api.problems import problem_responses
-from api.projection_runtime import MinPositionDep, read_model
+from api.dependencies import ReachableMinPositionDep
+from api.problems import operation_id, problem_responses
+from api.projection_runtime import read_model
 from api.read_schemas import CustomerStatsPublic, IdentifierParam
 from projections.customer_stats import get_customer_stats
 
 router = APIRouter(
-    prefix="/customers", tags=["customers"], responses=problem_responses(404, 422, 503)
+    generate_unique_id_function=operation_id,
+    prefix="/customers",
+    tags=["customers"],
+    responses=problem_responses(404, 422, 503),
 )
 
 
 # A customer id may hold a slash, so the rest of the path is the id.
 @router.get("/{customer_id:path}")
 async def read_customer(
-    customer_id: Annotated[IdentifierParam, Path()], request: Request, min_position: MinPositionDep
+    customer_id: Annotated[IdentifierParam, Path()],
+    request: Request,
+    min_position: ReachableMinPositionDep,
 ) -> CustomerStatsPublic:
     """A customer's order count, first and last order, and spend per currency."""
     query = partial(get_customer_stats, customer_id=customer_id)

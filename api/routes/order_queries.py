@@ -10,8 +10,9 @@ from uuid import UUID
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from pydantic import AfterValidator
 
-from api.problems import problem_responses
-from api.projection_runtime import MinPositionDep, read_model
+from api.dependencies import ReachableMinPositionDep
+from api.problems import operation_id, problem_responses, response_headers
+from api.projection_runtime import read_model
 from api.read_schemas import IdentifierParam, OrderSummariesPublic, OrderSummaryPublic
 from projections.order_summaries import (
     InvalidCursorError,
@@ -21,7 +22,12 @@ from projections.order_summaries import (
     list_order_summaries,
 )
 
-router = APIRouter(prefix="/orders", tags=["orders"], responses=problem_responses(404, 422, 503))
+router = APIRouter(
+    generate_unique_id_function=operation_id,
+    prefix="/orders",
+    tags=["orders"],
+    responses=problem_responses(404, 422, 503),
+)
 
 MAX_PAGE = 200
 Status = Literal["pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"]
@@ -55,7 +61,7 @@ def _end_of(day: date) -> datetime | None:
 @router.get("")
 async def list_orders(
     request: Request,
-    min_position: MinPositionDep,
+    min_position: ReachableMinPositionDep,
     customer_id: Annotated[IdentifierParam | None, Query()] = None,
     status: Status | None = None,
     placed_from: Annotated[date | None, Query(description="First day, inclusive (UTC).")] = None,
@@ -88,13 +94,17 @@ async def list_orders(
 @router.get(
     "/{order_id}",
     response_model=OrderSummaryPublic,
-    responses={304: {"description": "Not modified"}},
+    responses={
+        200: response_headers("ETag"),
+        304: {"description": "Not modified: If-None-Match names the current version"}
+        | response_headers("ETag"),
+    },
 )
 async def read_order(
     order_id: UUID,
     request: Request,
     response: Response,
-    min_position: MinPositionDep,
+    min_position: ReachableMinPositionDep,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> OrderSummaryPublic | Response:
     """The order from the read model (its full audit is at /orders/{id}/history)."""

@@ -8,8 +8,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Body, Path, Query, Response
 
-from api.dependencies import CommandOptionsDep, IdempotencyKeyDep, LedgerDep
-from api.problems import problem_responses
+from api.dependencies import JSON_BODY, CommandOptionsDep, IdempotencyKeyDep, LedgerDep
+from api.problems import operation_id, problem_responses, response_headers
 from api.schemas import (
     CancellationCreate,
     CommandAccepted,
@@ -28,8 +28,22 @@ from domain.money import MAX_AMOUNT
 from domain.order import MAX_ID_LENGTH
 
 router = APIRouter(
-    prefix="/orders", tags=["orders"], responses=problem_responses(404, 409, 412, 413, 422)
+    generate_unique_id_function=operation_id,
+    prefix="/orders",
+    tags=["orders"],
+    dependencies=[JSON_BODY],
+    responses=problem_responses(404, 422),
 )
+
+_COMMAND_PROBLEMS = problem_responses(409, 412, 413, 415)
+_COMMAND_RESPONSES = {
+    **_COMMAND_PROBLEMS,
+    200: response_headers("ETag", "Orderledger-Position", "Idempotent-Replayed"),
+}
+_PLACEMENT_RESPONSES = {
+    **_COMMAND_PROBLEMS,
+    201: response_headers("Location", "ETag", "Orderledger-Position", "Idempotent-Replayed"),
+}
 
 Sku = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -45,7 +59,7 @@ def _accepted(response: Response, result: CommandResult) -> CommandAccepted:
     )
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=_PLACEMENT_RESPONSES)
 def create_order(
     body: OrderCreate,
     ledger: LedgerDep,
@@ -58,7 +72,7 @@ def create_order(
     return _accepted(response, result)
 
 
-@router.post("/{order_id}/lines")
+@router.post("/{order_id}/lines", responses=_COMMAND_RESPONSES)
 def add_line(
     order_id: UUID,
     body: LineCreate,
@@ -71,7 +85,7 @@ def add_line(
     return _accepted(response, result)
 
 
-@router.delete("/{order_id}/lines/{sku}")
+@router.delete("/{order_id}/lines/{sku}", responses=_COMMAND_RESPONSES)
 def remove_line(
     order_id: UUID, sku: Sku, ledger: LedgerDep, options: CommandOptionsDep, response: Response
 ) -> CommandAccepted:
@@ -80,7 +94,7 @@ def remove_line(
     return _accepted(response, result)
 
 
-@router.post("/{order_id}/payments")
+@router.post("/{order_id}/payments", responses=_COMMAND_RESPONSES)
 def capture_payment(
     order_id: UUID,
     body: PaymentCreate,
@@ -93,7 +107,7 @@ def capture_payment(
     return _accepted(response, result)
 
 
-@router.post("/{order_id}/shipment")
+@router.post("/{order_id}/shipment", responses=_COMMAND_RESPONSES)
 def ship_order(
     order_id: UUID,
     body: ShipmentCreate,
@@ -106,7 +120,7 @@ def ship_order(
     return _accepted(response, result)
 
 
-@router.post("/{order_id}/delivery")
+@router.post("/{order_id}/delivery", responses=_COMMAND_RESPONSES)
 def deliver_order(
     order_id: UUID,
     ledger: LedgerDep,
@@ -120,7 +134,7 @@ def deliver_order(
     return _accepted(response, result)
 
 
-@router.post("/{order_id}/cancellation")
+@router.post("/{order_id}/cancellation", responses=_COMMAND_RESPONSES)
 def cancel_order(
     order_id: UUID,
     body: CancellationCreate,
@@ -133,7 +147,7 @@ def cancel_order(
     return _accepted(response, result)
 
 
-@router.post("/{order_id}/refunds")
+@router.post("/{order_id}/refunds", responses=_COMMAND_RESPONSES)
 def issue_refund(
     order_id: UUID,
     body: RefundCreate,

@@ -9,13 +9,14 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.idempotency import IdempotentRoute
-from api.problems import problem_responses
+from api.problems import operation_id, problem_responses, response_headers
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import ProjectionPublic, ProjectionsPublic, RebuildAccepted
 from projections.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.status import ProjectionStatus, all_statuses, projection_status
 
 router = APIRouter(
+    generate_unique_id_function=operation_id,
     prefix="/projections",
     tags=["projections"],
     responses=problem_responses(404, 422),
@@ -59,7 +60,7 @@ def read_projection(
     return _public(status)
 
 
-@router.post("/{name}/rebuild", status_code=202)
+@router.post("/{name}/rebuild", status_code=202, responses={202: response_headers("Location")})
 async def rebuild_projection(
     name: ProjectionName,
     runtime: ProjectionsDep,

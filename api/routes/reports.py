@@ -9,13 +9,19 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 
-from api.problems import problem_responses
-from api.projection_runtime import MinPositionDep, read_model
+from api.dependencies import ReachableMinPositionDep
+from api.problems import operation_id, problem_responses
+from api.projection_runtime import read_model
 from api.read_schemas import DailySalesPublic, DaySalesPublic, SkuSalesPublic, TopSkusPublic
 from projections.daily_sales import daily_sales_between
 from projections.sku_sales import top_skus
 
-router = APIRouter(prefix="/reports", tags=["reports"], responses=problem_responses(422, 503))
+router = APIRouter(
+    generate_unique_id_function=operation_id,
+    prefix="/reports",
+    tags=["reports"],
+    responses=problem_responses(422, 503),
+)
 
 MAX_DAYS = 366
 MAX_SKUS = 100
@@ -44,7 +50,7 @@ def day_range(
 async def read_daily_sales(
     days: Annotated[tuple[date, date], Depends(day_range)],
     request: Request,
-    min_position: MinPositionDep,
+    min_position: ReachableMinPositionDep,
     currency: Currency = None,
 ) -> DailySalesPublic:
     """Orders placed, gross, captured, refunded, net and cancellations per UTC day and currency."""
@@ -58,7 +64,7 @@ async def read_daily_sales(
 @router.get("/top-skus")
 async def read_top_skus(
     request: Request,
-    min_position: MinPositionDep,
+    min_position: ReachableMinPositionDep,
     limit: Annotated[int, Query(ge=1, le=MAX_SKUS)] = 10,
     currency: Currency = None,
 ) -> TopSkusPublic:

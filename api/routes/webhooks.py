@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response
 from fastapi.exceptions import RequestValidationError
 
+from api.dependencies import JSON_BODY
 from api.idempotency import IdempotentRoute
-from api.problems import problem_responses
+from api.problems import operation_id, problem_responses
 from api.read_schemas import WebhookCreate, WebhookCreated, WebhookPublic, WebhooksPublic
 from api.routes.effects import EffectsDep
 from projections.effects.service import (
@@ -18,7 +19,13 @@ from projections.effects.service import (
     SubscriptionView,
 )
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=IdempotentRoute)
+router = APIRouter(
+    generate_unique_id_function=operation_id,
+    prefix="/webhooks",
+    tags=["webhooks"],
+    dependencies=[JSON_BODY],
+    route_class=IdempotentRoute,
+)
 
 SubscriptionId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 
@@ -33,7 +40,7 @@ def _public(view: SubscriptionView) -> WebhookPublic:
     )
 
 
-@router.post("", status_code=201, responses=problem_responses(422))
+@router.post("", status_code=201, responses=problem_responses(409, 413, 415, 422))
 def create_webhook(body: WebhookCreate, effects: EffectsDep) -> WebhookCreated:
     """Subscribe a URL to event types; the signing secret is in this response and no other."""
     try:

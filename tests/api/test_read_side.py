@@ -746,13 +746,14 @@ def odd_reads(client: TestClient) -> None:
 class TestOddQueries:
     """Whatever a client puts in a read, the answer is a success or a problem, never a 500."""
 
-    def test_a_position_at_the_largest_integer_waits_then_answers_503(
+    def test_a_position_beyond_the_newest_event_is_refused_without_waiting(
         self, idle: TestClient
     ) -> None:
-        """The biggest valid position is accepted and simply never reached."""
+        """No command returned such a position, so waiting for it could only end in a 503."""
         catch_up(idle)
         response = idle.get("/orders", params={"min_position": str(2**63 - 1)})
-        assert_problem(response, 503)
+        problem = assert_problem(response, 422, "invalid-request")
+        assert problem["errors"][0]["field"] == "query.min_position"
 
 
 # -- PostgreSQL and SQLite ----------------------------------------------------------------------
