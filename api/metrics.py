@@ -9,6 +9,7 @@ counters to ``PROMETHEUS_MULTIPROC_DIR`` and a scrape sums them all.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,8 @@ from projections.status import (
     STALLED,
     all_statuses,
 )
+
+log = logging.getLogger("orderledger.metrics")
 
 MULTIPROCESS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"
@@ -156,6 +159,7 @@ class StoreCollector(Collector):
         try:
             families = self._projections() + self._effects()
         except Exception:
+            log.warning("metrics: the store could not be read", exc_info=True)
             up.add_metric([], 0)
             return [up]
         up.add_metric([], 1)

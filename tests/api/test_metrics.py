@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -211,6 +212,22 @@ class TestProjectionMetrics:
             assert (
                 value(samples, "orderledger_projection_state", projection=name, state="live") == 1
             )
+
+
+class TestStoreOutage:
+    @pytest.mark.postgres
+    def test_a_scrape_still_answers_when_the_store_is_gone(self, postgres_url: str) -> None:
+        """The database dropped under a running app: /metrics is 200 with store_up at 0."""
+        settings = Settings(database_url=postgres_url, metrics_public=True, run_projections=False)
+        with TestClient(create_app(settings)) as client:
+            assert value(scrape(client), "orderledger_store_up") == 1
+            admin, database = postgres_url.rsplit("/", 1)
+            with psycopg.connect(f"{admin}/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+            time.sleep(1.1)  # past the scrape cache
+            samples = scrape(client)
+        assert value(samples, "orderledger_store_up") == 0
+        assert not [key for key in samples if key[0].startswith("orderledger_projection_")]
 
 
 class TestEffectMetrics:
