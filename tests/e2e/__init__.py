@@ -1,0 +1,1 @@
+"""End-to-end tests: real `orderledger serve` processes driven over TCP on loopback."""

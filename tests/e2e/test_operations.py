@@ -1,0 +1,170 @@
+"""What an operator sees of a running server: metrics, request ids and logs, shutdown."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api import assert_problem, order_body
+from tests.e2e.processes import Deployment, Server, wait_until
+from tests.e2e.shop import Shop
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (0 when there are none)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def scrape(server: Server) -> str:
+    with server.client() as http:
+        response = http.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def json_lines(text: str) -> Iterator[dict[str, Any]]:
+    """Every line of a log, each of which must be one JSON object."""
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        yield record
+
+
+class TestObservability:
+    """Counters that move, request ids that come back, one JSON log line per request."""
+
+    def test_metrics_move_request_ids_come_back_and_every_log_line_is_json(
+        self, server: Server
+    ) -> None:
+        """A placement and a refused condition move their counters (admins only); a sane
+        X-Request-ID comes back, even on a 401, and names the request's JSON log line."""
+        before = scrape(server)
+        with server.client() as http:
+            mine = http.post("/orders", json=order_body(), headers={"X-Request-ID": "e2e-req.1"})
+            assert mine.headers["X-Request-ID"] == "e2e-req.1"
+            order_id = mine.json()["order_id"]
+            line = {"sku": "SKU-9", "quantity": 1, "unit_price": 10}
+            stale = http.post(f"/orders/{order_id}/lines", json=line, headers={"If-Match": '"9"'})
+            assert stale.status_code == 412
+            generated = stale.headers["X-Request-ID"]
+            assert generated
+        after = scrape(server)
+
+        def moved(name: str, **labels: str) -> float:
+            return metric(after, name, **labels) - metric(before, name, **labels)
+
+        assert moved("orderledger_commands_total", command="place_order", outcome="ok") == 1
+        assert moved("orderledger_commands_total", command="add_line", outcome="conflict") == 1
+        posted = {"route": "/orders", "method": "POST", "status": "201"}
+        assert moved("orderledger_http_requests_total", **posted) == 1
+        lines = {"route": "/orders/{order_id}/lines", "method": "POST", "status": "412"}
+        assert moved("orderledger_http_requests_total", **lines) == 1
+        with server.anonymous() as http:
+            refused = http.get("/metrics", headers={"X-Request-ID": "e2e-req.2"})
+            assert_problem(refused, 401)
+            assert refused.headers["X-Request-ID"] == "e2e-req.2"
+
+        def logged(request_id: str) -> list[dict[str, Any]]:
+            return [r for r in json_lines(server.stderr()) if r.get("request_id") == request_id]
+
+        (placed,) = wait_until(lambda: logged("e2e-req.1"), "the request is logged", timeout=10)
+        assert (placed["method"], placed["route"], placed["status"]) == ("POST", "/orders", 201)
+        assert placed["latency_ms"] >= 0
+        (conflict,) = wait_until(lambda: logged(generated), "the 412 is logged", timeout=10)
+        assert (conflict["route"], conflict["status"]) == ("/orders/{order_id}/lines", 412)
+        (denied,) = wait_until(lambda: logged("e2e-req.2"), "the 401 is logged", timeout=10)
+        assert denied["status"] == 401
+
+
+class TestGracefulShutdown:
+    """SIGTERM while clients are placing orders."""
+
+    @pytest.mark.slow
+    def test_every_acknowledged_order_survives_sigterm_during_a_burst(
+        self, deployment: Deployment
+    ) -> None:
+        """Exit 0; every 201 is in the store after a restart, and no order is half there."""
+        server = deployment.serve()
+        acknowledged: dict[str, int] = {}
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def client_loop() -> None:
+            with server.client() as http:
+                while True:
+                    try:
+                        response = http.post("/orders", json=order_body(customer_id="cust-burst"))
+                    except httpx.TransportError:
+                        return  # the server is gone: nothing more can be acknowledged
+                    with lock:
+                        statuses.append(response.status_code)
+                        if response.status_code == 201:
+                            body = response.json()
+                            acknowledged[body["order_id"]] = body["position"]
+
+        clients = [threading.Thread(target=client_loop) for _ in range(6)]
+        for client in clients:
+            client.start()
+        wait_until(lambda: len(acknowledged) >= 40, "40 orders are acknowledged")
+        assert server.terminate() == 0, server.output()
+        for client in clients:
+            client.join(60)
+        assert set(statuses) == {201}, f"answers during shutdown: {sorted(set(statuses))}"
+
+        restarted = deployment.serve("serve-again")
+        with restarted.client() as http:
+            shop = Shop(http)
+            shop.position = max(acknowledged.values())
+            stored: list[dict[str, Any]] = []
+            page = shop.read("/orders", customer_id="cust-burst", limit=200)
+            stored += page["data"]
+            while page["next"] is not None:
+                page = http.get(page["next"]).json()
+                stored += page["data"]
+            stored_ids = {order["order_id"] for order in stored}
+            assert set(acknowledged) <= stored_ids
+            for order in stored:
+                assert (order["version"], order["line_count"], order["total"]) == (1, 2, 3000)
+            for order_id, position in acknowledged.items():
+                (event,) = http.get(f"/orders/{order_id}/history").json()["events"]
+                assert (event["type"], event["position"]) == ("OrderPlaced", position)
+
+
+class TestSeveralApiProcesses:
+    """`serve --workers 2`, seen only through the public API."""
+
+    @pytest.mark.slow
+    @pytest.mark.postgres
+    def test_two_api_processes_serve_commands_and_fresh_reads(
+        self, postgres_deployment: Deployment
+    ) -> None:
+        """Orders placed on fresh connections are read back at their positions; /metrics sums
+        both processes; SIGTERM stops everything with exit 0."""
+        server = postgres_deployment.serve("serve-workers", "--workers", "2")
+        before = scrape(server)
+        placed = 0
+        for _ in range(12):
+            # A new connection each time, so both processes get some of the requests.
+            with server.client() as http:
+                shop = Shop(http)
+                order_id = shop.place(customer_id="cust-workers")
+                placed += 1
+                assert shop.read(f"/orders/{order_id}")["order_id"] == order_id
+        after = scrape(server)
+        counted = metric(
+            after, "orderledger_http_requests_total", route="/orders", method="POST"
+        ) - metric(before, "orderledger_http_requests_total", route="/orders", method="POST")
+        assert counted == placed
+        assert server.terminate() == 0, server.output()

@@ -1,0 +1,120 @@
+"""The README's two-machine deployment on PostgreSQL, simulated on loopback.
+
+Two API processes (as behind a load balancer, projections off) and one `orderledger worker`
+(as on a worker machine), all on one database. The worker is SIGKILLed and replaced; the read
+models catch up with nothing lost and nothing twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.processes import Deployment, Server
+from tests.e2e.shop import MIN_POSITION, Shop
+
+LEASE_TTL = 2
+"""Seconds before a SIGKILLed worker's leases may be taken over (kept short for the test)."""
+
+
+def all_orders(http: httpx.Client, min_position: int, **filters: str) -> list[dict[str, Any]]:
+    """Every order the read model lists, page after page, once it has reached min_position."""
+    response = http.get(
+        "/orders", params={"limit": 50, **filters}, headers={MIN_POSITION: str(min_position)}
+    )
+    orders: list[dict[str, Any]] = []
+    while True:
+        assert response.status_code == 200, response.text
+        page = response.json()
+        orders += page["data"]
+        if page["next"] is None:
+            return orders
+        response = http.get(page["next"])
+
+
+def place_through(server: Server, customer_id: str, count: int) -> dict[str, int]:
+    """Place ``count`` orders through one API; their ids and positions."""
+    with server.client() as http:
+        shop = Shop(http)
+        return {shop.place(customer_id=customer_id): shop.position for _ in range(count)}
+
+
+def reader_caught_up(reader: httpx.Client, position: int) -> Callable[[], bool]:
+    """Whether a read at ``position`` through this API answers (not 503) yet."""
+
+    def answered() -> bool:
+        response = reader.get("/orders", params={"min_position": position, "limit": 1})
+        return response.status_code == 200
+
+    return answered
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_api_machines_and_a_replaced_worker_share_one_database(
+    postgres_deployment: Deployment,
+) -> None:
+    """Orders placed through both APIs are read through each; a new worker catches up."""
+    deployment = postgres_deployment
+    deployment.settings["projection_lease_ttl"] = LEASE_TTL
+    first_worker = deployment.worker("worker-1")
+    api_a = deployment.serve("api-a", run_projections=False)
+    api_b = deployment.serve("api-b", run_projections=False)
+
+    # Both APIs take orders at once.
+    placed: dict[str, dict[str, int]] = {}
+
+    def place(server: Server, customer: str) -> None:
+        placed[customer] = place_through(server, customer, 15)
+
+    writers = [
+        threading.Thread(target=place, args=(api_a, "cust-a")),
+        threading.Thread(target=place, args=(api_b, "cust-b")),
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert set(placed) == {"cust-a", "cust-b"}
+
+    # Read-your-writes across machines: each order is read through the other API at its position.
+    with api_a.client() as on_a, api_b.client() as on_b:
+        for reader, customer in ((on_b, "cust-a"), (on_a, "cust-b")):
+            for order_id, position in placed[customer].items():
+                response = reader.get(f"/orders/{order_id}", params={"min_position": position})
+                assert response.status_code == 200, response.text
+                assert response.json()["customer_id"] == customer
+        head = max(max(orders.values()) for orders in placed.values())
+        everyone = set(placed["cust-a"]) | set(placed["cust-b"])
+        for reader in (on_a, on_b):
+            assert sorted(o["order_id"] for o in all_orders(reader, head)) == sorted(everyone)
+
+    # The worker machine dies without a word; orders keep coming; a new worker takes over.
+    first_worker.kill()
+    late = place_through(api_a, "cust-a", 10)
+    second_worker = deployment.worker("worker-2")
+    late_head = max(late.values())
+    with api_a.client() as on_a, api_b.client() as on_b:
+        for reader in (on_a, on_b):
+            caught_up = reader_caught_up(reader, late_head)
+            # Read-your-writes waits for the new worker (a 503 if it takes longer than that).
+            deployment.wait_for(caught_up, "the new worker catches up")
+            listed = [o["order_id"] for o in all_orders(reader, late_head)]
+            assert len(listed) == len(set(listed)) == len(everyone) + len(late)
+            assert set(listed) == everyone | set(late)
+            customer = reader.get("/customers/cust-a", headers={MIN_POSITION: str(late_head)})
+            assert customer.json()["orders"] == 25
+            sales = reader.get("/reports/top-skus", headers={MIN_POSITION: str(late_head)})
+            units = {row["sku"]: row["units_ordered"] for row in sales.json()["data"]}
+            assert units == {"SKU-1": 2 * 40, "SKU-2": 40}
+        # Every projection is now advanced by the new worker, and none is behind or failed.
+        projections = on_b.get("/projections").json()["data"]
+        assert projections
+        for projection in projections:
+            assert projection["state"] == "live", projection
+            assert projection["position"] >= late_head
+            assert f":{second_worker.pid}:" in projection["lease_owner"], projection
