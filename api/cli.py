@@ -187,6 +187,7 @@ def run_server(settings: Settings) -> None:
     # failed lifespan with a traceback.
     ledger = _open_ledger(settings)
     try:
+        _exit_normally_after_shutdown()
         uvicorn.run(
             create_app(settings, ledger=ledger),
             host=settings.host,
@@ -278,6 +279,17 @@ def _stop_process(process: multiprocessing.process.BaseProcess, timeout: float =
     if process.is_alive():
         process.kill()
         process.join()
+
+
+def _exit_normally_after_shutdown() -> None:
+    """Let SIGINT and SIGTERM end serve with exit code 0 once uvicorn has shut down.
+
+    uvicorn handles the signal (a graceful shutdown), restores the handlers it found and raises
+    the signal again; with the default handlers the process would then die by the signal,
+    skipping the ledger's close. These handlers do nothing, so uvicorn.run simply returns.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
 
 
 def _exit_with_parent(parent: int) -> None:
