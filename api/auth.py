@@ -8,13 +8,14 @@ store every guarded route answers 401 (``orderledger keys bootstrap`` issues the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from api.keys import ApiKeyStore, Principal, Role
 from api.problems import problem_responses
@@ -114,7 +115,9 @@ def _unauthorized(detail: str, *, token_sent: bool) -> HTTPException:
     return HTTPException(401, detail=detail, headers={"WWW-Authenticate": challenge})
 
 
-def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+async def authenticate(
+    request: Request, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
     """The request's principal (also put on request.state.principal), or a 401."""
     if credentials is None:
         if "authorization" in request.headers:
@@ -125,17 +128,19 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
             "this route needs an API key, sent as 'Authorization: Bearer <key>'",
             token_sent=False,
         )
-    principal = get_key_store(request).authenticate(credentials.credentials)
+    store = get_key_store(request)
+    token = credentials.credentials
+    principal = store.cached(token) or await run_in_threadpool(store.authenticate, token)
     if principal is None:
         raise _unauthorized("the API key is unknown or revoked", token_sent=True)
     request.state.principal = principal
     return principal
 
 
-def _check(
+async def _check(
     request: Request, credentials: HTTPAuthorizationCredentials | None, role: Role
 ) -> Principal:
-    principal = authenticate(request, credentials)
+    principal = await authenticate(request, credentials)
     if not principal.role.includes(role):
         raise HTTPException(
             403,
@@ -145,26 +150,26 @@ def _check(
     return principal
 
 
-def require(role: Role) -> Callable[..., Principal]:
+def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting keys with ``role`` or a higher one."""
 
-    def required_role(request: Request, credentials: BearerCredentials) -> Principal:
-        return _check(request, credentials, role)
+    async def required_role(request: Request, credentials: BearerCredentials) -> Principal:
+        return await _check(request, credentials, role)
 
     return required_role
 
 
-def _guard(access: Access) -> Callable[..., Principal | None]:
-    def guarded(request: Request, credentials: BearerCredentials) -> Principal | None:
+def _guard(access: Access) -> Callable[..., Awaitable[Principal | None]]:
+    async def guarded(request: Request, credentials: BearerCredentials) -> Principal | None:
         role = access.role_for(request.method)
-        return None if role is None else _check(request, credentials, role)
+        return None if role is None else await _check(request, credentials, role)
 
     return guarded
 
 
-def metrics_guard(request: Request, credentials: BearerCredentials) -> Principal | None:
+async def metrics_guard(request: Request, credentials: BearerCredentials) -> Principal | None:
     """/metrics: open when settings.metrics_public, else admin only."""
     settings = cast(Settings, request.app.state.settings)
     if settings.metrics_public:
         return None
-    return _check(request, credentials, Role.admin)
+    return await _check(request, credentials, Role.admin)

@@ -266,6 +266,13 @@ class ApiKeyStore:
         self._note_use(principal.key_id, _utc_or_none(row.last_used_at))
         return principal
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal if this process accepted the token under cache_ttl seconds ago.
+
+        No I/O, so the API checks it on the event loop and reads the table only on a miss.
+        """
+        return self._cached(token_digest(token))
+
     def _cached(self, digest: str) -> Principal | None:
         with self._cache_lock:
             entry = self._cache.get(digest)
