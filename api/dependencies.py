@@ -88,6 +88,9 @@ def expected_version(
             alias="If-Match",
             description='The order\'s version as an entity tag, e.g. "3"; '
             "the command is refused with 412 if the order has moved on.",
+            # Documented here, checked below so the refusal names the header.
+            json_schema_extra={"pattern": r'^(\*|"[1-9][0-9]{0,18}")$'},
+            examples=['"3"'],
         ),
     ] = None,
 ) -> int | None:

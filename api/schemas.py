@@ -37,10 +37,20 @@ Quantity = Annotated[
     StrictInt,
     Field(ge=0, le=MAX_AMOUNT, json_schema_extra={"minimum": 1, "maximum": MAX_QUANTITY}),
 ]
-Identifier = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
-Reference = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REFERENCE_LENGTH)]
-Address = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ADDRESS_LENGTH)]
-Reason = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REASON_LENGTH)]
+# Text the domain accepts: not blank, no control characters (free text may hold newlines
+# and tabs). Documented as patterns; domain.order.bounded_text enforces them.
+_LINE = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+_FREE_TEXT = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*\S[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"
+
+
+def _text(max_length: int, pattern: str) -> Any:
+    return Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": pattern})
+
+
+Identifier = Annotated[StrictStr, _text(MAX_ID_LENGTH, _LINE)]
+Reference = Annotated[StrictStr, _text(MAX_REFERENCE_LENGTH, _LINE)]
+Address = Annotated[StrictStr, _text(MAX_ADDRESS_LENGTH, _FREE_TEXT)]
+Reason = Annotated[StrictStr, _text(MAX_REASON_LENGTH, _FREE_TEXT)]
 Email = Annotated[
     StrictStr,
     Field(min_length=3, max_length=MAX_EMAIL_LENGTH, examples=["ada@example.com"]),

@@ -35,14 +35,33 @@ router = APIRouter(
     responses=problem_responses(404, 422),
 )
 
+# What a client (or a fuzzer following links) can do next with the order_id it got back.
+_NEXT_OPERATIONS = (
+    "add_line",
+    "remove_line",
+    "capture_payment",
+    "ship_order",
+    "deliver_order",
+    "cancel_order",
+    "issue_refund",
+    "read_order_state",
+    "read_order_history",
+)
+_ORDER_LINKS = {
+    "links": {
+        name: {"operationId": name, "parameters": {"order_id": "$response.body#/order_id"}}
+        for name in _NEXT_OPERATIONS
+    }
+}
 _COMMAND_PROBLEMS = problem_responses(409, 412, 413, 415)
 _COMMAND_RESPONSES = {
     **_COMMAND_PROBLEMS,
-    200: response_headers("ETag", "Orderledger-Position", "Idempotent-Replayed"),
+    200: response_headers("ETag", "Orderledger-Position", "Idempotent-Replayed") | _ORDER_LINKS,
 }
 _PLACEMENT_RESPONSES = {
     **_COMMAND_PROBLEMS,
-    201: response_headers("Location", "ETag", "Orderledger-Position", "Idempotent-Replayed"),
+    201: response_headers("Location", "ETag", "Orderledger-Position", "Idempotent-Replayed")
+    | _ORDER_LINKS,
 }
 
 Sku = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
