@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
 from api.schemas import LineOut
 from domain.errors import InvalidCommandError
@@ -24,8 +24,111 @@ def _identifier(value: str) -> str:
 IdentifierParam = Annotated[str, AfterValidator(_identifier)]
 
 
+_ORDER_ID = "0d9b1f5e-3c1a-4f55-9a7e-2b8f6f3f8a10"
+_AT = "2026-01-31T12:05:00Z"
+_CURSOR = "MjAyNi0wMS0zMVQxMjowMDowMFp8MGQ5YjFmNWU"
+_SUMMARY_EXAMPLE: dict[str, JsonValue] = {
+    "order_id": _ORDER_ID,
+    "status": "paid",
+    "customer_id": "cust-42",
+    "currency": "EUR",
+    "line_count": 1,
+    "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": 1250}],
+    "total": 2500,
+    "captured": 2500,
+    "refunded": 0,
+    "refund_due": 0,
+    "balance_due": 0,
+    "placed_at": "2026-01-31T12:00:00Z",
+    "updated_at": _AT,
+    "version": 2,
+    "last_position": 1041,
+}
+_PROJECTION_EXAMPLE: dict[str, JsonValue] = {
+    "name": "order_summaries",
+    "version": 1,
+    "serving_generation": 1,
+    "serving_version": 1,
+    "position": 1041,
+    "head": 1041,
+    "lag_events": 0,
+    "lag_seconds": 0.0,
+    "state": "live",
+    "last_error": None,
+    "lease_owner": "worker-1",
+    "updated_at": _AT,
+    "rebuild": None,
+}
+_DAY_EXAMPLE: dict[str, JsonValue] = {
+    "day": "2026-01-31",
+    "currency": "EUR",
+    "orders_placed": 3,
+    "gross": 7500,
+    "captured": 5000,
+    "refunded": 1250,
+    "net": 3750,
+    "cancellations": 1,
+}
+_CUSTOMER_EXAMPLE: dict[str, JsonValue] = {
+    "customer_id": "cust-42",
+    "orders": 3,
+    "first_order_at": "2026-01-02T09:30:00Z",
+    "last_order_at": _AT,
+    "spend": [{"currency": "EUR", "captured": 5000, "refunded": 1250, "net": 3750}],
+}
+_SKU_EXAMPLE: dict[str, JsonValue] = {
+    "sku": "SKU-1",
+    "currency": "EUR",
+    "units_ordered": 12,
+    "units_cancelled": 2,
+    "net_units": 10,
+    "revenue": 12500,
+}
+_WEBHOOK_EXAMPLE: dict[str, JsonValue] = {
+    "id": "5f0c9d6e-8a4b-4c1d-9e2f-3a7b6c5d4e3f",
+    "url": "https://example.com/hooks",
+    "event_types": ["OrderPlaced", "OrderShipped"],
+    "active": True,
+    "created_at": _AT,
+}
+_EFFECT_EXAMPLE: dict[str, JsonValue] = {
+    "id": "99602fdb-39c5-513b-b5c8-4a02d4685120",
+    "effect": "webhook:5f0c9d6e-8a4b-4c1d-9e2f-3a7b6c5d4e3f",
+    "kind": "webhook",
+    "order_id": _ORDER_ID,
+    "position": 1041,
+    "event_type": "PaymentCaptured",
+    "target": "https://example.com/hooks",
+    "status": "dead",
+    "attempts": 8,
+    "total_attempts": 8,
+    "next_attempt_at": _AT,
+    "created_at": _AT,
+    "delivered_at": None,
+    "last_error": "HTTP 500 from the receiver",
+}
+_ATTEMPT_EXAMPLE: dict[str, JsonValue] = {
+    "attempt": 8,
+    "started_at": _AT,
+    "duration_ms": 41.7,
+    "outcome": "dead",
+    "status_code": 500,
+    "error": "HTTP 500 from the receiver",
+}
+_READINESS_EXAMPLE: dict[str, JsonValue] = {
+    "status": "ready",
+    "checks": {
+        "store": {"status": "ok", "detail": "answering at position 1041"},
+        "projections": {"status": "ok", "detail": "4 projections, none failed or stalled"},
+        "effects": {"status": "ok", "detail": "0 pending, 0 dead"},
+    },
+}
+
+
 class OrderSummaryPublic(BaseModel):
     """An order as the order_summaries read model shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_SUMMARY_EXAMPLE]})
 
     order_id: str
     status: Literal[
@@ -48,6 +151,18 @@ class OrderSummaryPublic(BaseModel):
 
 class OrderSummariesPublic(BaseModel):
     """One page of orders, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [_SUMMARY_EXAMPLE],
+                    "next_cursor": _CURSOR,
+                    "next": "/orders?limit=1&cursor=" + _CURSOR,
+                }
+            ]
+        }
+    )
 
     data: list[OrderSummaryPublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
@@ -80,6 +195,8 @@ class RebuildPublic(BaseModel):
 class ProjectionPublic(BaseModel):
     """One projection's progress and health."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [_PROJECTION_EXAMPLE]})
+
     name: str
     version: int
     serving_generation: int | None
@@ -96,11 +213,24 @@ class ProjectionPublic(BaseModel):
 
 
 class ProjectionsPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_PROJECTION_EXAMPLE]}]})
     data: list[ProjectionPublic]
 
 
 class RebuildAccepted(BaseModel):
     """A rebuild was started (or one in progress was found)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "order_summaries",
+                    "generation": 2,
+                    "status_url": "/projections/order_summaries",
+                }
+            ]
+        }
+    )
 
     name: str
     generation: int
@@ -123,6 +253,8 @@ class DaySalesPublic(BaseModel):
 class DailySalesPublic(BaseModel):
     """Sales per day and currency over a range of days, oldest first."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_DAY_EXAMPLE]}]})
+
     data: list[DaySalesPublic]
 
 
@@ -137,6 +269,8 @@ class CustomerSpendPublic(BaseModel):
 
 class CustomerStatsPublic(BaseModel):
     """A customer's orders and spend as the customer_stats read model shows them."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_CUSTOMER_EXAMPLE]})
 
     customer_id: str
     orders: int
@@ -158,6 +292,8 @@ class SkuSalesPublic(BaseModel):
 
 class TopSkusPublic(BaseModel):
     """The best-selling SKUs by net units, most first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_SKU_EXAMPLE]}]})
 
     data: list[SkuSalesPublic]
 
@@ -196,10 +332,17 @@ class WebhookPublic(BaseModel):
 class WebhookCreated(WebhookPublic):
     """A new subscription, with its signing secret: shown this once, store it now."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_WEBHOOK_EXAMPLE, "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]
+        }
+    )
+
     secret: str = Field(description="Standard Webhooks signing secret (whsec_...).")
 
 
 class WebhooksPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_WEBHOOK_EXAMPLE]}]})
     data: list[WebhookPublic]
 
 
@@ -228,6 +371,8 @@ class EffectPublic(BaseModel):
 class EffectsPublic(BaseModel):
     """Effects in position order."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_EFFECT_EXAMPLE]}]})
+
     data: list[EffectPublic]
 
 
@@ -245,6 +390,10 @@ class AttemptPublic(BaseModel):
 class EffectDetailPublic(EffectPublic):
     """An effect with every attempt made at it."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**_EFFECT_EXAMPLE, "history": [_ATTEMPT_EXAMPLE]}]}
+    )
+
     history: list[AttemptPublic]
 
 
@@ -255,6 +404,8 @@ class ReadinessCheck(BaseModel):
 
 class Readiness(BaseModel):
     """Whether this instance should get traffic, and each check behind the answer."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_READINESS_EXAMPLE]})
 
     status: Literal["ready", "not_ready"]
     checks: dict[str, ReadinessCheck]

@@ -167,6 +167,52 @@ class RefundCreate(_Command):
 
 # -- responses ------------------------------------------------------------------------------
 
+_ORDER_ID = "0d9b1f5e-3c1a-4f55-9a7e-2b8f6f3f8a10"
+_HISTORY_EXAMPLE: dict[str, JsonValue] = {
+    "order_id": _ORDER_ID,
+    "events": [
+        {
+            "position": 1040,
+            "version": 1,
+            "type": "OrderPlaced",
+            "timestamp": "2026-01-31T12:00:00Z",
+            "data": {"customer_id": "cust-42", "currency": "EUR", "lines": [_LINE_EXAMPLE]},
+        },
+        {
+            "position": 1041,
+            "version": 2,
+            "type": "PaymentCaptured",
+            "timestamp": "2026-01-31T12:05:00Z",
+            "data": {"amount": 2500, "payment_reference": "psp-7781"},
+        },
+    ],
+}
+_STATE_EXAMPLE: dict[str, JsonValue] = {
+    "order_id": _ORDER_ID,
+    "version": 2,
+    "status": "paid",
+    "customer_id": "cust-42",
+    "currency": "EUR",
+    "lines": [_LINE_EXAMPLE],
+    "total": 2500,
+    "captured": 2500,
+    "refunded": 0,
+    "balance_due": 0,
+    "refund_due": 0,
+    "payment_references": ["psp-7781"],
+    "shipping_address": "1 Quay Street, Dublin",
+    "client_reference": "cart-9f1c",
+    "customer_email": "ada@example.com",
+    "carrier": None,
+    "tracking_number": None,
+    "placed_at": "2026-01-31T12:00:00Z",
+    "updated_at": "2026-01-31T12:05:00Z",
+    "shipped_at": None,
+    "delivered_at": None,
+    "cancelled_at": None,
+    "cancellation_reason": None,
+}
+
 
 class CommandAccepted(BaseModel):
     """A recorded command: the order, its new version and the global position of its event."""
@@ -201,6 +247,8 @@ class HistoryEvent(BaseModel):
 class OrderHistory(BaseModel):
     """Every event of an order, oldest first."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [_HISTORY_EXAMPLE]})
+
     order_id: UUID
     events: list[HistoryEvent]
 
@@ -215,6 +263,8 @@ class LineOut(BaseModel):
 
 class OrderState(BaseModel):
     """An order as it stands (or stood at a version or moment)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_STATE_EXAMPLE]})
 
     order_id: UUID
     version: int
@@ -245,6 +295,8 @@ class OrderState(BaseModel):
 
 class Health(BaseModel):
     """The service answers and so does its event store."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "position": 1041}]})
 
     status: Literal["ok"]
     position: int = Field(description="Global position of the newest recorded event.")

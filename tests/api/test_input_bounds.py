@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
+from api import read_schemas, schemas
 from api.app import MAX_BODY_BYTES
 from domain.money import MAX_AMOUNT
 from tests.api import assert_problem, head_position, order_body
@@ -274,6 +277,30 @@ class TestTheOpenApiDocument:
                     # An empty body (delivery) has nothing to exemplify.
                     if model.get("properties") and not _elsewhere(path):
                         assert model.get("examples"), (path, ref)
+
+    def test_every_success_response_has_an_example(self, client: TestClient) -> None:
+        schema = client.get("/openapi.json").json()
+        models = schema["components"]["schemas"]
+        for path, methods in schema["paths"].items():
+            for method, operation in methods.items():
+                for status, response in operation["responses"].items():
+                    json_content = response.get("content", {}).get("application/json")
+                    if not status.startswith("2") or json_content is None or _elsewhere(path):
+                        continue
+                    name = json_content["schema"]["$ref"].rsplit("/", 1)[-1]
+                    assert models[name].get("examples"), (method, path, status, name)
+
+    @pytest.mark.parametrize("module", [schemas, read_schemas])
+    def test_every_example_is_valid_for_its_model(self, module: ModuleType) -> None:
+        checked = 0
+        for model in vars(module).values():
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                continue
+            extra = model.model_config.get("json_schema_extra")
+            for example in extra.get("examples", []) if isinstance(extra, dict) else []:
+                model.model_validate(example)
+                checked += 1
+        assert checked >= 8
 
     def test_every_write_documents_idempotency_and_its_problems(
         self, operations: list[tuple[str, str, dict[str, Any]]]
