@@ -10,11 +10,12 @@ SHIP = ("POST", "/shipment", {"carrier": "DHL", "tracking_number": "JD0146000"})
 
 
 class TestOrderLifecycleOverTheWire:
-    """Every command is seen by the next read that asks for its position."""
+    """Every command is seen by the next read that asks for its position; lists page by keyset."""
 
     def test_orders_are_paid_shipped_delivered_refunded_and_cancelled(self, server: Server) -> None:
         """Each step's new state is read back at once through the read model and the audit;
-        a cancelled order owes its refund until it is issued."""
+        a cancelled order owes its refund until it is issued; `next` links list every order
+        once, newest first."""
         with server.client() as http:
             shop = Shop(http)
             placed = http.post("/orders", json=order_body(customer_id="cust-life"))
@@ -98,14 +99,7 @@ class TestOrderLifecycleOverTheWire:
             shipping = http.post(f"/orders/{cancelled_id}/shipment", json=SHIP[2])
             assert shipping.status_code == 409, shipping.text
 
-
-class TestListingOverTheWire:
-    """Keyset pages followed through their `next` links."""
-
-    def test_following_next_links_lists_every_order_once_newest_first(self, server: Server) -> None:
-        """Seven orders in pages of three: three pages, no order twice, none missing."""
-        with server.client() as http:
-            shop = Shop(http)
+            # Seven more orders, listed in pages of three by following the `next` links.
             placed = [shop.place(customer_id="cust-pages") for _ in range(7)]
             page = shop.read("/orders", customer_id="cust-pages", limit=3)
             listed = [order["order_id"] for order in page["data"]]
