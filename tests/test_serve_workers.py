@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,14 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _json_line(line: str) -> dict[str, Any]:
+    try:
+        parsed: dict[str, Any] = json.loads(line)
+    except json.JSONDecodeError:
+        pytest.fail(f"a log line is not JSON: {line!r}")
+    return parsed
+
+
 @dataclass
 class Serving:
     """A running `serve --workers 2` with an admin key, its stderr in a file."""
@@ -91,7 +100,8 @@ class Serving:
     def log_lines(self) -> list[dict[str, Any]]:
         """Every stderr line, each of which must be one JSON object."""
         text = self.stderr_path.read_text(errors="replace")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        complete = text.split("\n")[:-1]  # the last piece may be a line still being written
+        return [_json_line(line) for line in complete if line.strip()]
 
     def requests_logged(self, route: str, method: str) -> list[dict[str, Any]]:
         return [
@@ -103,9 +113,9 @@ class Serving:
         ]
 
 
-@pytest.fixture
-def serving(store_url: str, tmp_path: Path) -> Iterator[Serving]:
-    """`orderledger serve --workers 2` on the store, answering /healthz; stopped at the end."""
+@contextmanager
+def serve(store_url: str, tmp_path: Path, *args: str) -> Iterator[Serving]:
+    """`orderledger serve ARGS` on the store, answering /healthz; killed at the end if still up."""
     token = issue_key(store_url, Role.admin, "serve-workers")
     port = free_port()
     env = cli_env(
@@ -118,7 +128,7 @@ def serving(store_url: str, tmp_path: Path) -> Iterator[Serving]:
     stderr_path = tmp_path / "serve.stderr.log"
     with stderr_path.open("wb") as err, (tmp_path / "serve.stdout.log").open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--workers", "2"],
+            [sys.executable, "-m", "api.cli", "serve", *args],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,
@@ -135,7 +145,7 @@ def serving(store_url: str, tmp_path: Path) -> Iterator[Serving]:
             except httpx.TransportError:
                 return False
 
-        wait_until(healthy, "serve --workers 2 to answer /healthz")
+        wait_until(healthy, "serve to answer /healthz")
         children = descendants(process.pid)
         yield served
     finally:
@@ -147,6 +157,13 @@ def serving(store_url: str, tmp_path: Path) -> Iterator[Serving]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def serving(store_url: str, tmp_path: Path) -> Iterator[Serving]:
+    """`orderledger serve --workers 2` on the store."""
+    with serve(store_url, tmp_path, "--workers", "2") as served:
+        yield served
+
+
 def started_children(serving: Serving) -> set[int]:
     """Serve's children once the two API processes and the projection worker have started."""
 
@@ -155,6 +172,15 @@ def started_children(serving: Serving) -> set[int]:
         return children if len(children) >= 3 else None
 
     children: set[int] = wait_until(found, "two API processes and the projection worker")
+
+    def both_started() -> bool:
+        lines = serving.log_lines()
+        started = {
+            line["pid"] for line in lines if line["message"] == "Application startup complete."
+        }
+        return len(started) == 2
+
+    wait_until(both_started, "both API processes to finish starting")
     return children
 
 
@@ -241,6 +267,18 @@ class TestServeWorkers:
             "every child to exit with serve",
             timeout=STOP_TIMEOUT,
         )
+
+
+class TestSingleProcess:
+    def test_sigterm_ends_serve_with_exit_code_zero(self, sqlite_url: str, tmp_path: Path) -> None:
+        """One process: a graceful shutdown, then a normal exit rather than death by signal."""
+        with serve(sqlite_url, tmp_path) as served:
+            with served.client() as http:
+                assert http.post("/orders", json=ORDER).status_code == 201
+            served.process.send_signal(signal.SIGTERM)
+            assert served.process.wait(STOP_TIMEOUT) == 0
+        messages = [line["message"] for line in served.log_lines()]
+        assert "Application shutdown complete." in messages
 
 
 class TestOrphans:
