@@ -48,6 +48,8 @@ log = logging.getLogger("orderledger.metrics")
 MULTIPROCESS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"
 """The one route label of every request no route matched, so raw paths never become labels."""
+OTHER_METHOD = "other"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 PROJECTION_STATES = (LIVE, CATCHING_UP, REBUILDING, STALLED, FAILED, NOT_STARTED)
 SCRAPE_CACHE_SECONDS = 1.0
 
@@ -123,7 +125,9 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route, method = route_template(scope), scope["method"]
+            route = route_template(scope)
+            # A client may send any method name; only the standard ones become labels.
+            method = scope["method"] if scope["method"] in _KNOWN_METHODS else OTHER_METHOD
             HTTP_REQUESTS.labels(route, method, str(status)).inc()
             HTTP_SECONDS.labels(route, method).observe(time.perf_counter() - started)
 

@@ -149,6 +149,15 @@ class TestHttpMetrics:
         for raw in (str(first), str(second), stray):
             assert raw not in response.text
 
+    def test_unknown_methods_share_one_label(self, client: TestClient) -> None:
+        """A made-up method name is counted under `other`, never as a label of its own."""
+        before = scrape(client)
+        assert client.request("BREW", "/orders").status_code == 405
+        after = scrape(client)
+        requests = "orderledger_http_requests_total"
+        assert growth(before, after, requests, route="/orders", method="other", status="405") == 1
+        assert not [key for key in after if ("method", "BREW") in key[1]]
+
     def test_many_apps_in_one_process_share_the_counters(self, sqlite_url: str) -> None:
         """A second app neither fails to register its metrics nor starts its counts from zero."""
         headers = bearer(issue_key(sqlite_url, Role.admin))
