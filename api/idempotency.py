@@ -52,7 +52,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.sql.elements import ColumnElement
 from starlette.concurrency import run_in_threadpool
 
@@ -129,8 +129,17 @@ class HttpIdempotencyStore:
     def __init__(self, engine: Engine, *, ttl: float = DEFAULT_TTL_SECONDS) -> None:
         self.engine = engine
         self.ttl = ttl
-        with self._writing() as conn:
-            metadata.create_all(conn)
+        self._install()
+
+    def _install(self) -> None:
+        """Create the table (idempotent; safe when several processes start at once)."""
+        try:
+            with self._writing() as conn:
+                metadata.create_all(conn, checkfirst=True)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            # Another process created it between our check and our CREATE.
+            with self._writing() as conn:
+                metadata.create_all(conn, checkfirst=True)
 
     def claim(self, claim: Claim, now: float) -> StoredResponse | None:
         """Claim the key (None), or return the first response, or raise why not."""

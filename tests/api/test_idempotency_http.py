@@ -7,7 +7,8 @@ body back, a different request under the same key is refused, and keys never cro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from api.app import create_app
 from api.idempotency import (
     ABANDONED_AFTER,
     Claim,
@@ -23,7 +25,9 @@ from api.idempotency import (
     StoredResponse,
 )
 from api.keys import Role
+from api.settings import Settings
 from tests.api import assert_problem, head_position, history_length, order_body
+from tests.api.auth_support import bearer, issue_key
 
 WEBHOOK = {"url": "http://127.0.0.1:9/hook", "event_types": ["OrderPlaced"]}
 
@@ -230,6 +234,51 @@ class TestOtherWrites:
         assert second.headers["Idempotent-Replayed"] == "true"
         # Without the key the repeat is a fresh request, and there is nothing left to delete.
         assert_problem(client.delete(f"/webhooks/{hook_id}"), 404)
+
+
+@pytest.fixture
+def failing_deliveries(sqlite_url: str) -> Iterator[TestClient]:
+    """The app with effects that die at their first failed attempt."""
+    settings = Settings(
+        database_url=sqlite_url,
+        effect_max_attempts=1,
+        effect_backoff_base=0.01,
+        effect_backoff_cap=0.05,
+        projection_idle_wait=0.05,
+        projection_poll_interval=0.01,
+    )
+    headers = bearer(issue_key(sqlite_url, Role.admin))
+    with TestClient(create_app(settings), headers=headers) as client:
+        yield client
+
+
+def dead_effect(client: TestClient) -> str:
+    """Subscribe a port nothing listens on, place an order, wait for its webhook to die."""
+    client.post("/webhooks", json=WEBHOOK)
+    client.post("/orders", json=order_body())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        dead = client.get("/effects", params={"status": "dead"}).json()["data"]
+        webhooks = [effect["id"] for effect in dead if effect["kind"] == "webhook"]
+        if webhooks:
+            return str(webhooks[0])
+        time.sleep(0.05)
+    pytest.fail("the webhook effect never went dead")
+
+
+def test_a_repeated_effect_retry_returns_the_first_answer(
+    failing_deliveries: TestClient,
+) -> None:
+    """Without the key a second retry of a live effect would be a 409; with it, a replay."""
+    effect_id = dead_effect(failing_deliveries)
+    url = f"/effects/{effect_id}/retry"
+    first = failing_deliveries.post(url, headers=keyed("retry-1"))
+    assert first.status_code == 200, first.text
+    second = failing_deliveries.post(url, headers=keyed("retry-1"))
+    same_answer(first, second)
+    history = failing_deliveries.get(f"/effects/{effect_id}").json()["history"]
+    # One retry's worth of attempts at most: the replay sent nothing again.
+    assert len(history) <= 2
 
 
 class TestTheResponseStore:
