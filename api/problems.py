@@ -11,7 +11,6 @@ from eventsourcing.persistence import PersistenceError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -98,11 +97,6 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
 }
 # Problems that tell the client when to try again.
 _RETRY_STATUSES = frozenset({409, 503})
-
-
-def operation_id(route: APIRoute) -> str:
-    """OpenAPI operation ids are the route functions' names: readable, and unique by design."""
-    return route.name
 
 
 def response_headers(*names: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.routing import APIRoute
 
 from api.auth import ADMIN, LEDGER, OPEN, OPERATIONS, Access
 from api.routes import (
@@ -47,3 +48,14 @@ access: tuple[tuple[APIRouter, Access], ...] = (
     (metrics.router, OPEN),  # guarded by its own metrics_guard (settings.metrics_public)
 )
 """The roles each router needs (see api/auth.py); every router must have an entry."""
+
+
+def _name_operations(groups: tuple[APIRouter, ...]) -> None:
+    """OpenAPI operation ids are the route functions' names: readable, and unique by design."""
+    for router in groups:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.operation_id is None:
+                route.operation_id = route.name
+
+
+_name_operations(routers)

@@ -8,13 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Request
 
 from api.dependencies import ReachableMinPositionDep
-from api.problems import operation_id, problem_responses
+from api.problems import problem_responses
 from api.projection_runtime import read_model
 from api.read_schemas import CustomerStatsPublic, IdentifierParam
 from projections.customer_stats import get_customer_stats
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/customers",
     tags=["customers"],
     responses=problem_responses(404, 422, 503),

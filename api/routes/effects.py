@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from api.idempotency import IdempotentRoute
-from api.problems import operation_id, problem_responses
+from api.problems import problem_responses
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import (
     AttemptPublic,
@@ -25,7 +25,6 @@ from projections.effects.service import (
 )
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/effects",
     tags=["effects"],
     responses=problem_responses(422),

@@ -5,12 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from api.dependencies import LedgerDep
-from api.problems import operation_id, problem_responses
+from api.problems import problem_responses
 from api.schemas import Health
 
-router = APIRouter(
-    generate_unique_id_function=operation_id, tags=["health"], responses=problem_responses(503)
-)
+router = APIRouter(tags=["health"], responses=problem_responses(503))
 
 
 @router.get("/healthz")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from pydantic import AfterValidator
 
 from api.dependencies import ReachableMinPositionDep
-from api.problems import operation_id, problem_responses, response_headers
+from api.problems import problem_responses, response_headers
 from api.projection_runtime import read_model
 from api.read_schemas import IdentifierParam, OrderSummariesPublic, OrderSummaryPublic
 from projections.order_summaries import (
@@ -23,7 +23,6 @@ from projections.order_summaries import (
 )
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/orders",
     tags=["orders"],
     responses=problem_responses(404, 422, 503),

@@ -9,7 +9,7 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Path, Query, Response
 
 from api.dependencies import JSON_BODY, CommandOptionsDep, IdempotencyKeyDep, LedgerDep
-from api.problems import operation_id, problem_responses, response_headers
+from api.problems import problem_responses, response_headers
 from api.schemas import (
     CancellationCreate,
     CommandAccepted,
@@ -28,7 +28,6 @@ from domain.money import MAX_AMOUNT
 from domain.order import MAX_ID_LENGTH
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/orders",
     tags=["orders"],
     dependencies=[JSON_BODY],

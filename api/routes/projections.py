@@ -9,14 +9,13 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.idempotency import IdempotentRoute
-from api.problems import operation_id, problem_responses, response_headers
+from api.problems import problem_responses, response_headers
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import ProjectionPublic, ProjectionsPublic, RebuildAccepted
 from projections.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.status import ProjectionStatus, all_statuses, projection_status
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/projections",
     tags=["projections"],
     responses=problem_responses(404, 422),

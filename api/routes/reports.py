@@ -10,14 +10,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 
 from api.dependencies import ReachableMinPositionDep
-from api.problems import operation_id, problem_responses
+from api.problems import problem_responses
 from api.projection_runtime import read_model
 from api.read_schemas import DailySalesPublic, DaySalesPublic, SkuSalesPublic, TopSkusPublic
 from projections.daily_sales import daily_sales_between
 from projections.sku_sales import top_skus
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/reports",
     tags=["reports"],
     responses=problem_responses(422, 503),

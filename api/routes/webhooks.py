@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.dependencies import JSON_BODY
 from api.idempotency import IdempotentRoute
-from api.problems import operation_id, problem_responses
+from api.problems import problem_responses
 from api.read_schemas import WebhookCreate, WebhookCreated, WebhookPublic, WebhooksPublic
 from api.routes.effects import EffectsDep
 from projections.effects.service import (
@@ -20,7 +20,6 @@ from projections.effects.service import (
 )
 
 router = APIRouter(
-    generate_unique_id_function=operation_id,
     prefix="/webhooks",
     tags=["webhooks"],
     dependencies=[JSON_BODY],
