@@ -19,8 +19,10 @@ from eventsourcing.utils import get_topic
 from typer.testing import CliRunner
 
 from api.cli import app, format_money
+from api.keys import Role
 from domain.ledger import OrderLedger
 from domain.order import Order, OrderStatus
+from tests.api.auth_support import bearer, issue_key
 
 REPO = Path(__file__).resolve().parent.parent
 CURRENCIES = {"EUR", "USD", "GBP", "JPY"}
@@ -441,7 +443,8 @@ class TestServe:
         self, server: str, sqlite_url: str
     ) -> None:
         """An order POSTed to the served API has a history and lands in the SQLite store."""
-        with httpx.Client(base_url=server, timeout=10) as client:
+        headers = bearer(issue_key(sqlite_url, Role.writer))
+        with httpx.Client(base_url=server, timeout=10, headers=headers) as client:
             created = client.post(
                 "/orders",
                 json={
