@@ -13,6 +13,9 @@ _DEPLOYMENTS = pytest.StashKey[list[Deployment]]()
 
 Deploy = Callable[..., Deployment]
 
+PATIENT_READS = {"read_your_writes_timeout": 30}
+"""A min_position read waits this long (not 5 s) before a 503: the test machine may be loaded."""
+
 _LOG_TAIL = 20_000
 """Characters of each process's output shown with a failure."""
 
@@ -25,7 +28,7 @@ def deploy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deploy]:
     def make(database_url: str, **settings: object) -> Deployment:
         directory = tmp_path / f"deployment-{len(deployments)}"
         directory.mkdir()
-        deployment = Deployment(directory, database_url, dict(settings))
+        deployment = Deployment(directory, database_url, {**PATIENT_READS, **settings})
         deployments.append(deployment)
         return deployment
 

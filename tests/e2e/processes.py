@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tests.projections.process_helpers import REPO_ROOT, cli_env
+from tests.projections.process_helpers import REPO_ROOT, cli_env, wait_for
 
 ORDERLEDGER = Path(sys.executable).with_name("orderledger")
 """The console script installed beside this interpreter, as a deployment would run it."""
@@ -43,18 +42,6 @@ def free_port() -> int:
 def bearer(token: str) -> dict[str, str]:
     """The Authorization header for an API key."""
     return {"Authorization": f"Bearer {token}"}
-
-
-def wait_until(condition: Callable[[], Any], what: str, *, timeout: float = START_TIMEOUT) -> Any:
-    """Poll until ``condition()`` is truthy and return it; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -224,19 +211,17 @@ class Deployment:
         watch: list[Process] | None = None,
         timeout: float = START_TIMEOUT,
     ) -> Any:
-        """Poll ``condition()``; fail with the output of any watched process that exits."""
-        watched = self.processes if watch is None else watch
-
-        def holds() -> Any:
-            for process in watched:
-                if not process.killed and process.popen.poll() is not None:
-                    raise AssertionError(
-                        f"{process.name} exited with {process.popen.returncode} while waiting "
-                        f"until {what}:\n{process.output()}"
-                    )
-            return condition()
-
-        return wait_until(holds, what, timeout=timeout)
+        """Poll ``condition()``; fail with its output if a watched process (by default: any
+        running now) exits meanwhile."""
+        candidates = self.processes if watch is None else watch
+        running = {p.pid: p for p in candidates if not p.killed and p.popen.poll() is None}
+        return wait_for(
+            condition,
+            what,
+            timeout=timeout,
+            processes=[p.popen for p in running.values()],
+            output=lambda popen: running[popen.pid].output(),
+        )
 
     def _wait_ready(self, server: Server) -> None:
         def ready() -> bool:

@@ -51,9 +51,9 @@ class TestOrderLifecycleOverTheWire:
             assert refunded["version"] == 7
 
             # The read model, its ETag and a conditional read.
-            summary = http.get(f"/orders/{order_id}", headers={MIN_POSITION: str(shop.position)})
-            assert summary.headers["ETag"] == '"7"'
-            assert (summary.json()["captured"], summary.json()["refunded"]) == (3300, 300)
+            latest = http.get(f"/orders/{order_id}", headers={MIN_POSITION: str(shop.position)})
+            assert latest.headers["ETag"] == '"7"'
+            assert (latest.json()["captured"], latest.json()["refunded"]) == (3300, 300)
             unchanged = http.get(f"/orders/{order_id}", headers={"If-None-Match": '"7"'})
             assert (unchanged.status_code, unchanged.content) == (304, b"")
             assert unchanged.headers["ETag"] == '"7"'
@@ -100,7 +100,7 @@ class TestOrderLifecycleOverTheWire:
             assert shipping.status_code == 409, shipping.text
 
             # Seven more orders, listed in pages of three by following the `next` links.
-            placed = [shop.place(customer_id="cust-pages") for _ in range(7)]
+            paged = [shop.place(customer_id="cust-pages") for _ in range(7)]
             page = shop.read("/orders", customer_id="cust-pages", limit=3)
             listed = [order["order_id"] for order in page["data"]]
             pages = 1
@@ -112,4 +112,4 @@ class TestOrderLifecycleOverTheWire:
                 listed += [order["order_id"] for order in page["data"]]
                 pages += 1
             assert pages == 3
-            assert listed == list(reversed(placed))
+            assert listed == list(reversed(paged))

@@ -12,8 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import assert_problem, order_body
-from tests.e2e.processes import Deployment, Server, wait_until
+from tests.e2e.processes import Deployment, Server
 from tests.e2e.shop import Shop
+from tests.projections.process_helpers import wait_for
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -79,12 +80,12 @@ class TestObservability:
         def logged(request_id: str) -> list[dict[str, Any]]:
             return [r for r in json_lines(server.stderr()) if r.get("request_id") == request_id]
 
-        (placed,) = wait_until(lambda: logged("e2e-req.1"), "the request is logged", timeout=10)
+        (placed,) = wait_for(lambda: logged("e2e-req.1"), "the request is logged", timeout=10)
         assert (placed["method"], placed["route"], placed["status"]) == ("POST", "/orders", 201)
         assert placed["latency_ms"] >= 0
-        (conflict,) = wait_until(lambda: logged(generated), "the 412 is logged", timeout=10)
+        (conflict,) = wait_for(lambda: logged(generated), "the 412 is logged", timeout=10)
         assert (conflict["route"], conflict["status"]) == ("/orders/{order_id}/lines", 412)
-        (denied,) = wait_until(lambda: logged("e2e-req.2"), "the 401 is logged", timeout=10)
+        (denied,) = wait_for(lambda: logged("e2e-req.2"), "the 401 is logged", timeout=10)
         assert denied["status"] == 401
 
 
@@ -117,7 +118,7 @@ class TestGracefulShutdown:
         clients = [threading.Thread(target=client_loop) for _ in range(6)]
         for client in clients:
             client.start()
-        wait_until(lambda: len(acknowledged) >= 40, "40 orders are acknowledged")
+        deployment.wait_for(lambda: len(acknowledged) >= 40, "40 orders are acknowledged")
         assert server.terminate() == 0, server.output()
         for client in clients:
             client.join(60)
@@ -126,7 +127,9 @@ class TestGracefulShutdown:
         restarted = deployment.serve("serve-again")
         with restarted.client() as http:
             shop = Shop(http)
-            shop.position = max(acknowledged.values())
+            # Everything committed, acknowledged or not (a reply may be lost on the way).
+            shop.position = int(http.get("/healthz").json()["position"])
+            assert shop.position >= max(acknowledged.values())
             stored: list[dict[str, Any]] = []
             page = shop.read("/orders", customer_id="cust-burst", limit=200)
             stored += page["data"]
