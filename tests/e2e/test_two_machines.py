@@ -2,23 +2,28 @@
 
 Two API processes (as behind a load balancer, projections off) and one `orderledger worker`
 (as on a worker machine), all on one database. The worker is SIGKILLed and replaced; the read
-models catch up with nothing lost and nothing twice.
+models catch up with nothing lost and nothing twice. Then the worker is upgraded the graceful
+way: SIGTERM hands its leases over at once.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.processes import Deployment, Server
+from tests.e2e.processes import Deployment, Process, Server
 from tests.e2e.shop import MIN_POSITION, Shop
 
 LEASE_TTL = 2
 """Seconds before a SIGKILLed worker's leases may be taken over (kept short for the test)."""
+
+LONG_LEASE_TTL = 60
+"""A lease long enough that a successor taking over well before it must have been handed it."""
 
 
 def all_orders(http: httpx.Client, min_position: int, **filters: str) -> list[dict[str, Any]]:
@@ -53,12 +58,28 @@ def reader_caught_up(reader: httpx.Client, position: int) -> Callable[[], bool]:
     return answered
 
 
+def all_live_under(reader: httpx.Client, worker: Process, head: int) -> Callable[[], bool]:
+    """Whether every projection is live at ``head`` or beyond, its lease held by ``worker``."""
+
+    def holds() -> bool:
+        projections = reader.get("/projections").json()["data"]
+        return bool(projections) and all(
+            p["state"] == "live"
+            and p["position"] >= head
+            and f":{worker.pid}:" in (p["lease_owner"] or "")
+            for p in projections
+        )
+
+    return holds
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_two_api_machines_and_a_replaced_worker_share_one_database(
     postgres_deployment: Deployment,
 ) -> None:
-    """Orders placed through both APIs are read through each; a new worker catches up."""
+    """Orders placed through both APIs are read through each; a new worker catches up after
+    a crash, and takes over at once from a worker stopped for an upgrade."""
     deployment = postgres_deployment
     deployment.settings["projection_lease_ttl"] = LEASE_TTL
     first_worker = deployment.worker("worker-1")
@@ -95,8 +116,12 @@ def test_two_api_machines_and_a_replaced_worker_share_one_database(
 
     # The worker machine dies without a word; orders keep coming; a new worker takes over.
     first_worker.kill()
+    killed_at = time.monotonic()
     late = place_through(api_a, "cust-a", 10)
-    second_worker = deployment.worker("worker-2")
+    # The successor's own leases are long (see the upgrade below); it starts once the dead
+    # worker's have expired, so it takes them at its first attempt.
+    time.sleep(max(0.0, killed_at + LEASE_TTL + 0.5 - time.monotonic()))
+    second_worker = deployment.worker("worker-2", projection_lease_ttl=LONG_LEASE_TTL)
     late_head = max(late.values())
     with api_a.client() as on_a, api_b.client() as on_b:
         for reader in (on_a, on_b):
@@ -114,13 +139,20 @@ def test_two_api_machines_and_a_replaced_worker_share_one_database(
 
         # Every projection (those no read above waited for too) is advanced by the new worker
         # up to the head, and none is failed.
-        def all_live_under_new_worker() -> bool:
-            projections = on_b.get("/projections").json()["data"]
-            return bool(projections) and all(
-                p["state"] == "live"
-                and p["position"] >= late_head
-                and f":{second_worker.pid}:" in (p["lease_owner"] or "")
-                for p in projections
-            )
+        deployment.wait_for(
+            all_live_under(on_b, second_worker, late_head), "the new worker runs every projection"
+        )
 
-        deployment.wait_for(all_live_under_new_worker, "the new worker runs every projection")
+        # Upgrading the worker: SIGTERM gives the leases back, so the next worker takes over
+        # at once, not after the LONG_LEASE_TTL the stopped one's leases would have lasted.
+        assert second_worker.terminate() == 0, second_worker.output()
+        stopped_at = time.monotonic()
+        third_worker = deployment.worker("worker-3")
+        upgraded_head = max(place_through(api_b, "cust-b", 5).values())
+        deployment.wait_for(
+            all_live_under(on_a, third_worker, upgraded_head),
+            "the upgraded worker runs every projection",
+            timeout=LONG_LEASE_TTL / 2,
+        )
+        assert time.monotonic() - stopped_at < LONG_LEASE_TTL / 2
+        assert len(all_orders(on_a, upgraded_head)) == len(everyone) + len(late) + 5
