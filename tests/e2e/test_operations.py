@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,6 +101,7 @@ class TestGracefulShutdown:
         server = deployment.serve()
         acknowledged: dict[str, int] = {}
         statuses: list[int] = []
+        answered_at: list[float] = []
         lock = threading.Lock()
 
         def client_loop() -> None:
@@ -110,6 +112,7 @@ class TestGracefulShutdown:
                     except httpx.TransportError:
                         return  # the server is gone: nothing more can be acknowledged
                     with lock:
+                        answered_at.append(time.monotonic())
                         statuses.append(response.status_code)
                         if response.status_code == 201:
                             body = response.json()
@@ -119,10 +122,13 @@ class TestGracefulShutdown:
         for client in clients:
             client.start()
         deployment.wait_for(lambda: len(acknowledged) >= 40, "40 orders are acknowledged")
+        sigterm_sent = time.monotonic()
         assert server.terminate() == 0, server.output()
         for client in clients:
             client.join(60)
         assert set(statuses) == {201}, f"answers during shutdown: {sorted(set(statuses))}"
+        # Requests in flight when the signal came were finished, not dropped.
+        assert any(moment > sigterm_sent for moment in answered_at)
 
         restarted = deployment.serve("serve-again")
         with restarted.client() as http:
