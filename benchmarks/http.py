@@ -468,7 +468,7 @@ def _direct_operation(
 
 def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes]:
     """Sample the server (and its worker processes) with py-spy into collapsed stacks."""
-    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil"]
     command += ["--duration", str(max(1, round(seconds))), "--rate", "250"]
     command += ["--format", "raw", "--output", str(output)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -548,6 +548,7 @@ def report_cell(row: Row) -> None:
     console.print(
         f"{row.store} {row.variant} {row.spec.operation} x{row.spec.clients}: "
         f"{result.rate:,.0f}/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"app CPU {1000 * row.cell.app_cpu_seconds / max(result.requests, 1):.2f} ms/req, "
         f"{errors}, load {row.cell.load:.2f}"
     )
 
@@ -575,37 +576,70 @@ def measure_store(
         finally:
             direct.close()
         for count in processes:
-            with serving(url, count, work) as server:
-                for spec in specs:
-                    profile = None
-                    if args.profile_dir is not None:
-                        name = f"{store}-{count}proc-{spec.operation}-{spec.clients}.txt"
-                        profile = args.profile_dir / name
-                    cell = http_cell(server, spec, profile)
-                    rows.append(Row(store, http_variant(count), spec, cell))
-                    report_cell(rows[-1])
-                    if profile is not None and profile.exists():
-                        print_table(
-                            f"py-spy, {store} {http_variant(count)} {spec.operation} "
-                            f"x{spec.clients}: top functions by own samples, then ours by "
-                            f"inclusive samples ({profile})",
-                            ["own", "inclusive", "function"],
-                            profile_summary(profile),
-                            markdown=args.markdown,
-                        )
+            rows += http_rows(store, count, url, specs, args, work)
     return rows
+
+
+def http_rows(
+    store: str,
+    processes: int,
+    url: str,
+    specs: list[LoadSpec],
+    args: argparse.Namespace,
+    work: Path,
+) -> list[Row]:
+    """The cells over one ``orderledger serve``, then get-order paced at a share of its rate."""
+    rows: list[Row] = []
+    variant = http_variant(processes)
+    with serving(url, processes, work) as server:
+        for spec in specs:
+            rows.append(Row(store, variant, spec, profiled_cell(server, spec, store, args)))
+            report_cell(rows[-1])
+        closed = [
+            r for r in rows if r.spec.operation == "get" and r.spec.clients == max(args.clients)
+        ]
+        if closed and args.paced_share > 0:
+            rate = round(args.paced_share * closed[-1].cell.result.rate)
+            spec = replace(closed[-1].spec, rate=float(max(rate, 1)))
+            rows.append(Row(store, variant, spec, profiled_cell(server, spec, store, args)))
+            report_cell(rows[-1])
+    return rows
+
+
+def profiled_cell(server: Server, spec: LoadSpec, store: str, args: argparse.Namespace) -> Cell:
+    """An HTTP cell; with --profile-dir, its py-spy samples summarised after it."""
+    if args.profile_dir is None:
+        return http_cell(server, spec)
+    paced = f"-at{spec.rate:.0f}" if spec.rate else ""
+    profile = args.profile_dir / f"{store}-{spec.operation}-{spec.clients}{paced}-{server.port}.txt"
+    cell = http_cell(server, spec, profile)
+    if profile.exists():
+        print_table(
+            f"py-spy, {store} {spec.operation} x{spec.clients}{paced}: top functions by own "
+            f"samples, then ours by inclusive samples ({profile})",
+            ["own", "inclusive", "function"],
+            profile_summary(profile),
+            markdown=args.markdown,
+        )
+    return cell
 
 
 def direct_rate(rows: list[Row], row: Row) -> float | None:
     for other in rows:
         if (
             other.variant == DIRECT
+            and not row.spec.rate
             and other.store == row.store
             and other.spec.operation == row.spec.operation
             and other.spec.clients == row.spec.clients
         ):
             return other.cell.result.rate
     return None
+
+
+def operation_label(spec: LoadSpec) -> str:
+    label = {"get": "get-order", "place": "place-order"}[spec.operation]
+    return f"{label} paced {spec.rate:,.0f}/s" if spec.rate else label
 
 
 def table_row(rows: list[Row], row: Row) -> list[str]:
@@ -615,7 +649,7 @@ def table_row(rows: list[Row], row: Row) -> list[str]:
     return [
         row.store,
         row.variant,
-        {"get": "get-order", "place": "place-order"}[row.spec.operation],
+        operation_label(row.spec),
         str(row.spec.clients),
         f"{result.rate:,.0f}",
         f"{result.p50_ms:.1f}",
@@ -639,6 +673,8 @@ def goal_rows(rows: list[Row]) -> list[list[str]]:
         if row.spec.operation == "get" and row.spec.clients == GET_GOAL_CLIENTS:
             met = result.p99_ms < GET_P99_GOAL_MS and result.errors == 0
             goal = f"get-order p99 < {GET_P99_GOAL_MS:.0f} ms at {GET_GOAL_CLIENTS} clients"
+            if row.spec.rate:
+                goal += f" (paced at {row.spec.rate:,.0f}/s: not the goal's closed loop)"
             lines.append([row.store, row.variant, goal, f"{result.p99_ms:.1f} ms", _met(met)])
         base = direct_rate(rows, row)
         if row.spec.operation == "place" and base:
@@ -704,6 +740,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=20_000,
         help="random existing order ids the get-order clients choose from (20,000)",
+    )
+    parser.add_argument(
+        "--paced-share",
+        type=float,
+        default=0.5,
+        help="after the closed-loop cells, get-order with the most clients once more, paced "
+        "at this share of the rate they reached (0.5; 0 skips)",
     )
     parser.add_argument(
         "--profile-dir",

@@ -39,6 +39,13 @@ class LoadSpec:
     begin_at: float = 0.0
     """When the clients start (``time.time()``; 0: at once), so other processes can measure
     the same window."""
+    rate: float = 0.0
+    """Requests per second for all clients together, evenly spaced (0: each client sends its
+    next request as soon as the last is answered)."""
+
+    def scheduled(self, begin: float, number: int) -> float | None:
+        """When request ``number`` is due when paced (its latency counts from then), or None."""
+        return begin + number / self.rate if self.rate else None
 
 
 @dataclass
@@ -183,13 +190,21 @@ async def _read_chunks(reader: asyncio.StreamReader) -> None:
 async def client(
     spec: LoadSpec, make_request: Callable[[int], bytes], window: Window, first: int
 ) -> None:
-    """One keep-alive connection sending requests back to back until the window closes."""
+    """One keep-alive connection sending requests until the window closes.
+
+    Closed loop, the next request goes as soon as the last is answered. Paced, each request
+    waits for its slot and its latency counts from the slot, so a slow answer that delays the
+    following requests is charged to them too (no coordinated omission).
+    """
     number = first
     connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     while time.perf_counter() < window.end:
         request = make_request(number)
+        due = spec.scheduled(window.begin, number)
         number += spec.clients
-        started = time.perf_counter()
+        if due is not None and due > time.perf_counter():
+            await asyncio.sleep(due - time.perf_counter())
+        started = time.perf_counter() if due is None else due
         try:
             if connection is None:
                 connection = await asyncio.open_connection(spec.host, spec.port)
