@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from api.schemas import FieldError, Problem
 from domain.errors import (
@@ -38,6 +39,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[OrderLedgerError], int], ...] = (
     (OrderRuleError, 409),
 )
 _MAX_ERRORS_IN_DETAIL = 3
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 class ProblemResponse(JSONResponse):
@@ -206,15 +208,30 @@ async def http_problem(request: Request, exc: Exception) -> Response:
     detail = exc.detail
     if detail == phrase and exc.status_code == HTTPStatus.NOT_FOUND:
         detail = f"nothing is served at {request.url.path}"
-    elif detail == phrase and exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
-        detail = f"{request.method} is not allowed on {request.url.path}"
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        headers["Allow"] = _allowed_methods(request)
+        if detail == phrase:
+            detail = f"{request.method} is not allowed on {request.url.path}"
     return problem_response(
         request,
         status=exc.status_code,
         slug="-".join(phrase.lower().split()),
         title=phrase.capitalize(),
         detail=str(detail),
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers or None,
+    )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the path; routing names only the first route's."""
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
     )
 
 

@@ -245,6 +245,25 @@ class TestBodiesThatAreNotJson:
         assert client.post(f"/orders/{order_id}/delivery").status_code == 200
 
 
+class TestMethods:
+    @pytest.mark.parametrize(
+        ("method", "path", "allowed"),
+        [
+            ("PUT", "/orders", "GET, POST"),
+            ("OPTIONS", "/webhooks", "GET, POST"),
+            ("GET", f"/orders/{NIL}/lines/SKU-1", "DELETE"),
+            ("PATCH", f"/orders/{NIL}", "GET"),
+        ],
+    )
+    def test_a_wrong_method_lists_every_method_the_path_serves(
+        self, client: TestClient, method: str, path: str, allowed: str
+    ) -> None:
+        """Two routers may serve one path (commands and queries): Allow names them all."""
+        response = client.request(method, path)
+        assert_problem(response, 405, "method-not-allowed")
+        assert response.headers["Allow"] == allowed
+
+
 class TestTheOpenApiDocument:
     """The contract as published: ids, examples, headers and problems for every operation."""
 

@@ -45,7 +45,7 @@ class TestRoutingProblems:
         response = client.put("/orders")
         problem = assert_problem(response, 405, "method-not-allowed")
         assert "PUT" in problem["detail"]
-        assert response.headers["Allow"] == "POST"
+        assert response.headers["Allow"] == "GET, POST"
 
 
 class TestBodySizeLimit:

@@ -18,10 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import get_client, shutdown_lifespans
 from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
     content_type_conformance,
+    missing_required_header,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from api.app import create_app
@@ -38,6 +41,9 @@ CHECKS = [
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
+    missing_required_header,
+    unsupported_method,
+    allow_header_conformance,
 ]
 # Commands that take an order from placed to each state it can be in.
 LIFECYCLES: list[list[tuple[str, dict[str, object] | None]]] = [
