@@ -233,12 +233,17 @@ class Deployment:
         self.wait_for(ready, f"{server.name} answers /readyz with 200", watch=[server])
 
     def close(self) -> dict[str, int]:
-        """SIGTERM every process still running; return the exit code of each one stopped here."""
+        """SIGTERM every process still running; return the exit code of each one stopped here
+        (-9 for one that hung and was SIGKILLed), having stopped them all whatever happens."""
         codes: dict[str, int] = {}
         for process in reversed(self.processes):
             if process.killed or process.popen.returncode is not None:
                 continue
-            codes[f"{process.name} (pid {process.pid})"] = process.terminate()
+            try:
+                code = process.terminate()
+            except AssertionError:
+                code = -signal.SIGKILL
+            codes[f"{process.name} (pid {process.pid})"] = code
         return codes
 
 
