@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 from api.schemas import LineOut
 from domain.errors import InvalidCommandError
@@ -18,6 +19,17 @@ def _identifier(value: str) -> str:
     except InvalidCommandError as error:
         raise ValueError(str(error)) from None
 
+
+def _iso_day(value: object) -> object:
+    """Only YYYY-MM-DD names a day: "0" or "1700000000" would otherwise parse as timestamps."""
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError("a day is written YYYY-MM-DD, e.g. 2026-01-31")
+    return value
+
+
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+IsoDay = Annotated[date, BeforeValidator(_iso_day)]
+"""A calendar day as a query parameter, in ISO 8601 form only."""
 
 # No store can hold an id the domain refuses (and PostgreSQL refuses NUL in any text),
 # so such an id in a path or query is invalid input rather than a lookup.

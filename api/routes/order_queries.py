@@ -13,7 +13,7 @@ from pydantic import AfterValidator
 from api.dependencies import ReachableMinPositionDep
 from api.problems import problem_responses, response_headers
 from api.projection_runtime import read_model
-from api.read_schemas import IdentifierParam, OrderSummariesPublic, OrderSummaryPublic
+from api.read_schemas import IdentifierParam, IsoDay, OrderSummariesPublic, OrderSummaryPublic
 from projections.order_summaries import (
     InvalidCursorError,
     OrderSummary,
@@ -63,8 +63,8 @@ async def list_orders(
     min_position: ReachableMinPositionDep,
     customer_id: Annotated[IdentifierParam | None, Query()] = None,
     status: Status | None = None,
-    placed_from: Annotated[date | None, Query(description="First day, inclusive (UTC).")] = None,
-    placed_to: Annotated[date | None, Query(description="Last day, inclusive (UTC).")] = None,
+    placed_from: Annotated[IsoDay | None, Query(description="First day, inclusive (UTC).")] = None,
+    placed_to: Annotated[IsoDay | None, Query(description="Last day, inclusive (UTC).")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(max_length=512), AfterValidator(_issued_cursor)] = None,
 ) -> OrderSummariesPublic:

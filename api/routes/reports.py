@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from api.dependencies import ReachableMinPositionDep
 from api.problems import problem_responses
 from api.projection_runtime import read_model
-from api.read_schemas import DailySalesPublic, DaySalesPublic, SkuSalesPublic, TopSkusPublic
+from api.read_schemas import (
+    DailySalesPublic,
+    DaySalesPublic,
+    IsoDay,
+    SkuSalesPublic,
+    TopSkusPublic,
+)
 from projections.daily_sales import daily_sales_between
 from projections.sku_sales import top_skus
 
@@ -30,8 +36,8 @@ Currency = Annotated[
 
 
 def day_range(
-    start: Annotated[date, Query(alias="from", description="First UTC day, inclusive.")],
-    end: Annotated[date, Query(alias="to", description="Last UTC day, inclusive.")],
+    start: Annotated[IsoDay, Query(alias="from", description="First UTC day, inclusive.")],
+    end: Annotated[IsoDay, Query(alias="to", description="Last UTC day, inclusive.")],
 ) -> tuple[date, date]:
     """The days asked for: from on or before to, at most MAX_DAYS of them."""
     reason = None

@@ -183,6 +183,10 @@ class TestQueryAndPathBounds:
             ("/reports/top-skus", {"currency": "eur"}, "query.currency"),
             ("/reports/daily-sales", {"from": "2020-01-01", "to": "2021-12-31"}, "query.to"),
             ("/effects", {"limit": "1001"}, "query.limit"),
+            ("/orders", {"placed_to": "0"}, "query.placed_to"),
+            ("/orders", {"placed_from": "1700000000"}, "query.placed_from"),
+            ("/reports/daily-sales", {"from": "0", "to": "2026-01-01"}, "query.from"),
+            ("/reports/daily-sales", {"from": "2026-01-01", "to": "20260102"}, "query.to"),
         ],
     )
     def test_query_parameters_out_of_bounds_are_refused_by_name(
