@@ -131,9 +131,10 @@ class Deployment:
         return cli_env(database_url=self.database_url, **{**self.settings, **settings})
 
     def cli(self, *args: str) -> str:
-        """Run one CLI command to its end on this store; fail with its output unless it exits 0."""
+        """Run one CLI command on this store (``--database-url``) to its end; fail with its
+        output unless it exits 0."""
         completed = subprocess.run(
-            [str(ORDERLEDGER), *args],
+            [str(ORDERLEDGER), *args, "--database-url", self.database_url],
             cwd=REPO_ROOT,
             env=self.env(),
             capture_output=True,
