@@ -15,9 +15,11 @@ Rows expire ``DEFAULT_TTL_SECONDS`` (24 hours) after they were claimed: a key ma
 used again. Keys are scoped by the caller's API key: one key's response is never replayed
 to another key.
 
-The response is stored in its own transaction after the route's work committed, so a crash
-between the two leaves a claim that expires rather than a stored answer: the retry after
-``ABANDONED_AFTER`` does the work again (each of these operations is safe to repeat).
+The response is stored in its own transaction after the route's work committed (that work
+lives in other modules' transactions), so a process killed between the two leaves a bare
+claim: a retry after ``ABANDONED_AFTER`` does the work again. Retrying an effect or starting a
+rebuild twice is harmless (the second finds the work under way); a webhook subscription could
+be made twice in that window, and shows up as a duplicate in GET /webhooks.
 """
 
 from __future__ import annotations
