@@ -6,6 +6,7 @@ operator would give them, and HTTP over real loopback TCP with httpx.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -60,6 +61,15 @@ class Process:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Every line on stderr, each of which must be one JSON object (the log format)."""
+        records = []
+        for line in self.stderr().splitlines():
+            record = json.loads(line)
+            assert isinstance(record, dict), f"{self.name} logged {line!r}"
+            records.append(record)
+        return records
 
     def output(self) -> str:
         """Both streams, labelled, for failure messages."""

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,14 +32,6 @@ def scrape(server: Server) -> str:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return response.text
-
-
-def json_lines(text: str) -> Iterator[dict[str, Any]]:
-    """Every line of a log, each of which must be one JSON object."""
-    for line in text.splitlines():
-        record = json.loads(line)
-        assert isinstance(record, dict), line
-        yield record
 
 
 class TestObservability:
@@ -79,7 +69,7 @@ class TestObservability:
             assert refused.headers["X-Request-ID"] == "e2e-req.2"
 
         def logged(request_id: str) -> list[dict[str, Any]]:
-            return [r for r in json_lines(server.stderr()) if r.get("request_id") == request_id]
+            return [r for r in server.log_records() if r.get("request_id") == request_id]
 
         (placed,) = wait_for(lambda: logged("e2e-req.1"), "the request is logged", timeout=10)
         assert (placed["method"], placed["route"], placed["status"]) == ("POST", "/orders", 201)

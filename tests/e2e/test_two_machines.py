@@ -156,3 +156,9 @@ def test_two_api_machines_and_a_replaced_worker_share_one_database(
         )
         assert time.monotonic() - stopped_at < LONG_LEASE_TTL / 2
         assert len(all_orders(on_a, upgraded_head)) == len(everyone) + len(late) + 5
+
+    # Every process on every "machine" logged JSON lines only; the APIs one per request.
+    for process in deployment.processes:
+        records = process.log_records()
+        if isinstance(process, Server):
+            assert any(record.get("route") == "/orders" for record in records)
