@@ -29,6 +29,9 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 """Longest a process may take to stop after SIGTERM before it is SIGKILLed (and fails)."""
 
+BIND_ATTEMPTS = 3
+"""Tries at a free port (another process may take one between our probe and the bind)."""
+
 CLI_TIMEOUT = 60.0
 HTTP_TIMEOUT = 30.0
 
@@ -179,16 +182,27 @@ class Deployment:
         return process
 
     def serve(self, name: str = "serve", *args: str, **settings: object) -> Server:
-        """Start `orderledger serve` on a free loopback port and wait until /readyz says ready."""
+        """Start `orderledger serve` on a free loopback port and wait until /readyz says ready.
+
+        A port taken by someone else between our probe and the server's bind is tried again
+        with another one.
+        """
         token = self.admin_token
-        port = free_port()
-        spawned = self._spawn(
-            name, ("serve", *args), {"host": "127.0.0.1", "port": port, **settings}
-        )
-        server = Server(name, *spawned, base_url=f"http://127.0.0.1:{port}", admin_token=token)
-        self.processes.append(server)
-        self._wait_ready(server)
-        return server
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            port = free_port()
+            spawned = self._spawn(
+                name, ("serve", *args), {"host": "127.0.0.1", "port": port, **settings}
+            )
+            server = Server(name, *spawned, base_url=f"http://127.0.0.1:{port}", admin_token=token)
+            self.processes.append(server)
+            try:
+                self._wait_ready(server, port)
+            except AssertionError:
+                if attempt == BIND_ATTEMPTS or "address already in use" not in server.stderr():
+                    raise
+            else:
+                return server
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _spawn(
         self, name: str, args: tuple[str, ...], settings: dict[str, object]
@@ -234,8 +248,13 @@ class Deployment:
             output=lambda popen: running[popen.pid].output(),
         )
 
-    def _wait_ready(self, server: Server) -> None:
+    def _wait_ready(self, server: Server, port: int) -> None:
+        """Wait until this server (not another process on the port) is bound and ready."""
+        bound = f"Uvicorn running on http://127.0.0.1:{port}"
+
         def ready() -> bool:
+            if bound not in server.stderr():
+                return False
             try:
                 return httpx.get(f"{server.base_url}/readyz", timeout=5).status_code == 200
             except httpx.TransportError:
