@@ -300,7 +300,8 @@ class IdempotentRoute(APIRoute):
             if claim is None:
                 return response
             if 200 <= response.status_code < 300:
-                stored = StoredResponse(
+                # A route may store another answer than the one it gives (see replay_instead).
+                stored = getattr(request.state, "idempotency_replay", None) or StoredResponse(
                     response.status_code,
                     bytes(response.body),
                     {
@@ -315,6 +316,19 @@ class IdempotentRoute(APIRoute):
             return response
 
         return handle_once
+
+
+def replay_instead(request: Request, response: Response) -> None:
+    """Have a retry with this request's Idempotency-Key get ``response``, not the first answer.
+
+    For answers that must not be stored, such as a new API key's token, which exists in one
+    response only: a retry gets a problem saying what was done instead of a second key.
+    """
+    request.state.idempotency_replay = StoredResponse(
+        response.status_code,
+        bytes(response.body),
+        {name: value for name, value in response.headers.items() if name in _KEPT_HEADERS},
+    )
 
 
 def _with_replay_documented(

@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi import APIRouter, HTTPException, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from api.auth import KeyStoreDep
+from api.idempotency import IdempotentRoute, replay_instead
 from api.keys import MAX_NAME_LENGTH, ApiKey, KeyNotFoundError, Role
-from api.problems import problem_responses
+from api.problems import problem_response, problem_responses
 
-router = APIRouter(prefix="/keys", tags=["keys"])
+router = APIRouter(prefix="/keys", tags=["keys"], route_class=IdempotentRoute)
 
 KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$", description="The key's id (16 hex digits).")]
 
@@ -64,10 +65,25 @@ def _public(key: ApiKey) -> KeyPublic:
     )
 
 
-@router.post("", status_code=201, responses=problem_responses(422))
-def create_key(body: KeyCreate, keys: KeyStoreDep) -> KeyIssued:
-    """Issue a key; store its token now, it cannot be shown again."""
+@router.post("", status_code=201, responses=problem_responses(409, 422))
+def create_key(body: KeyCreate, keys: KeyStoreDep, request: Request) -> KeyIssued:
+    """Issue a key; store its token now, it cannot be shown again.
+
+    With an Idempotency-Key, a retry issues no second key: since the token is never stored,
+    the retry gets a 409 problem naming the key that was issued.
+    """
     issued = keys.create(body.role, body.name)
+    replay_instead(
+        request,
+        problem_response(
+            request,
+            status=409,
+            slug="key-already-issued",
+            title="Key already issued",
+            detail=f"this Idempotency-Key already issued key {issued.key_id}; its token was "
+            "shown once and is not stored: if it was lost, revoke the key and issue another",
+        ),
+    )
     return KeyIssued(
         **_public(keys.get(issued.key_id)).model_dump(),
         token=issued.token,

@@ -225,6 +225,26 @@ class TestOtherWrites:
         restart = client.post(f"{url}?restart=true", headers=keyed("rebuild-1"))
         assert_problem(restart, 422, "invalid-request")
 
+    def test_a_repeated_key_creation_issues_no_second_key_and_never_shows_the_token_again(
+        self, client: TestClient
+    ) -> None:
+        """The token exists in the first response only: a retry is told which key it made."""
+        before = len(client.get("/keys").json()["data"])
+        body = {"role": "reader", "name": "dashboard"}
+        first = client.post("/keys", json=body, headers=keyed("key-1"))
+        assert first.status_code == 201, first.text
+        token = first.json()["token"]
+        second = client.post("/keys", json=body, headers=keyed("key-1"))
+        problem = assert_problem(second, 409, "key-already-issued")
+        assert first.json()["key_id"] in problem["detail"]
+        assert second.headers["Idempotent-Replayed"] == "true"
+        assert token not in second.text
+        assert len(client.get("/keys").json()["data"]) == before + 1
+        stored = client.app.state.http_idempotency  # type: ignore[attr-defined]
+        with stored.engine.connect() as conn:
+            bodies = conn.exec_driver_sql("SELECT body FROM http_idempotency").scalars().all()
+        assert bodies and not any(token.encode() in stored_body for stored_body in bodies)
+
     def test_a_delete_with_a_key_replays_its_204(self, client: TestClient) -> None:
         hook_id = client.post("/webhooks", json=WEBHOOK).json()["id"]
         first = client.delete(f"/webhooks/{hook_id}", headers=keyed("unhook"))
