@@ -24,6 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -247,3 +248,30 @@ def metrics_resource(settings: Settings) -> Callable[[FastAPI], AbstractAsyncCon
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     return hold_metrics
+
+
+class _ProcessAndStore(Collector):
+    """This process's counters (the default registry) followed by the store's gauges."""
+
+    def __init__(self, store: StoreCollector) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Metric]:
+        yield from REGISTRY.collect()
+        yield from self.store.collect()
+
+
+def serve_worker_metrics(
+    runtime: ProjectionRuntime, settings: Settings, host: str, port: int
+) -> tuple[str, int]:
+    """Serve a worker process's metrics at http://host:port/metrics (its own thread).
+
+    The worker has no API, so this plain endpoint, with no key, is the only way to scrape its
+    dispatcher's delivery counters; bind it to an address only the scraper reaches. Returns the
+    bound address (port 0 picks a free one).
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_ProcessAndStore(StoreCollector(runtime, settings.projection_stalled_after)))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound_host, bound_port = server.server_address[:2]
+    return str(bound_host), int(bound_port)

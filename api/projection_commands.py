@@ -83,14 +83,32 @@ def worker(
     projections: Annotated[
         bool, typer.Option("--projections/--no-projections", help="Run projections.")
     ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics (delivery counters, projection lag) on this port; "
+            "no API key is asked, so bind it where only the scraper reaches.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Interface for --metrics-port.")
+    ] = "127.0.0.1",
     database_url: DatabaseOption = None,
 ) -> None:
     """Run projection workers and the effect dispatcher until interrupted (SIGINT or SIGTERM)."""
-    # Loaded here: it pulls in the HTTP stack, which the other commands do without.
+    # Loaded here: they pull in the HTTP stack, which the other commands do without.
     from api.logs import configure_logging  # noqa: PLC0415
+    from api.metrics import serve_worker_metrics  # noqa: PLC0415
 
     with _runtime(database_url) as (settings, runtime):
         configure_logging(settings.log_format, settings.log_level)
+        if metrics_port is not None:
+            host, port = serve_worker_metrics(runtime, settings, metrics_host, metrics_port)
+            console.print(f"metrics at http://{host}:{port}/metrics")
         try:
             projection_worker = runtime.worker(only, idle_wait=settings.projection_idle_wait)
         except UnknownProjectionError as error:
