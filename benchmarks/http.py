@@ -253,7 +253,9 @@ def _wait_ready(server: Server, timeout: float) -> None:
     last = "no answer"
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited ({server.process.returncode}); see {server.log}")
+            raise RuntimeError(
+                f"the server exited ({server.process.returncode}): {_log_tail(server.log)}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 if answer.status == 200:
@@ -263,7 +265,14 @@ def _wait_ready(server: Server, timeout: float) -> None:
         except OSError as error:
             last = str(error)
         time.sleep(0.2)
-    raise RuntimeError(f"the server was not ready within {timeout:.0f}s ({last}); see {server.log}")
+    raise RuntimeError(
+        f"the server was not ready within {timeout:.0f}s ({last}): {_log_tail(server.log)}"
+    )
+
+
+def _log_tail(log: Path, lines: int = 20) -> str:
+    """The end of the server's log, for an error message (the log's directory is removed)."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 @contextmanager
@@ -639,7 +648,7 @@ def direct_rate(rows: list[Row], row: Row) -> float | None:
 
 def operation_label(spec: LoadSpec) -> str:
     label = {"get": "get-order", "place": "place-order"}[spec.operation]
-    return f"{label} paced {spec.rate:,.0f}/s" if spec.rate else label
+    return f"{label} @{spec.rate:,.0f}/s" if spec.rate else label
 
 
 def table_row(rows: list[Row], row: Row) -> list[str]:
@@ -785,7 +794,7 @@ def run(args: argparse.Namespace) -> int:
         f"HTTP API against direct calls ({args.orders:,} orders stored; {args.seconds:g} s "
         f"per cell after {args.warmup:g} s warm-up; app CPU = the server's processes, or the "
         "direct process, per request; gen CPU = the load generator's share of one core; "
-        "load = 1-minute load average after the cell)",
+        "load = 1-minute load average after the cell; @N/s: paced at N requests/s)",
         [
             "store",
             "variant",
@@ -798,7 +807,7 @@ def run(args: argparse.Namespace) -> int:
             "errors",
             "app CPU ms",
             "gen CPU",
-            "HTTP/direct",
+            "vs direct",
             "load",
         ],
         [table_row(rows, row) for row in rows],
