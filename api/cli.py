@@ -7,6 +7,7 @@ import multiprocessing.process
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -207,6 +208,7 @@ def run_workers(settings: Settings, workers: int) -> None:
     counters through a fresh PROMETHEUS_MULTIPROC_DIR; every child exits with this process.
     """
     import uvicorn  # noqa: PLC0415
+    from uvicorn.supervisors import Multiprocess  # noqa: PLC0415
 
     from api.logs import logging_config  # noqa: PLC0415
     from api.metrics import MULTIPROCESS_DIR_VAR  # noqa: PLC0415
@@ -217,21 +219,39 @@ def run_workers(settings: Settings, workers: int) -> None:
     os.environ[MULTIPROCESS_DIR_VAR] = metrics_dir
     os.environ[_SERVE_PID_VAR] = str(os.getpid())
     projection_worker = _start_projection_worker() if settings.run_projections else None
+    config = uvicorn.Config(
+        "api.cli:serve_app",
+        factory=True,
+        workers=workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=logging_config(settings.log_format, settings.log_level),
+        access_log=False,
+    )
     try:
-        uvicorn.run(
-            "api.cli:serve_app",
-            factory=True,
-            workers=workers,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            log_config=logging_config(settings.log_format, settings.log_level),
-            access_log=False,
-        )
+        # What uvicorn.run does for workers > 1, with the shared socket labelled TCP.
+        Multiprocess(config, sockets=[labelled_tcp(config.bind_socket())]).run()
+    except KeyboardInterrupt:
+        pass
     finally:
         if projection_worker is not None:
             _stop_process(projection_worker)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def labelled_tcp(listener: socket.socket) -> socket.socket:
+    """The listening socket with its protocol set to TCP, so accepted connections get TCP_NODELAY.
+
+    uvicorn creates the socket it shares between worker processes with protocol 0, and asyncio
+    sets TCP_NODELAY only on sockets whose protocol says TCP: without it every response on a
+    kept-alive connection waits for the client's delayed ACK, about 40 ms (uvicorn issue 3149).
+    """
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return listener
+    return socket.socket(
+        listener.family, listener.type, socket.IPPROTO_TCP, fileno=listener.detach()
+    )
 
 
 def serve_app() -> FastAPI:
