@@ -107,7 +107,12 @@ def get_key_store(request: Request) -> ApiKeyStore:
     return cast(ApiKeyStore, request.app.state.keys)
 
 
-KeyStoreDep = Annotated[ApiKeyStore, Depends(get_key_store)]
+async def _key_store(request: Request) -> ApiKeyStore:
+    # async: a plain def dependency would cost a thread-pool hand-off per request.
+    return get_key_store(request)
+
+
+KeyStoreDep = Annotated[ApiKeyStore, Depends(_key_store)]
 
 
 def _unauthorized(detail: str, *, token_sent: bool) -> HTTPException:

@@ -83,10 +83,14 @@ def get_projections(request: Request) -> ProjectionRuntime:
     return cast(ProjectionRuntime, request.app.state.projections)
 
 
-ProjectionsDep = Annotated[ProjectionRuntime, Depends(get_projections)]
+async def _projections(request: Request) -> ProjectionRuntime:
+    return get_projections(request)
 
 
-def min_position(
+ProjectionsDep = Annotated[ProjectionRuntime, Depends(_projections)]
+
+
+async def min_position(
     min_position: Annotated[
         int | None,
         Query(
