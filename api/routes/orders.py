@@ -7,6 +7,7 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Path, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.dependencies import JSON_BODY, CommandOptionsDep, IdempotencyKeyDep, LedgerDep
 from api.problems import problem_responses, response_headers
@@ -78,20 +79,22 @@ def _accepted(response: Response, result: CommandResult) -> CommandAccepted:
 
 
 @router.post("", status_code=201, responses=_PLACEMENT_RESPONSES)
-def create_order(
+async def create_order(
     body: OrderCreate,
     ledger: LedgerDep,
     response: Response,
     idempotency_key: IdempotencyKeyDep,
 ) -> CommandAccepted:
     """Place a new order."""
-    result = ledger.place_order(**body.model_dump(), idempotency_key=idempotency_key)
+    result = await run_in_threadpool(
+        ledger.place_order, **body.model_dump(), idempotency_key=idempotency_key
+    )
     response.headers["Location"] = f"{router.prefix}/{result.order_id}"
     return _accepted(response, result)
 
 
 @router.post("/{order_id}/lines", responses=_COMMAND_RESPONSES)
-def add_line(
+async def add_line(
     order_id: UUID,
     body: LineCreate,
     ledger: LedgerDep,
@@ -99,21 +102,23 @@ def add_line(
     response: Response,
 ) -> CommandAccepted:
     """Add a line to an order that has no payment yet."""
-    result = ledger.add_line(order_id, **body.model_dump(), **options.as_kwargs())
+    result = await run_in_threadpool(
+        ledger.add_line, order_id, **body.model_dump(), **options.as_kwargs()
+    )
     return _accepted(response, result)
 
 
 @router.delete("/{order_id}/lines/{sku}", responses=_COMMAND_RESPONSES)
-def remove_line(
+async def remove_line(
     order_id: UUID, sku: Sku, ledger: LedgerDep, options: CommandOptionsDep, response: Response
 ) -> CommandAccepted:
     """Remove a line from an order that has no payment yet."""
-    result = ledger.remove_line(order_id, sku=sku, **options.as_kwargs())
+    result = await run_in_threadpool(ledger.remove_line, order_id, sku=sku, **options.as_kwargs())
     return _accepted(response, result)
 
 
 @router.post("/{order_id}/payments", responses=_COMMAND_RESPONSES)
-def capture_payment(
+async def capture_payment(
     order_id: UUID,
     body: PaymentCreate,
     ledger: LedgerDep,
@@ -121,12 +126,14 @@ def capture_payment(
     response: Response,
 ) -> CommandAccepted:
     """Capture part or all of the order's outstanding balance."""
-    result = ledger.capture_payment(order_id, **body.model_dump(), **options.as_kwargs())
+    result = await run_in_threadpool(
+        ledger.capture_payment, order_id, **body.model_dump(), **options.as_kwargs()
+    )
     return _accepted(response, result)
 
 
 @router.post("/{order_id}/shipment", responses=_COMMAND_RESPONSES)
-def ship_order(
+async def ship_order(
     order_id: UUID,
     body: ShipmentCreate,
     ledger: LedgerDep,
@@ -134,12 +141,14 @@ def ship_order(
     response: Response,
 ) -> CommandAccepted:
     """Hand a fully paid order to a carrier."""
-    result = ledger.ship_order(order_id, **body.model_dump(), **options.as_kwargs())
+    result = await run_in_threadpool(
+        ledger.ship_order, order_id, **body.model_dump(), **options.as_kwargs()
+    )
     return _accepted(response, result)
 
 
 @router.post("/{order_id}/delivery", responses=_COMMAND_RESPONSES)
-def deliver_order(
+async def deliver_order(
     order_id: UUID,
     ledger: LedgerDep,
     options: CommandOptionsDep,
@@ -148,12 +157,12 @@ def deliver_order(
 ) -> CommandAccepted:
     """Record that a shipped order reached the customer."""
     # The body is optional and empty; declaring it makes a body with unknown fields a 422.
-    result = ledger.deliver_order(order_id, **options.as_kwargs())
+    result = await run_in_threadpool(ledger.deliver_order, order_id, **options.as_kwargs())
     return _accepted(response, result)
 
 
 @router.post("/{order_id}/cancellation", responses=_COMMAND_RESPONSES)
-def cancel_order(
+async def cancel_order(
     order_id: UUID,
     body: CancellationCreate,
     ledger: LedgerDep,
@@ -161,12 +170,14 @@ def cancel_order(
     response: Response,
 ) -> CommandAccepted:
     """Cancel an order that has not shipped."""
-    result = ledger.cancel_order(order_id, **body.model_dump(), **options.as_kwargs())
+    result = await run_in_threadpool(
+        ledger.cancel_order, order_id, **body.model_dump(), **options.as_kwargs()
+    )
     return _accepted(response, result)
 
 
 @router.post("/{order_id}/refunds", responses=_COMMAND_RESPONSES)
-def issue_refund(
+async def issue_refund(
     order_id: UUID,
     body: RefundCreate,
     ledger: LedgerDep,
@@ -174,7 +185,9 @@ def issue_refund(
     response: Response,
 ) -> CommandAccepted:
     """Give back money captured on the order and not yet refunded."""
-    result = ledger.issue_refund(order_id, **body.model_dump(), **options.as_kwargs())
+    result = await run_in_threadpool(
+        ledger.issue_refund, order_id, **body.model_dump(), **options.as_kwargs()
+    )
     return _accepted(response, result)
 
 
