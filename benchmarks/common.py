@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -26,6 +27,8 @@ from domain.eventstore import event_store_env
 POSTGRES_URL_VAR = "ORDERLEDGER_BENCH_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 STORES = ("sqlite", "postgres")
+CACHE_DIR = Path(os.environ.get("ORDERLEDGER_BENCH_CACHE", "/tmp/orderledger-bench-cache"))
+"""Where generated SQLite stores are kept between runs (PostgreSQL keeps template databases)."""
 
 # Wide enough for the tables even when the output goes to a file or a pipe.
 console = Console(highlight=False, width=max(shutil.get_terminal_size().columns, 140))
@@ -85,6 +88,78 @@ def temporary_store_url(store: str, postgres_admin: str | None = None) -> Iterat
             yield url
     else:
         raise ValueError(f"unknown store {store!r}: choose one of {', '.join(STORES)}")
+
+
+@contextmanager
+def cached_store_copy(
+    store: str, key: str, generate: Callable[[str], None], postgres_admin: str
+) -> Iterator[str]:
+    """A fresh copy of the store cached under ``key``, made by ``generate(url)`` the first time.
+
+    SQLite stores are kept as files under CACHE_DIR, PostgreSQL ones as template databases
+    named after the key; later runs copy them, which takes seconds instead of regenerating.
+    """
+    if store == "sqlite":
+        with _sqlite_copy(key, generate) as url:
+            yield url
+    else:
+        with _postgres_copy(key, generate, postgres_admin) as url:
+            yield url
+
+
+@contextmanager
+def _sqlite_copy(key: str, generate: Callable[[str], None]) -> Iterator[str]:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    cached = CACHE_DIR / f"{key}.db"
+    if not cached.exists():
+        building = CACHE_DIR / f"{key}.building.db"
+        for leftover in CACHE_DIR.glob(f"{key}.building.db*"):
+            leftover.unlink()
+        generate(f"sqlite:///{building}")
+        _checkpoint_sqlite(building)
+        building.rename(cached)
+    directory = tempfile.mkdtemp(prefix="orderledger-bench-")
+    try:
+        shutil.copyfile(cached, f"{directory}/store.db")
+        yield f"sqlite:///{directory}/store.db"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _checkpoint_sqlite(path: Path) -> None:
+    """Fold the WAL into the database file, so copying the file copies everything."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _postgres_copy(key: str, generate: Callable[[str], None], admin: str) -> Iterator[str]:
+    template = f"orderledger_bench_cache_{key}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (template,))
+        cached = exists.fetchone() is not None
+    if not cached:
+        with temporary_postgres_url(admin) as scratch:
+            generate(scratch)
+            scratch_name = urlsplit(scratch).path.lstrip("/")
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (scratch_name,),
+                )
+                conn.execute(f'CREATE DATABASE "{template}" TEMPLATE "{scratch_name}"')
+    dbname = f"orderledger_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{template}"')
+    parts = urlsplit(admin)
+    try:
+        yield urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 def library_env(database_url: str) -> dict[str, str]:

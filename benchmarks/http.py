@@ -21,7 +21,6 @@ import random
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -29,21 +28,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 from sqlalchemy import Connection, Table, func, select
 
 from api.projection_runtime import open_projection_runtime
 from api.settings import Settings
 from benchmarks.common import (
     STORES,
+    cached_store_copy,
     console,
     machine_description,
     note,
@@ -51,10 +48,8 @@ from benchmarks.common import (
     postgres_unreachable_reason,
     print_description,
     print_table,
-    temporary_postgres_url,
 )
 from benchmarks.loadgen import OPERATIONS, CellResult, LoadSpec, Window, place_order_body, read_ids
-from benchmarks.projections import CACHE_DIR
 from domain.ledger import OrderLedger
 from domain.order import Order
 from projections.order_summaries import get_order_summary
@@ -109,71 +104,13 @@ def generate(url: str, orders: int) -> None:
     )
 
 
-def _checkpoint_sqlite(path: Path) -> None:
-    """Fold the WAL into the database file, so copying the file copies everything."""
-    conn = sqlite3.connect(path)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
-
-
 @contextmanager
 def order_store(store: str, orders: int, postgres_admin: str) -> Iterator[str]:
     """A fresh copy of a store of ``orders`` placed orders with its read models caught up."""
-    key = _cache_key(orders)
-    if store == "sqlite":
-        with _sqlite_copy(key, orders) as url:
-            yield url
-    else:
-        with _postgres_copy(key, orders, postgres_admin) as url:
-            yield url
-
-
-@contextmanager
-def _sqlite_copy(key: str, orders: int) -> Iterator[str]:
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    cached = CACHE_DIR / f"{key}.db"
-    if not cached.exists():
-        building = CACHE_DIR / f"{key}.building.db"
-        for leftover in CACHE_DIR.glob(f"{key}.building.db*"):
-            leftover.unlink()
-        generate(f"sqlite:///{building}", orders)
-        _checkpoint_sqlite(building)
-        building.rename(cached)
-    directory = tempfile.mkdtemp(prefix="orderledger-bench-")
-    try:
-        shutil.copyfile(cached, f"{directory}/store.db")
-        yield f"sqlite:///{directory}/store.db"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@contextmanager
-def _postgres_copy(key: str, orders: int, admin: str) -> Iterator[str]:
-    template = f"orderledger_bench_cache_{key}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (template,))
-        cached = exists.fetchone() is not None
-    if not cached:
-        with temporary_postgres_url(admin) as scratch:
-            generate(scratch, orders)
-            scratch_name = urlsplit(scratch).path.lstrip("/")
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (scratch_name,),
-                )
-                conn.execute(f'CREATE DATABASE "{template}" TEMPLATE "{scratch_name}"')
-    dbname = f"orderledger_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{template}"')
-    parts = urlsplit(admin)
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    with cached_store_copy(
+        store, _cache_key(orders), partial(generate, orders=orders), postgres_admin
+    ) as url:
+        yield url
 
 
 def sample_order_ids(url: str, count: int, path: Path) -> int:

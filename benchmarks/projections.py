@@ -14,21 +14,17 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 from eventsourcing.persistence import ListenNotifySubscription, Subscription, Tracking
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.projection import Projection as LibraryProjection
@@ -39,6 +35,7 @@ from sqlalchemy import bindparam, func, select
 
 from benchmarks.common import (
     STORES,
+    cached_store_copy,
     console,
     machine_description,
     note,
@@ -46,7 +43,6 @@ from benchmarks.common import (
     postgres_unreachable_reason,
     print_description,
     print_table,
-    temporary_postgres_url,
     temporary_store_url,
 )
 from domain.eventstore import SQLiteEventRecorder, event_store_env
@@ -63,7 +59,6 @@ OURS = "orderledger Worker"
 LIBRARY = "library ProjectionRunner"
 CACHE_VERSION = 1
 """Bump when the generated events change, so cached stores are made again."""
-CACHE_DIR = Path(os.environ.get("ORDERLEDGER_BENCH_CACHE", "/tmp/orderledger-bench-cache"))
 SAVE_CHUNK = 500
 """Orders per ``ledger.save`` while generating: one transaction each."""
 GOALS = {"sqlite": 25.0, "postgres": 10.0}
@@ -137,48 +132,9 @@ def event_store(store: str, events: int, postgres_admin: str) -> Iterator[tuple[
     a PostgreSQL template database); later runs copy them, which takes seconds.
     """
     key = f"proj_v{CACHE_VERSION}_{events}"
-    if store == "sqlite":
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        cached = CACHE_DIR / f"{key}.db"
-        if not cached.exists():
-            building = CACHE_DIR / f"{key}.building.db"
-            for leftover in CACHE_DIR.glob(f"{key}.building.db*"):
-                leftover.unlink()
-            _generate(f"sqlite:///{building}", events)
-            _checkpoint_sqlite(building)
-            building.rename(cached)
-        directory = tempfile.mkdtemp(prefix="orderledger-bench-")
-        try:
-            shutil.copyfile(cached, f"{directory}/store.db")
-            yield f"sqlite:///{directory}/store.db", _count(f"sqlite:///{directory}/store.db")
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        return
-    template = f"orderledger_bench_cache_{key}"
-    with psycopg.connect(postgres_admin, autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (template,)
-        ).fetchone()
-    if not exists:
-        with temporary_postgres_url(postgres_admin) as scratch:
-            _generate(scratch, events)
-            scratch_name = urlsplit(scratch).path.lstrip("/")
-            with psycopg.connect(postgres_admin, autocommit=True) as conn:
-                conn.execute(
-                    f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
-                    f"'{scratch_name}'"
-                )
-                conn.execute(f'CREATE DATABASE "{template}" TEMPLATE "{scratch_name}"')
-    dbname = f"orderledger_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{template}"')
-    parts = urlsplit(postgres_admin)
-    url = urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
-    try:
+    generate = partial(_generate, events=events)
+    with cached_store_copy(store, key, generate, postgres_admin) as url:
         yield url, _count(url)
-    finally:
-        with psycopg.connect(postgres_admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 def _generate(url: str, events: int) -> None:
@@ -190,16 +146,6 @@ def _generate(url: str, events: int) -> None:
         ledger.close()
     seconds = time.perf_counter() - started
     note(f"generated {recorded:,} events in {seconds:.1f}s ({recorded / seconds:,.0f}/s): {url}")
-
-
-def _checkpoint_sqlite(path: Path) -> None:
-    import sqlite3  # noqa: PLC0415 - only the cache needs the raw driver
-
-    conn = sqlite3.connect(path)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
 
 
 def _count(url: str) -> int:
