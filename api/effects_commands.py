@@ -58,13 +58,18 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def configured(database_url: str | None) -> Settings:
+    """Settings from the environment, --database-url winning; bad settings are one line."""
+    try:
+        return Settings() if database_url is None else Settings(database_url=database_url)
+    except ValidationError as error:
+        _fail(f"invalid settings: {error.errors()[0]['msg']}", EXIT_USAGE)
+
+
 @contextmanager
 def _effects(database_url: str | None) -> Iterator[Effects]:
     """The outbox of the configured store, with expected failures as one line and an exit code."""
-    try:
-        settings = Settings() if database_url is None else Settings(database_url=database_url)
-    except ValidationError as error:
-        _fail(f"invalid settings: {error.errors()[0]['msg']}", EXIT_USAGE)
+    settings = configured(database_url)
     try:
         ledger = OrderLedger.from_url(settings.database_url)
     except ValueError as error:

@@ -8,12 +8,11 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.effects_commands import EXIT_FAILURE, EXIT_USAGE, DatabaseOption, _fail
+from api.effects_commands import EXIT_FAILURE, EXIT_USAGE, DatabaseOption, _fail, configured
 from api.keys import DEFAULT_CACHE_TTL, ApiKeyStore, IssuedKey, KeyNotFoundError, Role
 from api.settings import Settings
 
@@ -25,10 +24,7 @@ keys_app = typer.Typer(
 @contextmanager
 def _keys(database_url: str | None) -> Iterator[tuple[ApiKeyStore, Settings]]:
     """The key store of the configured event store, with expected failures as one line."""
-    try:
-        settings = Settings() if database_url is None else Settings(database_url=database_url)
-    except ValidationError as error:
-        _fail(f"invalid settings: {error.errors()[0]['msg']}", EXIT_USAGE)
+    settings = configured(database_url)
     try:
         store = ApiKeyStore.from_url(settings.database_url)
     except ValueError as error:
