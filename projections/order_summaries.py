@@ -6,7 +6,7 @@ import base64
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import singledispatchmethod
@@ -246,8 +246,8 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _summary(row: Any) -> OrderSummary:
-    values = row._mapping
+def summary_from(values: Mapping[str, Any]) -> OrderSummary:
+    """An order summary from one order_summaries row, as a mapping of column to value."""
     lines = json.loads(values["lines"])
     return OrderSummary(
         order_id=values["order_id"],
@@ -277,7 +277,7 @@ def get_order_summary(
     """One order's summary, or None."""
     table = tables["order_summaries"]
     row = conn.execute(select(table).where(table.c.order_id == order_id)).first()
-    return _summary(row) if row else None
+    return summary_from(row._mapping) if row else None
 
 
 class InvalidCursorError(ValueError):
@@ -336,7 +336,7 @@ def list_order_summaries(
         .order_by(table.c.placed_at.desc(), table.c.order_id.desc())
         .limit(limit + 1)
     )
-    rows = [_summary(row) for row in conn.execute(query)]
+    rows = [summary_from(row._mapping) for row in conn.execute(query)]
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
