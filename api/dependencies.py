@@ -57,11 +57,14 @@ _IdempotencyKeyHeader = Annotated[
 ]
 
 
+def valid_idempotency_key(key: str) -> bool:
+    """Whether an Idempotency-Key header is 1 to 200 visible ASCII characters."""
+    return len(key) <= MAX_IDEMPOTENCY_KEY_HEADER_LENGTH and bool(_KEY_PATTERN.fullmatch(key))
+
+
 async def idempotency_key(key: _IdempotencyKeyHeader = None) -> str | None:
     """The Idempotency-Key header, if it is 1 to 200 visible ASCII characters."""
-    if key is not None and not (
-        len(key) <= MAX_IDEMPOTENCY_KEY_HEADER_LENGTH and _KEY_PATTERN.fullmatch(key)
-    ):
+    if key is not None and not valid_idempotency_key(key):
         raise InvalidCommandError(
             f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_HEADER_LENGTH} "
             "visible ASCII characters"

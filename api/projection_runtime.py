@@ -18,6 +18,7 @@ from api.settings import Settings
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
 from projections.effects.service import Effects
+from projections.point_read import PointReader
 from projections.processor import ProcessorSettings
 from projections.runtime import ProjectionRuntime
 
@@ -50,6 +51,9 @@ def projections_resource(
             else await run_in_threadpool(open_projection_runtime, settings, app.state.ledger)
         )
         app.state.projections = held
+        app.state.order_reader = PointReader(
+            held.engine, held.catalog, "order_summaries", "order_summaries"
+        )
         worker = None
         dispatcher = None
         reconciler = None
@@ -72,6 +76,7 @@ def projections_resource(
                 await run_in_threadpool(dispatcher.stop)
             if worker is not None:
                 await run_in_threadpool(worker.stop)
+            app.state.order_reader.close()
             if owned:
                 held.close()
 

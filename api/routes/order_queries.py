@@ -32,8 +32,18 @@ MAX_PAGE = 200
 Status = Literal["pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"]
 
 
-def _public(summary: OrderSummary) -> OrderSummaryPublic:
+def public(summary: OrderSummary) -> OrderSummaryPublic:
     return OrderSummaryPublic.model_validate(summary, from_attributes=True)
+
+
+def etag_of(summary: OrderSummary) -> str:
+    """An order's entity tag: its version, quoted."""
+    return f'"{summary.version}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names this entity tag."""
+    return if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]
 
 
 def _start_of(day: date) -> datetime:
@@ -86,7 +96,7 @@ async def list_orders(
     if page.next_cursor is not None:
         next_link = str(request.url.include_query_params(cursor=page.next_cursor))
     return OrderSummariesPublic(
-        data=[_public(s) for s in page.items], next_cursor=page.next_cursor, next=next_link
+        data=[public(s) for s in page.items], next_cursor=page.next_cursor, next=next_link
     )
 
 
@@ -111,8 +121,8 @@ async def read_order(
     summary = await read_model(request, "order_summaries", query, min_position)
     if summary is None:
         raise HTTPException(status_code=404, detail=f"order {order_id} not found")
-    etag = f'"{summary.version}"'
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    etag = etag_of(summary)
+    if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return _public(summary)
+    return public(summary)

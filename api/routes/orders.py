@@ -67,15 +67,29 @@ _PLACEMENT_RESPONSES = {
 Sku = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
-def _accepted(response: Response, result: CommandResult) -> CommandAccepted:
-    """The command's outcome, with its version and position also as headers."""
-    response.headers["ETag"] = f'"{result.version}"'
-    response.headers["Orderledger-Position"] = str(result.position)
+def accepted_headers(result: CommandResult) -> dict[str, str]:
+    """A recorded command's version and position as headers."""
+    headers = {"ETag": f'"{result.version}"', "Orderledger-Position": str(result.position)}
     if result.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+        headers["Idempotent-Replayed"] = "true"
+    return headers
+
+
+def placement_headers(result: CommandResult) -> dict[str, str]:
+    """A placed order's headers: where it is, and its version and position."""
+    return {"Location": f"{router.prefix}/{result.order_id}", **accepted_headers(result)}
+
+
+def accepted(result: CommandResult) -> CommandAccepted:
     return CommandAccepted(
         order_id=result.order_id, version=result.version, position=result.position
     )
+
+
+def _accepted(response: Response, result: CommandResult) -> CommandAccepted:
+    """The command's outcome, with its version and position also as headers."""
+    response.headers.update(accepted_headers(result))
+    return accepted(result)
 
 
 @router.post("", status_code=201, responses=_PLACEMENT_RESPONSES)
@@ -89,8 +103,8 @@ async def create_order(
     result = await run_in_threadpool(
         ledger.place_order, **body.model_dump(), idempotency_key=idempotency_key
     )
-    response.headers["Location"] = f"{router.prefix}/{result.order_id}"
-    return _accepted(response, result)
+    response.headers.update(placement_headers(result))
+    return accepted(result)
 
 
 @router.post("/{order_id}/lines", responses=_COMMAND_RESPONSES)

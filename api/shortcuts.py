@@ -1,0 +1,294 @@
+"""The two requests an order service answers most, served without FastAPI's per-request work.
+
+Reading one order (``GET /orders/{id}``) and placing one (``POST /orders``) dominate an order
+service's traffic, and for them FastAPI's dependency resolution, routing and thread hand-offs
+cost several times the work itself (docs/benchmarks.md, "HTTP API"). These middlewares answer
+the plain, valid case of each with the status, body and headers the route gives
+(``tests/api/test_shortcuts.py`` compares them):
+
+- a key this process accepted within its cache time, with the route's role;
+- GET: an order id in canonical form, no other query than ``min_position`` (already reached),
+  an order that exists; read with one statement of a ``PointReader``;
+- POST: a JSON body the route's own model accepts, an optional well-formed Idempotency-Key;
+  placed by the same ``OrderLedger.place_order`` call, its refusals answered by the app's own
+  problem handlers.
+
+Everything else (no key, a key not seen lately, too low a role, an unknown order, a
+``min_position`` not reached yet, any other query or header the route would refuse, a body it
+would refuse, ...) goes on to the route, untouched: a body already read is handed on as it came.
+The route stays the one place that decides errors and documents the operation in OpenAPI. Both
+middlewares sit inside the request-log and metrics middlewares, so their requests are logged
+and counted as the routes'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.dependencies import valid_idempotency_key
+from api.keys import ApiKeyStore, Principal
+from api.routes import access
+from api.routes import order_queries as orders
+from api.routes import orders as commands
+from api.schemas import OrderCreate
+from domain.money import MAX_AMOUNT
+from projections.order_summaries import summary_from
+from projections.point_read import PointRead, PointReader
+
+PREFIX = "/orders/"
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MIN_POSITION_QUERY = re.compile(rb"min_position=([0-9]{1,19})")
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +(\S+)")
+
+
+@dataclass(frozen=True)
+class RouteLabel:
+    """What the request log and the metrics read of a matched route: its path template."""
+
+    path: str
+
+
+ORDER_ROUTE = RouteLabel(PREFIX + "{order_id}")
+ORDERS_ROUTE = RouteLabel(commands.router.prefix)
+_READ_HEADERS = frozenset({b"authorization", b"if-none-match", b"orderledger-min-position"})
+_PLACEMENT_HEADERS = frozenset({b"authorization", b"content-type", b"idempotency-key"})
+_READ_ROLE = next(a for router, a in access if router is orders.router).role_for("GET")
+_PLACE_ROLE = next(a for router, a in access if router is commands.router).role_for("POST")
+
+
+class OrderReadShortcut:
+    """Answer the plain successful GET /orders/{id} here; pass everything else to the app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"].startswith(PREFIX)
+            and await self._answered(scope, receive, send)
+        ):
+            await self.app(scope, receive, send)
+
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        request = _plain_read(scope)
+        if request is None:
+            return False
+        order_id, principal, if_none_match, floor = request
+        reader: PointReader | None = getattr(scope["app"].state, "order_reader", None)
+        found = None if reader is None else await self._read(reader, order_id)
+        if found is None or found.row is None or found.position < floor:
+            return False
+        summary = summary_from(found.row)
+        etag = orders.etag_of(summary)
+        if orders.etag_matches(if_none_match, etag):
+            response = Response(status_code=304, headers={"ETag": etag})
+        else:
+            body = orders.public(summary).model_dump_json().encode()
+            response = Response(body, media_type="application/json", headers={"ETag": etag})
+        scope["route"] = ORDER_ROUTE
+        scope.setdefault("state", {})["principal"] = principal
+        await response(scope, receive, send)
+        return True
+
+    async def _read(self, reader: PointReader, order_id: str) -> PointRead | None:
+        if reader.engine.dialect.name == "sqlite":
+            # One indexed statement on a local file, no server round trip: cheaper on the
+            # event loop than a thread hand-off.
+            return reader.get(order_id)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(4, thread_name_prefix="order-reads")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, reader.get, order_id)
+
+
+def _plain_read(scope: Scope) -> tuple[str, Principal, str | None, int] | None:
+    """(order id, principal, If-None-Match, position floor) of a request the shortcut may
+    answer, or None."""
+    order_id = scope["path"][len(PREFIX) :]
+    if not _CANONICAL_ID.fullmatch(order_id):
+        return None
+    query_floor = _query_floor(scope["query_string"])
+    principal, if_none_match, header_floor = _headers(scope, scope["app"].state.keys)
+    if query_floor is None or header_floor is None or principal is None:
+        return None
+    if _READ_ROLE is not None and not principal.role.includes(_READ_ROLE):
+        return None
+    return order_id, principal, if_none_match, max(query_floor, header_floor)
+
+
+def _query_floor(query: bytes) -> int | None:
+    """The position a query string asks for (0 for none), or None for any other query."""
+    if not query:
+        return 0
+    match = _MIN_POSITION_QUERY.fullmatch(query)
+    if match is None:
+        return None
+    value = int(match[1])
+    return value if value <= MAX_AMOUNT else None
+
+
+def _headers(scope: Scope, keys: ApiKeyStore) -> tuple[Principal | None, str | None, int | None]:
+    """The principal of a key accepted lately, If-None-Match, and the header's position floor
+    (0 for none; None when malformed, for the route to refuse)."""
+    headers = _first(scope, _READ_HEADERS)
+    principal = _principal(headers.get(b"authorization"), keys)
+    if_none_match = headers.get(b"if-none-match")
+    floor: int | None = 0
+    if b"orderledger-min-position" in headers:
+        text = headers[b"orderledger-min-position"].strip()
+        floor = int(text) if text.isdigit() and int(text) <= MAX_AMOUNT else None
+    return principal, None if if_none_match is None else if_none_match.decode("latin-1"), floor
+
+
+def _first(scope: Scope, names: frozenset[bytes]) -> dict[bytes, bytes]:
+    """The first value of each of these headers, as Starlette's ``Headers.get`` reads them."""
+    found: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        if name in names and name not in found:
+            found[name] = value
+    return found
+
+
+def _principal(authorization: bytes | None, keys: ApiKeyStore) -> Principal | None:
+    """The principal of a bearer key this process accepted lately, else None."""
+    match = None if authorization is None else _BEARER.fullmatch(authorization.decode("latin-1"))
+    return None if match is None else keys.cached(match[1])
+
+
+class PlaceOrderShortcut:
+    """Place the plain valid POST /orders here; pass everything else to the app.
+
+    Outside the body-size limit: a body over ``max_bytes`` is handed on, for the app to refuse.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plain = _plain_placement(scope) if _is_placement(scope) else None
+        if plain is not None:
+            body, whole = await _read_body(receive, self.max_bytes)
+            command = _order_create(body) if whole else None
+            if command is not None:
+                await self._place(scope, receive, send, plain, command)
+                return
+            receive = _replaying(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _place(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        plain: tuple[Principal, str | None],
+        command: OrderCreate,
+    ) -> None:
+        principal, key = plain
+        scope["route"] = ORDERS_ROUTE
+        scope.setdefault("state", {})["principal"] = principal
+        ledger = scope["app"].state.ledger
+        scoped = None if key is None else f"{principal.key_id}:{key}"
+        try:
+            result = await run_in_threadpool(
+                ledger.place_order, **command.model_dump(), idempotency_key=scoped
+            )
+        except Exception as error:
+            response = await _problem(scope, receive, error)
+        else:
+            response = Response(
+                commands.accepted(result).model_dump_json().encode(),
+                status_code=201,
+                media_type="application/json",
+                headers=commands.placement_headers(result),
+            )
+        await response(scope, receive, send)
+
+
+def _is_placement(scope: Scope) -> bool:
+    return (
+        scope["type"] == "http"
+        and scope["method"] == "POST"
+        and scope["path"] == commands.router.prefix
+        and not scope["query_string"]
+    )
+
+
+def _plain_placement(scope: Scope) -> tuple[Principal, str | None] | None:
+    """(principal, Idempotency-Key) of a placement the shortcut may make, or None."""
+    headers = _first(scope, _PLACEMENT_HEADERS)
+    principal = _principal(headers.get(b"authorization"), scope["app"].state.keys)
+    media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if principal is None or not (
+        media_type == b"application/json" or media_type.endswith(b"+json")
+    ):
+        return None
+    key = None
+    if b"idempotency-key" in headers:
+        key = headers[b"idempotency-key"].decode("latin-1")
+        if not valid_idempotency_key(key):
+            return None
+    if _PLACE_ROLE is not None and not principal.role.includes(_PLACE_ROLE):
+        return None
+    return principal, key
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
+    """The request's body messages, and whether they are the whole body within ``limit``."""
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, False  # the client went away
+        size += len(message.get("body", b""))
+        if size > limit:
+            return messages, False
+        if not message.get("more_body", False):
+            return messages, True
+
+
+def _order_create(messages: list[Message]) -> OrderCreate | None:
+    """The command, validated as the route validates it (JSON, then the model), or None."""
+    body = b"".join(message.get("body", b"") for message in messages)
+    try:
+        return OrderCreate.model_validate(json.loads(body))
+    except (ValueError, ValidationError):
+        return None
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that hands the app the messages already read, then the rest as it comes."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _problem(scope: Scope, receive: Receive, error: Exception) -> Response:
+    """The app's own answer to an exception its handlers know; anything else propagates, as
+    from the route."""
+    handlers = scope["app"].exception_handlers
+    for kind in type(error).__mro__:
+        handler = handlers.get(kind)
+        if handler is not None and kind is not Exception:
+            return await handler(Request(scope, receive), error)  # type: ignore[no-any-return]
+    raise error

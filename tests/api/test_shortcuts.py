@@ -1,0 +1,442 @@
+"""The shortcuts for GET /orders/{id} and POST /orders answer exactly what the routes answer,
+and only when they may."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+
+from api.app import create_app
+from api.keys import ApiKeyStore, Role
+from api.settings import Settings
+from api.shortcuts import PlaceOrderShortcut
+from domain.ledger import OrderLedger
+from projections.point_read import PointReader
+from projections.rebuild import rebuild
+from projections.runtime import ProjectionRuntime
+from tests.api import order_body
+from tests.api.auth_support import bearer, issue_key
+
+LONG_WAIT = 60.0
+
+
+class CountingReader:
+    """Counts the point reads the shortcut makes (each answered request makes one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = PointReader.get
+
+        def counted(reader: PointReader, key: str) -> Any:
+            self.calls += 1
+            return original(reader, key)
+
+        monkeypatch.setattr(PointReader, "get", counted)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> CountingReader:
+    return CountingReader(monkeypatch)
+
+
+class CountingPlacements:
+    """Counts the orders the placement shortcut places (the route places the others)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = PlaceOrderShortcut._place
+
+        async def counted(shortcut: PlaceOrderShortcut, *args: Any) -> None:
+            self.calls += 1
+            await original(shortcut, *args)
+
+        monkeypatch.setattr(PlaceOrderShortcut, "_place", counted)
+
+
+@pytest.fixture
+def placements(monkeypatch: pytest.MonkeyPatch) -> CountingPlacements:
+    return CountingPlacements(monkeypatch)
+
+
+@pytest.fixture
+def shop(store_url: str) -> Iterator[TestClient]:
+    """The app with its embedded worker; sends a writer key (accepted once, then cached)."""
+    settings = Settings(database_url=store_url, read_your_writes_timeout=LONG_WAIT)
+    headers = bearer(issue_key(store_url, Role.writer, "shop"))
+    with TestClient(create_app(settings), headers=headers) as client:
+        yield client
+
+
+def place(
+    client: TestClient, headers: dict[str, str] | None = None, **overrides: Any
+) -> tuple[str, int]:
+    response = client.post("/orders", json=order_body(**overrides), headers=headers)
+    assert response.status_code == 201, response.text
+    return str(response.json()["order_id"]), int(response.json()["position"])
+
+
+def command(client: TestClient, order_id: str, path: str, body: dict[str, Any]) -> int:
+    response = client.post(f"/orders/{order_id}{path}", json=body)
+    assert response.status_code == 200, response.text
+    return int(response.json()["position"])
+
+
+def orders_in_every_state(client: TestClient) -> tuple[list[str], int]:
+    """Orders placed, partly paid, paid and shipped, delivered, cancelled and refunded."""
+    ids = []
+    position = 0
+    for number in range(5):
+        order_id, position = place(client, customer_id=f"hot-{number}")
+        ids.append(order_id)
+    position = command(client, ids[1], "/payments", {"amount": 100, "payment_reference": "p1"})
+    for order_id in ids[2:4]:
+        summary = client.get(f"/orders/{order_id}", params={"min_position": position})
+        paid = {"amount": summary.json()["total"], "payment_reference": "p"}
+        command(client, order_id, "/payments", paid)
+        shipped = {"carrier": "DHL", "tracking_number": "JD1"}
+        position = command(client, order_id, "/shipment", shipped)
+    position = command(client, ids[3], "/delivery", {})
+    command(client, ids[4], "/payments", {"amount": 500, "payment_reference": "p4"})
+    position = command(client, ids[4], "/cancellation", {"reason": "changed mind"})
+    return ids, position
+
+
+def answer(response: httpx.Response) -> tuple[int, bytes, dict[str, str]]:
+    """Status, body and headers, without the per-request id."""
+    headers = {k.lower(): v for k, v in response.headers.items() if k.lower() != "x-request-id"}
+    return response.status_code, response.content, headers
+
+
+class TestSameAnswerAsTheRoute:
+    """An upper-case id is left to the route, which reads the same order: both answers compare."""
+
+    def test_every_state_gives_the_routes_status_body_and_headers(
+        self, shop: TestClient, reads: CountingReader
+    ) -> None:
+        ids, position = orders_in_every_state(shop)
+        at = {"min_position": position}
+        assert shop.get(f"/orders/{ids[0]}", params=at).status_code == 200
+        for order_id in ids:
+            before = reads.calls
+            shortcut = shop.get(f"/orders/{order_id}", params=at)
+            assert reads.calls == before + 1  # answered by the shortcut
+            routed = shop.get(f"/orders/{order_id.upper()}", params=at)
+            assert reads.calls == before + 1  # left to the route
+            assert answer(shortcut) == answer(routed)
+            assert shortcut.status_code == 200
+        statuses = {shop.get(f"/orders/{i}").json()["status"] for i in ids}
+        assert statuses == {
+            "pending_payment",
+            "partially_paid",
+            "shipped",
+            "delivered",
+            "cancelled",
+        }
+
+    def test_if_none_match_gives_the_routes_304(
+        self, shop: TestClient, reads: CountingReader
+    ) -> None:
+        order_id, position = place(shop)
+        first = shop.get(f"/orders/{order_id}", params={"min_position": position})
+        etag = first.headers["ETag"]
+        assert etag == '"1"'
+        for if_none_match in (etag, f'"7", {etag}', "*"):
+            headers = {"If-None-Match": if_none_match}
+            before = reads.calls
+            shortcut = shop.get(f"/orders/{order_id}", headers=headers)
+            assert reads.calls == before + 1
+            routed = shop.get(f"/orders/{order_id.upper()}", headers=headers)
+            assert answer(shortcut) == answer(routed)
+        assert shop.get(f"/orders/{order_id}", headers={"If-None-Match": etag}).status_code == 304
+        assert shop.get(f"/orders/{order_id}", headers={"If-None-Match": '"2"'}).status_code == 200
+
+    def test_the_min_position_header_is_honoured(
+        self, shop: TestClient, reads: CountingReader
+    ) -> None:
+        order_id, position = place(shop)
+        headers = {"Orderledger-Min-Position": str(position)}
+        before = reads.calls
+        response = shop.get(f"/orders/{order_id}", headers=headers)
+        assert response.status_code == 200
+        assert response.json()["last_position"] == position
+        assert reads.calls == before + 1
+
+
+class TestLeftToTheRoute:
+    """What the shortcut must not answer gets the route's documented answer."""
+
+    def test_unknown_order_no_key_bad_key_and_bad_queries(
+        self, shop: TestClient, store_url: str, reads: CountingReader
+    ) -> None:
+        order_id, position = place(shop)
+        assert shop.get(f"/orders/{order_id}", params={"min_position": position}).status_code == 200
+        missing = shop.get("/orders/00000000-0000-4000-8000-000000000000")
+        assert missing.status_code == 404
+        assert missing.headers["content-type"] == "application/problem+json"
+        anonymous = shop.get(f"/orders/{order_id}", headers={"Authorization": ""})
+        assert anonymous.status_code == 401
+        wrong = shop.get(f"/orders/{order_id}", headers=bearer("olk_0123456789abcdef_" + "x" * 43))
+        assert wrong.status_code == 401
+        assert wrong.headers["WWW-Authenticate"].startswith("Bearer")
+        for query in ("min_position=-1", "min_position=abc", "min_position=1&x=2"):
+            assert shop.get(f"/orders/{order_id}?{query}").status_code in (200, 422)
+        assert shop.get(f"/orders/{order_id}?min_position=-1").status_code == 422
+        too_far = {"Orderledger-Min-Position": "99999999999999999999"}
+        assert shop.get(f"/orders/{order_id}", headers=too_far).status_code == 422
+
+    def test_a_position_not_reached_is_the_routes_503(self, store_url: str) -> None:
+        token = issue_key(store_url, Role.reader, "idle reader")
+        settings = Settings(
+            database_url=store_url, run_projections=False, read_your_writes_timeout=0.2
+        )
+        ledger = OrderLedger.from_url(store_url)
+        try:
+            with TestClient(create_app(settings), headers=bearer(token)) as idle:
+                placed = ledger.place_order(**order_body())
+                idle.app.state.projections.worker().run_until_caught_up(timeout=60)  # type: ignore[attr-defined]
+                later = ledger.place_order(**order_body())
+                path = f"/orders/{placed.order_id}"
+                assert idle.get(path, params={"min_position": placed.position}).status_code == 200
+                waiting = idle.get(path, params={"min_position": later.position})
+                assert waiting.status_code == 503
+                assert waiting.headers["Retry-After"] == "1"
+        finally:
+            ledger.close()
+
+    def test_a_revoked_key_is_refused_once_the_cache_lets_go(
+        self, store_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        keys = ApiKeyStore.from_url(store_url)
+        issued = keys.create(Role.reader, "soon revoked")
+        settings = Settings(database_url=store_url, read_your_writes_timeout=LONG_WAIT)
+        writer = bearer(issue_key(store_url, Role.writer))
+        try:
+            with TestClient(create_app(settings)) as client:
+                order_id, position = place(client, headers=writer)
+                headers = bearer(issued.token)
+                at = {"min_position": position}
+                path = f"/orders/{order_id}"
+                assert client.get(path, params=at, headers=headers).status_code == 200
+                keys.revoke(issued.key_id)
+                # As if the 1 s cache had expired.
+                client.app.state.keys._cache.clear()  # type: ignore[attr-defined]
+                assert client.get(path, headers=headers).status_code == 401
+        finally:
+            keys.close()
+
+
+class TestObservedAsTheRoute:
+    def test_logged_and_counted_under_the_route_template(
+        self, shop: TestClient, reads: CountingReader, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        order_id, position = place(shop)
+        assert shop.get(f"/orders/{order_id}", params={"min_position": position}).status_code == 200
+        labels = {"route": "/orders/{order_id}", "method": "GET", "status": "200"}
+        counted = REGISTRY.get_sample_value("orderledger_http_requests_total", labels) or 0.0
+        before = reads.calls
+        with caplog.at_level(logging.INFO, logger="orderledger.http"):
+            response = shop.get(f"/orders/{order_id}", headers={"X-Request-ID": "hot-read-1"})
+        assert reads.calls == before + 1
+        assert response.headers["X-Request-ID"] == "hot-read-1"
+        assert REGISTRY.get_sample_value("orderledger_http_requests_total", labels) == counted + 1
+        (line,) = [r for r in caplog.records if getattr(r, "request_id", None) == "hot-read-1"]
+        assert line.route == "/orders/{order_id}"  # type: ignore[attr-defined]
+        assert line.status == 200  # type: ignore[attr-defined]
+        assert line.key_id  # type: ignore[attr-defined]
+
+
+class TestPointReader:
+    """The reader under the shortcut follows the serving generation through rebuilds."""
+
+    def test_reads_the_new_generation_after_a_rebuild(self, store_url: str) -> None:
+        ledger = OrderLedger.from_url(store_url)
+        runtime = ProjectionRuntime.open(ledger, store_url)
+        reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
+        try:
+            assert reader.get("00000000-0000-4000-8000-000000000000") is None  # not built yet
+            placed = ledger.place_order(**order_body(customer_id="before-rebuild"))
+            runtime.worker().run_until_caught_up(timeout=60)
+            first = reader.get(str(placed.order_id))
+            assert first is not None and first.row is not None
+            assert first.position >= placed.position
+            assert first.row["customer_id"] == "before-rebuild"
+            old = runtime.catalog.serving("order_summaries")
+            assert old is not None
+            new = rebuild(runtime, "order_summaries")
+            assert new.generation != old.generation
+            again = reader.get(str(placed.order_id))
+            assert again is not None and again.row is not None
+            assert {k: v for k, v in again.row.items()} == first.row
+            missing = reader.get("00000000-0000-4000-8000-000000000000")
+            assert missing is not None and missing.row is None
+            assert missing.position == again.position
+        finally:
+            reader.close()
+            runtime.close()
+            ledger.close()
+
+    def test_the_row_equals_the_ordinary_read(self, store_url: str) -> None:
+        ledger = OrderLedger.from_url(store_url)
+        runtime = ProjectionRuntime.open(ledger, store_url)
+        reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
+        try:
+            placed = ledger.place_order(**order_body())
+            runtime.worker().run_until_caught_up(timeout=60)
+
+            def ordinary(conn: Any, tables: Any) -> dict[str, Any]:
+                table = tables["order_summaries"]
+                row = conn.execute(table.select().where(table.c.order_id == str(placed.order_id)))
+                return dict(row.one()._mapping)
+
+            found = reader.get(str(placed.order_id))
+            assert found is not None
+            assert found.row == runtime.read("order_summaries", ordinary)
+            assert json.loads(found.row["lines"])  # the lines column, as stored
+        finally:
+            reader.close()
+            runtime.close()
+            ledger.close()
+
+
+ROUTED = "/orders?via=route"
+"""A query the route ignores and the shortcut does not take: the same request, by the route."""
+
+
+def comparable(response: httpx.Response) -> tuple[int, set[str], Any]:
+    """Status, header names and body of a placement, with what differs per order taken out."""
+    body = response.json()
+    for field in ("order_id", "position", "instance"):
+        if isinstance(body, dict):
+            body.pop(field, None)
+    names = {k.lower() for k in response.headers}
+    return response.status_code, names, body
+
+
+class TestPlacement:
+    def test_the_shortcut_places_as_the_route_does(
+        self, shop: TestClient, placements: CountingPlacements
+    ) -> None:
+        place(shop)  # the key is now accepted and cached
+        before = placements.calls
+        shortcut = shop.post("/orders", json=order_body(customer_id="by-shortcut"))
+        assert placements.calls == before + 1
+        routed = shop.post(ROUTED, json=order_body(customer_id="by-route"))
+        assert placements.calls == before + 1
+        assert comparable(shortcut) == comparable(routed)
+        for response in (shortcut, routed):
+            assert response.status_code == 201
+            body = response.json()
+            assert response.headers["Location"] == f"/orders/{body['order_id']}"
+            assert response.headers["ETag"] == '"1"'
+            assert response.headers["Orderledger-Position"] == str(body["position"])
+            stored = shop.get(
+                response.headers["Location"], params={"min_position": body["position"]}
+            )
+            assert stored.status_code == 200
+        customers = {
+            shop.get(r.headers["Location"]).json()["customer_id"] for r in (shortcut, routed)
+        }
+        assert customers == {"by-shortcut", "by-route"}
+
+    def test_an_idempotent_retry_replays_and_a_changed_body_is_the_routes_422(
+        self, shop: TestClient, placements: CountingPlacements
+    ) -> None:
+        place(shop)
+        answers = {}
+        for path, key in (("/orders", "shortcut-key"), (ROUTED, "route-key")):
+            headers = {"Idempotency-Key": key}
+            first = shop.post(path, json=order_body(customer_id="same"), headers=headers)
+            again = shop.post(path, json=order_body(customer_id="same"), headers=headers)
+            changed = shop.post(path, json=order_body(customer_id="other"), headers=headers)
+            assert first.status_code == again.status_code == 201
+            assert again.json() == first.json()
+            assert again.headers["Idempotent-Replayed"] == "true"
+            assert changed.status_code == 422
+            assert key in changed.json()["detail"]
+            changed_body = changed.json()
+            changed_body["detail"] = changed_body["detail"].replace(key, "KEY")
+            answers[path] = (comparable(again), changed.status_code, changed_body)
+        assert answers["/orders"] == answers[ROUTED]
+        assert placements.calls >= 3
+
+    def test_a_refusal_by_the_domain_is_the_routes_problem(
+        self, shop: TestClient, placements: CountingPlacements
+    ) -> None:
+        place(shop)
+        line = {"sku": "SKU-1", "quantity": 1, "unit_price": 100}
+        duplicated = order_body(lines=[line, line])
+        before = placements.calls
+        shortcut = shop.post("/orders", json=duplicated)
+        assert placements.calls == before + 1
+        routed = shop.post(ROUTED, json=duplicated)
+        assert shortcut.status_code == routed.status_code
+        assert shortcut.status_code in (409, 422)
+        assert shortcut.headers["content-type"] == "application/problem+json"
+        assert comparable(shortcut) == comparable(routed)
+
+    @pytest.mark.parametrize(
+        ("body", "headers", "status"),
+        [
+            ('{"customer_id": "c", "currency": "EUR"}', {}, 422),  # no lines: the route says so
+            ('{"customer_id": ', {}, 422),  # malformed JSON
+            (json.dumps(order_body(extra=1)), {}, 422),  # unknown field
+            (json.dumps(order_body()), {"Content-Type": "text/plain"}, 415),
+            (json.dumps(order_body()), {"Idempotency-Key": "no spaces allowed"}, 422),
+            ("x" * 70_000, {}, 413),
+        ],
+    )
+    def test_what_the_route_refuses_reaches_the_route_with_its_body(
+        self,
+        shop: TestClient,
+        placements: CountingPlacements,
+        body: str,
+        headers: dict[str, str],
+        status: int,
+    ) -> None:
+        place(shop)
+        before = placements.calls
+        sent = {"Content-Type": "application/json", **headers}
+        response = shop.post("/orders", content=body.encode(), headers=sent)
+        assert placements.calls == before
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        if status == 422 and "lines" not in body:
+            return
+        if status == 422 and body.startswith('{"customer_id": "c"'):
+            fields = [e["loc"] for e in response.json()["errors"]]
+            assert ["body", "lines"] in fields  # the route validated the body it was handed
+
+    def test_a_reader_is_refused_and_nothing_is_placed(
+        self, shop: TestClient, store_url: str, placements: CountingPlacements
+    ) -> None:
+        reader = bearer(issue_key(store_url, Role.reader, "reader"))
+        shop.get("/orders", headers=reader)  # the reader key is now accepted and cached
+        before = placements.calls
+        refused = shop.post("/orders", json=order_body(), headers=reader)
+        assert refused.status_code == 403
+        assert placements.calls == before
+
+    def test_counted_and_logged_as_the_route(
+        self, shop: TestClient, placements: CountingPlacements, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        place(shop)
+        labels = {"route": "/orders", "method": "POST", "status": "201"}
+        counted = REGISTRY.get_sample_value("orderledger_http_requests_total", labels) or 0.0
+        commands = {"command": "place_order", "outcome": "ok"}
+        placed = REGISTRY.get_sample_value("orderledger_commands_total", commands) or 0.0
+        before = placements.calls
+        with caplog.at_level(logging.INFO, logger="orderledger.http"):
+            shop.post("/orders", json=order_body(), headers={"X-Request-ID": "hot-place-1"})
+        assert placements.calls == before + 1
+        assert REGISTRY.get_sample_value("orderledger_http_requests_total", labels) == counted + 1
+        assert REGISTRY.get_sample_value("orderledger_commands_total", commands) == placed + 1
+        (line,) = [r for r in caplog.records if getattr(r, "request_id", None) == "hot-place-1"]
+        assert line.route == "/orders"  # type: ignore[attr-defined]
+        assert line.status == 201  # type: ignore[attr-defined]
