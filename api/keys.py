@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -44,6 +45,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from projections.database import WRITE, read_model_engine
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "olk"  # noqa: S105 (a public marker, not a secret)
 _TOKEN = re.compile(rf"{TOKEN_PREFIX}_(?P<key_id>[0-9a-f]{{16}})_(?P<secret>[A-Za-z0-9_-]{{43}})")
@@ -156,6 +159,7 @@ class ApiKeyStore:
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._cache_lock = threading.Lock()
+        self._revalidating: set[str] = set()
         self._install()
 
     @classmethod
@@ -274,14 +278,50 @@ class ApiKeyStore:
         return self._cached(token_digest(token))
 
     def _cached(self, digest: str) -> Principal | None:
+        """The cached principal; past half its time, a background check of the table renews it
+        (or drops it, if revoked), so a key in use is never found expired by a burst of
+        requests that would all read the table at once."""
+        now = time.monotonic()
         with self._cache_lock:
             entry = self._cache.get(digest)
             if entry is None:
                 return None
-            if entry[0] <= time.monotonic():
+            expires, principal = entry
+            if expires <= now:
                 del self._cache[digest]
                 return None
-            return entry[1]
+            renew = expires - now < self.cache_ttl / 2 and digest not in self._revalidating
+            if renew:
+                self._revalidating.add(digest)
+        if renew:
+            threading.Thread(target=self._revalidate, args=(digest, principal), daemon=True).start()
+        return principal
+
+    def _revalidate(self, digest: str, principal: Principal) -> None:
+        checked_at = time.monotonic()
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    select(api_keys.c.token_sha256, api_keys.c.revoked_at).where(
+                        api_keys.c.key_id == principal.key_id
+                    )
+                ).first()
+            good = (
+                row is not None
+                and row.revoked_at is None
+                and hmac.compare_digest(row.token_sha256, digest)
+            )
+            with self._cache_lock:
+                if not good:
+                    self._cache.pop(digest, None)
+                elif digest in self._cache:
+                    self._cache[digest] = (checked_at + self.cache_ttl, principal)
+        except Exception:
+            # The entry simply expires; the next request reads the table itself.
+            log.warning("could not re-check API key %s", principal.key_id, exc_info=True)
+        finally:
+            with self._cache_lock:
+                self._revalidating.discard(digest)
 
     def _note_use(self, key_id: str, last_used_at: datetime | None) -> None:
         """Refresh last_used_at when it is older than LAST_USED_RESOLUTION (rarely a write)."""

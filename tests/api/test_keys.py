@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,6 +149,45 @@ class TestRevokeAndList:
             cached.revoke(issued.key_id)
             assert cached.authenticate(issued.token) is None
         finally:
+            cached.close()
+
+
+class TestCache:
+    """A key in use stays cached (re-checked in the background); a revoked one drops out."""
+
+    TTL = 0.4
+
+    def test_a_key_in_use_never_expires_from_the_cache(self, store_url: str) -> None:
+        cached = ApiKeyStore.from_url(store_url, cache_ttl=self.TTL)
+        try:
+            issued = cached.create(Role.reader)
+            assert cached.authenticate(issued.token) is not None
+            deadline = time.monotonic() + 4 * self.TTL
+            while time.monotonic() < deadline:
+                assert cached.cached(issued.token) is not None
+                time.sleep(0.02)
+        finally:
+            cached.close()
+
+    def test_a_key_revoked_elsewhere_drops_out_within_the_ttl_while_in_use(
+        self, store_url: str
+    ) -> None:
+        cached = ApiKeyStore.from_url(store_url, cache_ttl=self.TTL)
+        elsewhere = ApiKeyStore.from_url(store_url, cache_ttl=0)
+        try:
+            issued = cached.create(Role.reader)
+            assert cached.authenticate(issued.token) is not None
+            time.sleep(self.TTL / 3)
+            elsewhere.revoke(issued.key_id)
+            revoked_at = time.monotonic()
+            while cached.cached(issued.token) is not None:
+                assert time.monotonic() - revoked_at < self.TTL + 0.05
+                time.sleep(0.01)
+            time.sleep(self.TTL)
+            assert cached.cached(issued.token) is None
+            assert cached.authenticate(issued.token) is None
+        finally:
+            elsewhere.close()
             cached.close()
 
 
