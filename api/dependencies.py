@@ -87,7 +87,12 @@ async def scoped_idempotency_key(request: Request, key: IdempotencyKeyHeader) ->
 
     Key ids are 16 characters, so a scoped key stays within the ledger's 255.
     """
-    return None if key is None else f"{idempotency_scope(request)}:{key}"
+    return None if key is None else scoped_key(idempotency_scope(request), key)
+
+
+def scoped_key(scope: str, key: str) -> str:
+    """An Idempotency-Key as the ledger records it, within its caller's scope."""
+    return f"{scope}:{key}"
 
 
 IdempotencyKeyDep = Annotated[str | None, Depends(scoped_idempotency_key)]

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.dependencies import valid_idempotency_key
+from api.dependencies import scoped_key, valid_idempotency_key
 from api.keys import ApiKeyStore, Principal
 from api.routes import access
 from api.routes import order_queries as orders
@@ -201,7 +201,7 @@ class PlaceOrderShortcut:
         scope["route"] = ORDERS_ROUTE
         scope.setdefault("state", {})["principal"] = principal
         ledger = scope["app"].state.ledger
-        scoped = None if key is None else f"{principal.key_id}:{key}"
+        scoped = None if key is None else scoped_key(principal.key_id, key)
         try:
             result = await run_in_threadpool(
                 ledger.place_order, **command.model_dump(), idempotency_key=scoped
