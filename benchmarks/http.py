@@ -220,10 +220,32 @@ def serving(url: str, workers: int, log_dir: Path) -> Iterator[Server]:
     command += ["--database-url", url]
     if workers > 1:
         command += ["--workers", str(workers)]
+    with running(command, port, log_dir) as server:
+        yield server
+
+
+@contextmanager
+def floor_serving(processes: int, log_dir: Path) -> Iterator[Server]:
+    """The constant-answer uvicorn app (benchmarks.floor_app) on a random loopback port."""
+    port = free_port()
+    command = [sys.executable, "-m", "benchmarks.floor_app", str(port), str(processes)]
+    with running(command, port, log_dir, env={**clean_env(), "PYTHONPATH": str(ROOT)}) as server:
+        yield server
+
+
+@contextmanager
+def running(
+    command: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """A server process answering on ``port``, stopped (SIGINT, then SIGKILL) after."""
     log = log_dir / f"serve-{port}.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            command, env=clean_env(), stdout=output, stderr=subprocess.STDOUT, cwd=log_dir
+            command,
+            env=env or clean_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT if env else log_dir,
         )
     server = Server(process, port, log)
     try:
@@ -552,6 +574,21 @@ def http_rows(
     return rows
 
 
+def floor_rows(args: argparse.Namespace, processes: list[int], work: Path) -> list[Row]:
+    """Get-order cells against the constant-answer app: what HTTP alone costs here."""
+    ids_file = work / "floor-ids.txt"
+    ids_file.write_text("0d9b1f5e-3c1a-4f55-9a7e-2b8f6f3f8a10\n", encoding="ascii")
+    rows: list[Row] = []
+    for count in processes:
+        variant = f"floor {count} proc{'s' if count > 1 else ''}"
+        with floor_serving(count, work) as server:
+            for clients in args.clients:
+                spec = LoadSpec("get", clients, args.warmup, args.seconds, ids_file=str(ids_file))
+                rows.append(Row("-", variant, spec, http_cell(server, spec)))
+                report_cell(rows[-1])
+    return rows
+
+
 def profiled_cell(server: Server, spec: LoadSpec, store: str, args: argparse.Namespace) -> Cell:
     """An HTTP cell; with --profile-dir, its py-spy samples summarised after it."""
     if args.profile_dir is None:
@@ -613,7 +650,7 @@ def goal_rows(rows: list[Row]) -> list[list[str]]:
     """Each HTTP variant's figures against the two goals."""
     lines: list[list[str]] = []
     for row in rows:
-        if row.variant == DIRECT:
+        if row.variant == DIRECT or row.store == "-":
             continue
         result = row.cell.result
         if row.spec.operation == "get" and row.spec.clients == GET_GOAL_CLIENTS:
@@ -702,6 +739,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the collapsed stacks here and print the top functions (the samples cost CPU: not "
         "for the figures)",
     )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also get-order from uvicorn answering a constant order with no work at all "
+        "(benchmarks.floor_app), with the same processes: the HTTP floor of this machine",
+    )
     parser.add_argument("--markdown", action="store_true", help="tables as Markdown")
 
 
@@ -725,6 +769,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for store in stores:
             rows += measure_store(store, args, admin, processes, work)
+        if args.floor and "get" in args.operations:
+            rows += floor_rows(args, processes, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(
