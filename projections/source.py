@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 from uuid import UUID
 
@@ -19,11 +20,13 @@ import orjson
 import psycopg
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
+    DatetimeAsISO,
     JSONTranscoder,
     Mapper,
     MapperDeserialisationError,
     Transcoding,
     find_id_convertor,
+    pass_through_convertor,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
@@ -181,7 +184,11 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
             cursor.execute(statement, (after, stop, *topics, limit))
             fetched = cursor.fetchall()
         if as_uuid:
-            return [(p, UUID(i), v, t, s) for p, i, v, t, s in fetched]
+            # An order's events mostly share a batch: parse each originator id once.
+            ids: dict[str, UUID] = {}
+            return [
+                (p, ids.get(i) or ids.setdefault(i, UUID(i)), v, t, s) for p, i, v, t, s in fetched
+            ]
         return fetched
 
     return rows
@@ -257,7 +264,12 @@ class _Decoder:
                 if type(value) is dict and len(value) == 2 and "_data_" in value:
                     transcoding = self._transcodings.get(value.get("_type_"))  # type: ignore[arg-type]
                     if transcoding is not None:
-                        parsed["timestamp"] = transcoding.decode(value["_data_"])
+                        data = value["_data_"]
+                        # DatetimeAsISO.decode is this call behind an isinstance assertion.
+                        if type(transcoding) is DatetimeAsISO and type(data) is str:
+                            parsed["timestamp"] = datetime.fromisoformat(data)
+                        else:
+                            parsed["timestamp"] = transcoding.decode(data)
                         return parsed
         return cast(dict[str, Any], self._decode_state(state))
 
@@ -272,21 +284,34 @@ class _Decoder:
             class_version = getattr(cls, "class_version", 1)
             self._classes[topic] = (cls, convert, class_version)
         try:
-            event_state = self._state(bytes(state))
+            event_state = self._state(state if type(state) is bytes else bytes(state))
         except Exception as error:
             raise MapperDeserialisationError(
                 f"Failed to deserialise state of stored event with topic '{topic}', "
                 f"originator_id '{originator_id}' and originator_version {version}: {error}"
             ) from error
-        event_state["originator_id"] = convert(originator_id)
+        event_state["originator_id"] = (
+            originator_id if convert is pass_through_convertor else convert(originator_id)
+        )
         event_state["originator_version"] = version
         from_version = event_state.pop("class_version", 1)
         while from_version < class_version:
             getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(event_state)
             from_version += 1
-        domain_event = object.__new__(cls)
-        object.__setattr__(domain_event, "__dict__", event_state)
-        return RecordedEvent(position, domain_event)
+        domain_event = _new(cls)
+        _set_attribute(domain_event, "__dict__", event_state)
+        # RecordedEvent(position, domain_event) without the frozen dataclass's __init__.
+        recorded = _new(RecordedEvent)
+        _set_position(recorded, position)
+        _set_event(recorded, domain_event)
+        return recorded
+
+
+_new = object.__new__
+_set_attribute = object.__setattr__
+_recorded_slots: Any = RecordedEvent
+_set_position = _recorded_slots.position.__set__
+_set_event = _recorded_slots.event.__set__
 
 
 class _PostgresListener:
