@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from functools import singledispatchmethod
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -101,9 +102,17 @@ class OrderSummaryBatch(Batch):
         self.existing: set[str] = set()
         self.changed: set[str] = set()
         self._handlers: dict[type, Callable[..., None]] = {}
+        # Each originator id's string, made once per batch (an order has several events).
+        self._order_ids: dict[Any, str] = {}
+
+    def _order_id(self, originator_id: Any) -> str:
+        order_id = self._order_ids.get(originator_id)
+        if order_id is None:
+            order_id = self._order_ids[originator_id] = str(originator_id)
+        return order_id
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
-        ids = list({str(r.event.originator_id) for r in events})
+        ids = list({self._order_id(r.event.originator_id): None for r in events})
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
             for row in self.conn.execute(
@@ -116,7 +125,7 @@ class OrderSummaryBatch(Batch):
 
     def handle(self, recorded: RecordedEvent) -> None:
         event = recorded.event
-        order_id = str(event.originator_id)
+        order_id = self._order_id(event.originator_id)
         # The handler registered for the event's class, looked up once per class: going
         # through the singledispatchmethod descriptor costs more than most handlers.
         event_type = type(event)
@@ -186,7 +195,7 @@ class OrderSummaryBatch(Batch):
         """Derive the figures of one row from its lines, payments and flags."""
         row = self.rows[order_id]
         lines = self.lines[order_id]
-        row["lines"] = json.dumps(lines, separators=(",", ":"))
+        row["lines"] = _lines_json(lines)
         row["line_count"] = len(lines)
         row["total"] = sum(quantity * price for quantity, price in lines.values())
         row["status"] = order_status(
@@ -210,6 +219,21 @@ class OrderSummaryBatch(Batch):
         old = [self.rows[i] for i in self.changed if i in self.existing]
         insert_rows(self.conn, self.table, new)
         update_rows(self.conn, self.table, "order_id", old)
+
+
+def _lines_json(lines: dict[str, list[int]]) -> str:
+    """``json.dumps(lines, separators=(",", ":"))``, by orjson when that gives the same text.
+
+    orjson writes DEL and non-ASCII characters as they are where json escapes them, and
+    refuses integers beyond 64 bits: then the json module writes it, as it always did.
+    """
+    try:
+        encoded = orjson.dumps(lines)
+    except TypeError:
+        return json.dumps(lines, separators=(",", ":"))
+    if not encoded.isascii() or b"\x7f" in encoded:
+        return json.dumps(lines, separators=(",", ":"))
+    return encoded.decode()
 
 
 # -- queries ------------------------------------------------------------------------------------
