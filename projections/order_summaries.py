@@ -34,6 +34,7 @@ from domain.order import Order
 from domain.summary import balance_due, order_status, refund_due
 from projections.base import Batch, Projection
 from projections.database import insert_rows, update_rows
+from projections.rows import rows_with
 from projections.source import RecordedEvent
 
 _CHUNK = 500
@@ -113,11 +114,10 @@ class OrderSummaryBatch(Batch):
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
         ids = list({self._order_id(r.event.originator_id): None for r in events})
+        query = rows_with(self.table, "order_id")
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
-            for row in self.conn.execute(
-                select(self.table).where(self.table.c.order_id.in_(chunk))
-            ):
+            for row in self.conn.execute(query, {"values": chunk}):
                 values = dict(row._mapping)
                 self.rows[values["order_id"]] = values
                 self.lines[values["order_id"]] = json.loads(values["lines"])

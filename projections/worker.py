@@ -120,8 +120,9 @@ class Worker:
 
     def _run_until_caught_up(self, deadline: float) -> None:
         while time.monotonic() < deadline:
-            self.refresh()
-            if self.run_once():
+            # While busy, run_once looks for new generations every second; before deciding
+            # that everything is caught up, look now (and step any that appeared).
+            if self.run_once() or self.refresh():
                 continue
             head = self.source.head()
             rows = [
@@ -150,8 +151,9 @@ class Worker:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Start processors for new generations; forget retired ones."""
+    def refresh(self) -> bool:
+        """Start processors for new generations; True if there were any."""
+        started = False
         for projection in self.projections:
             for row in self.catalog.rows(projection.name):
                 key = (row.name, row.generation)
@@ -168,6 +170,8 @@ class Worker:
                     self.owner,
                     self.settings,
                 )
+                started = True
+        return started
 
     def _lowest_position(self) -> int:
         """Where to wait from: only processors that hold a lease can act on new events."""
