@@ -12,7 +12,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from projections.base import EventHandlingError, Projection
 from projections.catalog import BUILDING, SERVING, Catalog, Lease, LeaseLostError
 from projections.database import BATCH_WRITE
-from projections.source import EventBatch, EventSource
+from projections.source import EventBatch, EventSource, SharedReads
 
 log = logging.getLogger("orderledger.projections")
 
@@ -79,8 +79,12 @@ class Processor:
         self._isolate_until = 0
         self._refused_at = -float("inf")
 
-    def step(self) -> StepResult:  # noqa: PLR0911 - one return per outcome reads best
-        """Read one batch after our position and commit it with the new position."""
+    # One return per outcome reads best.
+    def step(self, reads: SharedReads | None = None) -> StepResult:  # noqa: PLR0911
+        """Read one batch after our position and commit it with the new position.
+
+        ``reads``: the worker's reads shared with its other projections this round.
+        """
         if self.finished or self.failed:
             return StepResult(Outcome.FINISHED if self.finished else Outcome.FAILED)
         if self.lease is None and not self._try_acquire():
@@ -88,7 +92,7 @@ class Processor:
         assert self.lease is not None
         # After a batch failed outside any one handler, go one event at a time to find the culprit.
         limit = 1 if self.position < self._isolate_until else self.settings.batch_size
-        batch = self.source.read(self.position, limit, self.projection.topics)
+        batch = self._read(limit, reads)
         if batch.checkpoint == self.position and not (self.role == BUILDING and batch.reached_head):
             return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
         try:
@@ -147,6 +151,12 @@ class Processor:
         if self.lease is not None:
             self.catalog.release(self.lease)
             self.lease = None
+
+    def _read(self, limit: int, reads: SharedReads | None) -> EventBatch:
+        """The batch after our position, from the reads shared this round where they fit."""
+        if reads is not None and limit == self.settings.batch_size:
+            return reads.read(self.position, limit, self.projection.topics)
+        return self.source.read(self.position, limit, self.projection.topics)
 
     def _try_acquire(self) -> bool:
         # Someone else's lease lasts lease_ttl: asking far more often only contends for the

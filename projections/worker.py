@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from projections.base import Projection
 from projections.catalog import BUILDING, SERVING, Catalog
 from projections.processor import Outcome, Processor, ProcessorSettings
-from projections.source import EventSource
+from projections.source import EventSource, SharedReads
 
 log = logging.getLogger("orderledger.projections")
 
@@ -96,8 +96,9 @@ class Worker:
             self.refresh()
             self._last_refresh = now
         busy = False
+        reads = SharedReads(self.source, [p.topics for p in self.projections])
         for key, processor in list(self.processors.items()):
-            result = processor.step()
+            result = processor.step(reads)
             if result.outcome in (Outcome.APPLIED, Outcome.PROMOTED):
                 busy = busy or result.behind or result.outcome is Outcome.PROMOTED
             if result.outcome is Outcome.FINISHED:

@@ -29,6 +29,9 @@ from tests.projections.process_helpers import (
 
 EVENTS = 20_000
 KILLS = 20
+KILL_DELAY = 0.05
+"""Longest wait, once past the target, before the kill: the worker catches up thousands of
+events per second, so a longer wait lets most kills land after it reached the head."""
 SUMMARIES = "order_summaries"
 
 
@@ -73,7 +76,7 @@ class TestWorkerKilledDuringCatchUp:
                     f"the worker holds a lease and passed position {target}",
                     watch=[worker],
                 )
-                time.sleep(rng.uniform(0.0, 0.3))
+                time.sleep(rng.uniform(0.0, KILL_DELAY))
                 cli.kill(worker)
                 positions_at_kill.append(_serving_position(runtime))
 
@@ -148,7 +151,7 @@ class TestWorkerKilledDuringRebuild:
                     f"the worker holds a lease and built past position {target}",
                     watch=[worker],
                 )
-                time.sleep(rng.uniform(0.0, 0.3))
+                time.sleep(rng.uniform(0.0, KILL_DELAY))
                 cli.kill(worker)
                 still_building_at_kill.append(
                     any(row.role == BUILDING for row in runtime.catalog.rows())

@@ -20,6 +20,7 @@ from domain.order import Order
 from projections.catalog import LeaseLostError
 from projections.processor import Outcome, Processor, ProcessorSettings
 from projections.runtime import ProjectionRuntime
+from projections.source import SharedReads
 from tests.projections.engine_helpers import (
     WAIT_TIMEOUT,
     AppliedPositionsProjection,
@@ -299,6 +300,59 @@ class TestCompareAndSet:
                     runtime.catalog.advance(conn, stale.lease, 2, batch.checkpoint, 1.0)
 
             assert applied_positions(runtime) == [1, 2]
+
+
+class TestSharedReads:
+    """Projections of one worker share reads and still get exactly their own events."""
+
+    def test_each_projection_gets_its_own_events_up_to_the_shared_checkpoint(
+        self, store_url: str
+    ) -> None:
+        """Read together with every event, payments_only gets each payment once, in order."""
+        projections = [AppliedPositionsProjection(), PaymentsOnlyProjection()]
+        with opened(store_url, projections) as (ledger, runtime):
+            paid = place_and_pay(ledger, 12)
+            for order_id in paid[:3]:
+                ledger.cancel_order(order_id, reason="customer asked")
+            everything = runtime.projection(COUNTING).topics
+            payments = runtime.projection(PaymentsOnlyProjection.name).topics
+            alone = runtime.source.read(0, 1000, payments).events
+
+            seen = []
+            after = 0
+            while after < ledger.head_position():
+                reads = SharedReads(runtime.source, [everything, payments])
+                mine = reads.read(after, 5, payments)
+                shared = reads.read(after, 5, everything)
+                assert [r.position for r in shared.events] == [
+                    r.position for r in runtime.source.read(after, 5, everything).events
+                ]
+                assert mine.checkpoint == shared.checkpoint > after
+                seen.extend(r.position for r in mine.events)
+                after = mine.checkpoint
+
+            assert seen == [r.position for r in alone]
+            assert len(seen) == 12
+
+    def test_a_worker_of_two_projections_applies_each_its_own_events(self, store_url: str) -> None:
+        """One worker, two projections, batches of four: each table equals its events."""
+        projections = [AppliedPositionsProjection(), PaymentsOnlyProjection()]
+        with opened(store_url, projections, batch_size=4) as (ledger, runtime):
+            place_and_pay(ledger, 9)
+
+            runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
+
+            assert applied_positions(runtime) == store_positions(ledger)
+            payments = [
+                recorded.position
+                for recorded in store_events(ledger)
+                if isinstance(recorded.event, Order.PaymentCaptured)
+            ]
+            with runtime.reading(PaymentsOnlyProjection.name) as (conn, tables):
+                table = tables["payments_only"]
+                rows = [row.position for row in conn.execute(table.select().order_by("position"))]
+            assert rows == payments
+            assert serving_position(runtime, PaymentsOnlyProjection.name) == ledger.head_position()
 
 
 class TestPositionsAdvance:
