@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -26,6 +28,10 @@ class ProcessorSettings:
 
     batch_size: int = 1000
     lease_ttl: float = 10.0
+    read_ahead: bool | None = None
+    """While a full batch commits, read the next one in a background thread. None: only where
+    reading waits on a database server (PostgreSQL). On SQLite both threads mostly need the
+    interpreter lock, and reading ahead made catch-up slower (49-53k -> 40-42k events/s)."""
 
 
 class Outcome(Enum):
@@ -78,6 +84,10 @@ class Processor:
         self.finished = False
         self._isolate_until = 0
         self._refused_at = -float("inf")
+        self._ahead: _ReadAhead | None = None
+        self._read_ahead = (
+            source.server_side if self.settings.read_ahead is None else self.settings.read_ahead
+        )
 
     # One return per outcome reads best.
     def step(self, reads: SharedReads | None = None) -> StepResult:  # noqa: PLR0911
@@ -95,6 +105,11 @@ class Processor:
         batch = self._read(limit, reads)
         if batch.checkpoint == self.position and not (self.role == BUILDING and batch.reached_head):
             return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
+        if self._read_ahead and limit > 1 and len(batch.events) == limit:
+            # Catching up: read the next batch while this one commits (while either waits on
+            # the database server, the other thread runs). It is used only if this commit
+            # moves the position to where that read started.
+            self._ahead = _ReadAhead(self.source, batch.checkpoint, limit, self.projection.topics)
         try:
             promoted = self._commit(self.lease, batch)
         except EventHandlingError as error:
@@ -148,12 +163,20 @@ class Processor:
             self.lease = None
 
     def release(self) -> None:
+        if self._ahead is not None:
+            self._ahead.discard()
+            self._ahead = None
         if self.lease is not None:
             self.catalog.release(self.lease)
             self.lease = None
 
     def _read(self, limit: int, reads: SharedReads | None) -> EventBatch:
-        """The batch after our position, from the reads shared this round where they fit."""
+        """The batch after our position: the one read ahead if it starts there, else read now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            batch = ahead.result(self.position, limit)
+            if batch is not None:
+                return batch
         if reads is not None and limit == self.settings.batch_size:
             return reads.read(self.position, limit, self.projection.topics)
         return self.source.read(self.position, limit, self.projection.topics)
@@ -237,3 +260,35 @@ class Processor:
             },
             exc_info=error.cause,
         )
+
+
+class _ReadAhead:
+    """One batch read in a background thread, for the step after the current commit."""
+
+    def __init__(self, source: EventSource, after: int, limit: int, topics: Sequence[str]) -> None:
+        self.after = after
+        self.limit = limit
+        self._batch: EventBatch | None = None
+        self._thread = threading.Thread(
+            target=self._read,
+            args=(source, topics),
+            name="orderledger-read-ahead",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _read(self, source: EventSource, topics: Sequence[str]) -> None:
+        try:
+            self._batch = source.read(self.after, self.limit, topics)
+        except Exception:  # the step reads again itself and meets the error there
+            log.debug("reading ahead failed; the next step reads again", exc_info=True)
+
+    def result(self, after: int, limit: int) -> EventBatch | None:
+        """The batch, if it was read from ``after`` with ``limit`` and without an error."""
+        self._thread.join()
+        if after != self.after or limit != self.limit:
+            return None
+        return self._batch
+
+    def discard(self) -> None:
+        self._thread.join()

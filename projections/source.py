@@ -75,6 +75,8 @@ class EventSource:
         self._ledger = ledger
         self.poll_interval = poll_interval
         self._listener: _PostgresListener | None = None
+        self.server_side = isinstance(ledger.recorder, PostgresApplicationRecorder)
+        """Reading waits on a database server (rather than on this process's own work)."""
         if isinstance(ledger.recorder, PostgresApplicationRecorder):
             self._listener = _PostgresListener(ledger.recorder)
         self._rows = _row_reader(ledger)

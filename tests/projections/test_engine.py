@@ -302,6 +302,38 @@ class TestCompareAndSet:
             assert applied_positions(runtime) == [1, 2]
 
 
+class TestReadingAhead:
+    """Reading the next batch while one commits changes nothing of what is applied."""
+
+    def test_reading_ahead_applies_every_position_once(self, store_url: str) -> None:
+        """Sixty events in batches of seven read ahead, then more: one row per store position."""
+        with opened(store_url, [AppliedPositionsProjection()]) as (ledger, runtime):
+            place_and_pay(ledger, 30)
+            worker = runtime.worker(settings=ProcessorSettings(batch_size=7, read_ahead=True))
+            worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
+            assert applied_positions(runtime) == store_positions(ledger)
+
+            place_and_pay(ledger, 5, prefix="late")
+            worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
+
+            assert applied_positions(runtime) == store_positions(ledger)
+            assert serving_position(runtime) == ledger.head_position() == 70
+
+    def test_a_batch_read_ahead_is_not_applied_when_the_commit_stops_short(
+        self, store_url: str
+    ) -> None:
+        """The handler fails at 13 while (15, 20] is read ahead: rows 1-12 and position 12 stay."""
+        projection = AppliedPositionsProjection(fail_on=at_position(13))
+        with opened(store_url, [projection]) as (ledger, runtime):
+            place_and_pay(ledger, 10)
+
+            settings = ProcessorSettings(batch_size=5, read_ahead=True)
+            runtime.worker(settings=settings).run_until_caught_up(timeout=WAIT_TIMEOUT)
+
+            assert applied_positions(runtime) == list(range(1, 13))
+            assert serving_position(runtime) == 12
+
+
 class TestSharedReads:
     """Projections of one worker share reads and still get exactly their own events."""
 
