@@ -270,7 +270,7 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def summary_from(values: Mapping[str, Any]) -> OrderSummary:
+def summary_from(values: Mapping[Any, Any]) -> OrderSummary:
     """An order summary from one order_summaries row, as a mapping of column to value."""
     lines = json.loads(values["lines"])
     return OrderSummary(
