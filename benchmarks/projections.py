@@ -396,21 +396,37 @@ def rss_child(url: str, name: str, batch_size: int) -> None:
 
 
 def measure_rss(url: str, name: str, batch_size: int) -> dict[str, float]:
+    result: dict[str, float] = _child("rss_child", url, name, batch_size)
+    return result
+
+
+def in_fresh_process(function: str, *args: Any) -> Any:
+    """``function(*args)`` of this module, run in a new interpreter: each variant starts from
+    the same state, with nothing another variant left behind (objects for the collector to
+    walk, caches, warm pools)."""
+    return _child("_print_result", function, *args)
+
+
+def _print_result(function: str, *args: Any) -> None:
+    print(json.dumps(globals()[function](*args)))
+
+
+def _child(entry: str, *args: Any) -> Any:
+    """Run ``entry(*args)`` of this module in a child process; the JSON of its last line."""
     code = (
-        "import sys; from benchmarks.projections import rss_child; "
-        "rss_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+        f"import json, sys; from benchmarks.projections import {entry}; "
+        f"{entry}(*json.loads(sys.argv[1]))"
     )
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-c", code, url, name, str(batch_size)],
+        [sys.executable, "-c", code, json.dumps(args)],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         capture_output=True,
         text=True,
         check=True,
     )
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # -- live latency ------------------------------------------------------------------------------
@@ -592,7 +608,7 @@ def run(args: argparse.Namespace) -> int:
     for store in stores:
         with event_store(store, args.events, admin) as (url, recorded):
             baseline = min(args.baseline_events, recorded)
-            lib_wall, lib_cpu = library_catch_up(store, url, baseline)
+            lib_wall, lib_cpu = in_fresh_process("library_catch_up", store, url, baseline)
             lib_rate, lib_cpu_rate = baseline / lib_wall, baseline / lib_cpu
             rows.append(
                 [
@@ -609,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
                 ]
             )
             for name in names:
-                wall, cpu, _ = our_catch_up(url, name, args.batch_size)
+                wall, cpu, _ = in_fresh_process("our_catch_up", url, name, args.batch_size)
                 rate = recorded / wall
                 cpu_rate = recorded / cpu
                 same = name == "order_summaries"
