@@ -7,8 +7,9 @@ random loopback port (projections in process, the embedded mode; one API process
 ``--workers 2``). Clients run in a separate process (``benchmarks.loadgen``): for each number
 of concurrent clients, place-order (POST /orders) and get-order (GET /orders/{id} of random
 existing orders) for a fixed time after a warm-up. The baseline runs the same commands in
-another process through ``OrderLedger.place_order`` and ``ProjectionRuntime.read`` directly,
-one thread per client, with the same projection worker running beside them.
+another process through ``OrderLedger.place_order`` and the ``PointReader`` the API reads an
+order with, directly, one thread per client, with the same projection worker running beside
+them. A floor variant serves a constant order from the same uvicorn with no work at all.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from benchmarks.common import (
 from benchmarks.loadgen import OPERATIONS, CellResult, LoadSpec, Window, place_order_body, read_ids
 from domain.ledger import OrderLedger
 from domain.order import Order
-from projections.order_summaries import get_order_summary
+from projections.order_summaries import summary_from
+from projections.point_read import PointReader
 from projections.registry import all_projections
 from projections.runtime import ProjectionRuntime
 
@@ -423,10 +425,15 @@ def _direct_operation(
         return place
     ids = read_ids(spec.ids_file or "")
     rng = random.Random(spec.clients)
+    # What the API's get-order does: one point read, then the summary built from the row.
+    reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
 
     def get(_number: int) -> str:
-        query = partial(get_order_summary, order_id=rng.choice(ids))
-        return "404" if runtime.read("order_summaries", query) is None else "200"
+        found = reader.get(rng.choice(ids))
+        if found is None or found.row is None:
+            return "404"
+        summary_from(found.row)
+        return "200"
 
     return get
 
