@@ -19,6 +19,9 @@ from sqlalchemy.types import Float
 WRITE = {"orderledger_write": True}
 """Execution options for a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
 
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+"""Pages of WAL (4 KB each) after which a committing read-model connection checkpoints."""
+
 BATCH_WRITE = {**WRITE, "orderledger_batch": True}
 """A projection batch: its rows and its position are one transaction, so on PostgreSQL it may
 commit without waiting for the disk. A server crash can lose the last batches, but always the
@@ -60,6 +63,9 @@ def _configure_sqlite(dbapi_connection: Any, _record: object) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     # WAL with synchronous=NORMAL survives a killed process; only power loss can drop the tail.
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Checkpoint (copy the WAL into the database file, with an fsync) every 40 MB of WAL rather
+    # than every 4 MB: a catch-up writing many batches syncs a tenth as often.
+    cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cursor.close()
 
 
