@@ -73,14 +73,37 @@ def stale_and_thief(
     return stale, thief, generation
 
 
+def payment_positions(ledger: OrderLedger) -> list[int]:
+    """The store positions of every PaymentCaptured event."""
+    return [
+        recorded.position
+        for recorded in store_events(ledger)
+        if isinstance(recorded.event, Order.PaymentCaptured)
+    ]
+
+
+def payments_only_rows(runtime: ProjectionRuntime) -> list[int]:
+    """The positions payments_only applied, in order."""
+    with runtime.reading(PaymentsOnlyProjection.name) as (conn, tables):
+        table = tables["payments_only"]
+        return [row.position for row in conn.execute(table.select().order_by("position"))]
+
+
 class TestExactlyOncePerPosition:
     """Each committed position is applied once, with its position, in one transaction."""
 
-    def test_every_position_is_applied_once_across_many_small_batches(self, store_url: str) -> None:
-        """Sixty events in batches of seven, then more: one row per store position, at the head."""
-        with opened(store_url, [AppliedPositionsProjection()], batch_size=7) as (ledger, runtime):
+    @pytest.mark.parametrize("read_ahead", [False, True], ids=["in-turn", "reading-ahead"])
+    def test_every_position_is_applied_once_across_many_small_batches(
+        self, store_url: str, read_ahead: bool
+    ) -> None:
+        """Sixty events in batches of seven, then more: one row per store position, at the head.
+
+        Reading the next batch while one commits changes nothing of what is applied.
+        """
+        with opened(store_url, [AppliedPositionsProjection()]) as (ledger, runtime):
             place_and_pay(ledger, 30)
-            worker = runtime.worker()
+            settings = ProcessorSettings(batch_size=7, read_ahead=read_ahead)
+            worker = runtime.worker(settings=settings)
             worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
             assert applied_positions(runtime) == store_positions(ledger)
             assert len(applied_positions(runtime)) == 60
@@ -303,21 +326,7 @@ class TestCompareAndSet:
 
 
 class TestReadingAhead:
-    """Reading the next batch while one commits changes nothing of what is applied."""
-
-    def test_reading_ahead_applies_every_position_once(self, store_url: str) -> None:
-        """Sixty events in batches of seven read ahead, then more: one row per store position."""
-        with opened(store_url, [AppliedPositionsProjection()]) as (ledger, runtime):
-            place_and_pay(ledger, 30)
-            worker = runtime.worker(settings=ProcessorSettings(batch_size=7, read_ahead=True))
-            worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
-            assert applied_positions(runtime) == store_positions(ledger)
-
-            place_and_pay(ledger, 5, prefix="late")
-            worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
-
-            assert applied_positions(runtime) == store_positions(ledger)
-            assert serving_position(runtime) == ledger.head_position() == 70
+    """A batch read ahead is applied only where the commit before it left the position."""
 
     def test_a_batch_read_ahead_is_not_applied_when_the_commit_stops_short(
         self, store_url: str
@@ -375,15 +384,8 @@ class TestSharedReads:
             runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
 
             assert applied_positions(runtime) == store_positions(ledger)
-            payments = [
-                recorded.position
-                for recorded in store_events(ledger)
-                if isinstance(recorded.event, Order.PaymentCaptured)
-            ]
-            with runtime.reading(PaymentsOnlyProjection.name) as (conn, tables):
-                table = tables["payments_only"]
-                rows = [row.position for row in conn.execute(table.select().order_by("position"))]
-            assert rows == payments
+            rows = payments_only_rows(runtime)
+            assert rows == payment_positions(ledger)
             assert serving_position(runtime, PaymentsOnlyProjection.name) == ledger.head_position()
 
 
@@ -403,15 +405,8 @@ class TestPositionsAdvance:
 
             runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
 
-            payments = [
-                recorded.position
-                for recorded in store_events(ledger)
-                if isinstance(recorded.event, Order.PaymentCaptured)
-            ]
-            with runtime.reading(PaymentsOnlyProjection.name) as (conn, tables):
-                table = tables["payments_only"]
-                rows = [row.position for row in conn.execute(table.select().order_by("position"))]
-            assert rows == payments
+            rows = payments_only_rows(runtime)
+            assert rows == payment_positions(ledger)
             assert len(rows) == 8
             assert serving_position(runtime, PaymentsOnlyProjection.name) == ledger.head_position()
 
