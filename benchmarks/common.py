@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -118,9 +119,17 @@ def _sqlite_copy(key: str, generate: Callable[[str], None]) -> Iterator[str]:
         generate(f"sqlite:///{building}")
         _checkpoint_sqlite(building)
         building.rename(cached)
+    with sqlite_file_copy(cached) as url:
+        yield url
+
+
+@contextmanager
+def sqlite_file_copy(path: Path | str) -> Iterator[str]:
+    """A copy of a SQLite store no one is writing (its WAL folded in first), removed after."""
+    _checkpoint_sqlite(Path(path))
     directory = tempfile.mkdtemp(prefix="orderledger-bench-")
     try:
-        shutil.copyfile(cached, f"{directory}/store.db")
+        shutil.copyfile(path, f"{directory}/store.db")
         yield f"sqlite:///{directory}/store.db"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -146,13 +155,18 @@ def _postgres_copy(key: str, generate: Callable[[str], None], admin: str) -> Ite
             generate(scratch)
             scratch_name = urlsplit(scratch).path.lstrip("/")
             with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (scratch_name,),
-                )
+                _end_sessions(conn, scratch_name)
                 conn.execute(f'CREATE DATABASE "{template}" TEMPLATE "{scratch_name}"')
+    with postgres_template_copy(admin, template) as url:
+        yield url
+
+
+@contextmanager
+def postgres_template_copy(admin: str, template: str) -> Iterator[str]:
+    """A new database copied from ``template`` (its sessions ended first), dropped after."""
     dbname = f"orderledger_bench_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin, autocommit=True) as conn:
+        _end_sessions(conn, template)
         conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{template}"')
     parts = urlsplit(admin)
     try:
@@ -160,6 +174,13 @@ def _postgres_copy(key: str, generate: Callable[[str], None], admin: str) -> Ite
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def _end_sessions(conn: psycopg.Connection[Any], dbname: str) -> None:
+    """A template must have no other sessions; pooled ones may linger after dispose."""
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,)
+    )
 
 
 def library_env(database_url: str) -> dict[str, str]:

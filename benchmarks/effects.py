@@ -12,24 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
-import psycopg
 from sqlalchemy import func, select
 
 from benchmarks.common import (
@@ -39,10 +34,12 @@ from benchmarks.common import (
     machine_description,
     note,
     postgres_admin_url,
+    postgres_template_copy,
     postgres_unreachable_reason,
     print_description,
     print_table,
     rotated,
+    sqlite_file_copy,
     temporary_store_url,
     timed,
 )
@@ -162,33 +159,11 @@ def seeded_store(url: str, events: int, *, receiver: str, with_email: bool) -> i
 def store_copy(store: str, url: str, admin: str) -> Iterator[str]:
     """A fresh copy of a store no one has open (SQLite file copy, PostgreSQL template)."""
     if store == "sqlite":
-        path = url.split(":///", 1)[1]
-        lite = sqlite3.connect(path)
-        try:
-            lite.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            lite.close()
-        directory = tempfile.mkdtemp(prefix="orderledger-bench-")
-        try:
-            shutil.copyfile(path, f"{directory}/copy.db")
-            yield f"sqlite:///{directory}/copy.db"
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        return
-    source = urlsplit(url).path.lstrip("/")
-    dbname = f"orderledger_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        # A template must have no other sessions; pooled ones may linger after dispose.
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (source,)
-        )
-        conn.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{source}"')
-    parts = urlsplit(admin)
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        with sqlite_file_copy(url.split(":///", 1)[1]) as copy:
+            yield copy
+    else:
+        with postgres_template_copy(admin, urlsplit(url).path.lstrip("/")) as copy:
+            yield copy
 
 
 def effect_counts(runtime: ProjectionRuntime) -> dict[str, int]:
