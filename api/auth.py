@@ -92,7 +92,7 @@ def keys_resource(settings: Settings) -> Callable[[FastAPI], Any]:
 
     @asynccontextmanager
     async def hold_keys(app: FastAPI) -> AsyncIterator[None]:
-        store = ApiKeyStore.from_url(settings.database_url)
+        store = ApiKeyStore.from_url(settings.database_url, cache_ttl=settings.key_cache_ttl)
         app.state.keys = store
         try:
             yield

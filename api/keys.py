@@ -9,9 +9,9 @@ password hash costs.
 
 Every process and machine shares the table in the event store's database, so a key created
 or revoked by one (the CLI, another API instance) is seen by all. Positive lookups are cached
-per process for ``cache_ttl`` seconds (default 1 s), so a revocation takes effect everywhere
-within that bound; unknown, wrong and revoked tokens are never cached, so a new key works at
-once.
+per process for ``cache_ttl`` seconds (``Settings.key_cache_ttl``, default 1 s), so a
+revocation takes effect everywhere within that bound; unknown, wrong and revoked tokens are
+never cached, so a new key works at once.
 """
 
 from __future__ import annotations

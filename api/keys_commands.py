@@ -13,7 +13,7 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.effects_commands import EXIT_FAILURE, EXIT_USAGE, DatabaseOption, _fail, configured
-from api.keys import DEFAULT_CACHE_TTL, ApiKeyStore, IssuedKey, KeyNotFoundError, Role
+from api.keys import ApiKeyStore, IssuedKey, KeyNotFoundError, Role
 from api.settings import Settings
 
 keys_app = typer.Typer(
@@ -113,15 +113,15 @@ def revoke_key(
     ],
     database_url: DatabaseOption = None,
 ) -> None:
-    """Revoke a key: every API process refuses it within about a second."""
-    with _keys(database_url) as (store, _settings):
+    """Revoke a key: every API process refuses it within ORDERLEDGER_KEY_CACHE_TTL (1 s)."""
+    with _keys(database_url) as (store, settings):
         try:
             key = store.revoke(key_id)
         except KeyNotFoundError as error:
             _fail(str(error))
     Console(highlight=False).print(
         f"Revoked key {key.key_id} ({key.name}, {key.role}); API processes refuse it within "
-        f"{DEFAULT_CACHE_TTL:g} s.",
+        f"{settings.key_cache_ttl:g} s.",
         markup=False,
     )
 

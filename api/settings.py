@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         default=False, description="Serve /metrics without an API key (default: admin keys only)"
     )
+    key_cache_ttl: float = Field(
+        default=1.0,
+        ge=0,
+        le=300,
+        description="Seconds an API process trusts a key it checked: a revocation takes effect"
+        " everywhere within this time (0: every request reads the key table)",
+    )
 
     # -- projections --------------------------------------------------------------------------
     read_model_database_url: str | None = Field(
