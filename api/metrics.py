@@ -126,11 +126,34 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = route_template(scope)
-            # A client may send any method name; only the standard ones become labels.
-            method = scope["method"] if scope["method"] in _KNOWN_METHODS else OTHER_METHOD
-            HTTP_REQUESTS.labels(route, method, str(status)).inc()
-            HTTP_SECONDS.labels(route, method).observe(time.perf_counter() - started)
+            count, timing = _http_series(route_template(scope), scope["method"], status)
+            count.inc()
+            timing.observe(time.perf_counter() - started)
+
+
+_Series = tuple[Counter, Histogram]
+_http_series_cache: dict[tuple[str, str, int], _Series] = {}
+
+
+def _http_series(route: str, method: str, status: int) -> _Series:
+    """The request counter and latency histogram of one route, method and status.
+
+    Looked up once per label set and kept: ``labels()`` validates and locks on every call,
+    which an API answering thousands of requests a second need not pay each time. Route
+    labels are templates, methods the standard few and statuses a few dozen, so the cache
+    stays small.
+    """
+    series = _http_series_cache.get((route, method, status))
+    if series is None:
+        # A client may send any method name; only the standard ones become labels.
+        label = method if method in _KNOWN_METHODS else OTHER_METHOD
+        series = (
+            HTTP_REQUESTS.labels(route, label, str(status)),
+            HTTP_SECONDS.labels(route, label),
+        )
+        if method in _KNOWN_METHODS:
+            _http_series_cache[(route, method, status)] = series
+    return series
 
 
 # -- projections and effects, read at scrape time -----------------------------------------------

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         default=False, description="Serve /metrics without an API key (default: admin keys only)"
     )
+    opentelemetry: bool = Field(
+        default=False,
+        description="FastAPI's native OpenTelemetry traces, metrics and logs, sent to the"
+        " globally configured providers (off: each request skips the check for them)",
+    )
     key_cache_ttl: float = Field(
         default=1.0,
         ge=0,

@@ -42,7 +42,6 @@ from api.routes import order_queries as orders
 from api.routes import orders as commands
 from api.schemas import OrderCreate
 from domain.money import MAX_AMOUNT
-from projections.order_summaries import summary_from
 from projections.point_read import PointRead, PointReader
 
 PREFIX = "/orders/"
@@ -91,16 +90,19 @@ class OrderReadShortcut:
         found = None if reader is None else await self._read(reader, order_id)
         if found is None or found.row is None or found.position < floor:
             return False
-        summary = summary_from(found.row)
-        etag = orders.etag_of(summary)
-        if orders.etag_matches(if_none_match, etag):
-            response = Response(status_code=304, headers={"ETag": etag})
-        else:
-            body = orders.public(summary).model_dump_json().encode()
-            response = Response(body, media_type="application/json", headers={"ETag": etag})
+        etag = orders.etag_of(found.row["version"])
         scope["route"] = ORDER_ROUTE
         scope.setdefault("state", {})["principal"] = principal
-        await response(scope, receive, send)
+        if orders.etag_matches(if_none_match, etag):
+            await _respond(send, 304, b"", [(b"etag", etag.encode())])
+        else:
+            body = orders.public_json(found.row)
+            headers = [
+                (b"content-length", str(len(body)).encode()),
+                (b"content-type", b"application/json"),
+                (b"etag", etag.encode()),
+            ]
+            await _respond(send, 200, body, headers)
         return True
 
     async def _read(self, reader: PointReader, order_id: str) -> PointRead | None:
@@ -112,6 +114,14 @@ class OrderReadShortcut:
             self._executor = ThreadPoolExecutor(4, thread_name_prefix="order-reads")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, reader.get, order_id)
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Send a whole response: what Starlette's Response sends, without building one."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _plain_read(scope: Scope) -> tuple[str, Principal, str | None, int] | None:

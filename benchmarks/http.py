@@ -38,6 +38,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Table, func, select
 
 from api.projection_runtime import open_projection_runtime
+from api.routes.order_queries import public_json
 from api.settings import Settings
 from benchmarks.common import (
     STORES,
@@ -53,7 +54,6 @@ from benchmarks.common import (
 from benchmarks.loadgen import OPERATIONS, CellResult, LoadSpec, Window, place_order_body, read_ids
 from domain.ledger import OrderLedger
 from domain.order import Order
-from projections.order_summaries import summary_from
 from projections.point_read import PointReader
 from projections.registry import all_projections
 from projections.runtime import ProjectionRuntime
@@ -425,14 +425,14 @@ def _direct_operation(
         return place
     ids = read_ids(spec.ids_file or "")
     rng = random.Random(spec.clients)
-    # What the API's get-order does: one point read, then the summary built from the row.
+    # What the API's get-order does: one point read, then the order's JSON written from the row.
     reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
 
     def get(_number: int) -> str:
         found = reader.get(rng.choice(ids))
         if found is None or found.row is None:
             return "404"
-        summary_from(found.row)
+        public_json(found.row)
         return "200"
 
     return get

@@ -266,30 +266,35 @@ class OrderSummaryPage:
     next_cursor: str | None
 
 
-def _aware(value: datetime) -> datetime:
+def aware(value: datetime) -> datetime:
+    """The moment in UTC when the database gave it without a zone (SQLite)."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def lines_from(text: str) -> list[dict[str, Any]]:
+    """An order_summaries row's lines column as lines: sku, quantity and unit price each."""
+    return [
+        {"sku": sku, "quantity": quantity, "unit_price": price}
+        for sku, (quantity, price) in json.loads(text).items()
+    ]
 
 
 def summary_from(values: Mapping[Any, Any]) -> OrderSummary:
     """An order summary from one order_summaries row, as a mapping of column to value."""
-    lines = json.loads(values["lines"])
     return OrderSummary(
         order_id=values["order_id"],
         status=values["status"],
         customer_id=values["customer_id"],
         currency=values["currency"],
         line_count=values["line_count"],
-        lines=[
-            {"sku": sku, "quantity": quantity, "unit_price": price}
-            for sku, (quantity, price) in lines.items()
-        ],
+        lines=lines_from(values["lines"]),
         total=values["total"],
         captured=values["captured"],
         refunded=values["refunded"],
         refund_due=values["refund_due"],
         balance_due=values["balance_due"],
-        placed_at=_aware(values["placed_at"]),
-        updated_at=_aware(values["updated_at"]),
+        placed_at=aware(values["placed_at"]),
+        updated_at=aware(values["updated_at"]),
         version=values["version"],
         last_position=values["last_position"],
     )
@@ -309,7 +314,7 @@ class InvalidCursorError(ValueError):
 
 
 def encode_cursor(placed_at: datetime, order_id: str) -> str:
-    raw = json.dumps([_aware(placed_at).isoformat(), order_id]).encode()
+    raw = json.dumps([aware(placed_at).isoformat(), order_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

@@ -7,18 +7,23 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, timedelta, timezone
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from api.app import create_app
 from api.keys import ApiKeyStore, Role
+from api.routes import order_queries as orders
 from api.settings import Settings
 from api.shortcuts import PlaceOrderShortcut
 from domain.ledger import OrderLedger
+from projections.order_summaries import summary_from
 from projections.point_read import PointReader
 from projections.rebuild import rebuild
 from projections.runtime import ProjectionRuntime
@@ -319,6 +324,53 @@ class TestPointReader:
             reader.close()
             runtime.close()
             ledger.close()
+
+
+_text = st.text(max_size=40)
+_amount = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_moment = st.datetimes(
+    timezones=st.none()
+    | st.just(UTC)
+    | st.timezones()
+    | st.builds(
+        timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23))
+    )
+)
+_line = st.tuples(st.integers(1, 10**6), _amount)
+_row = st.fixed_dictionaries(
+    {
+        "order_id": st.uuids().map(str),
+        "status": st.sampled_from(
+            ["pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"]
+        ),
+        "customer_id": _text,
+        "currency": st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=3, max_size=3),
+        "line_count": st.integers(0, 1000),
+        "lines": st.dictionaries(_text, _line, max_size=5).map(json.dumps),
+        "total": _amount,
+        "captured": _amount,
+        "refunded": _amount,
+        "refund_due": _amount,
+        "balance_due": _amount,
+        "shipped": st.booleans(),
+        "delivered": st.booleans(),
+        "cancelled": st.booleans(),
+        "placed_at": _moment,
+        "updated_at": _moment,
+        "version": st.integers(1, 2**31),
+        "last_position": st.integers(1, 2**63 - 1),
+    }
+)
+
+
+class TestOrderJson:
+    """The shortcut writes an order's JSON from the row; the route through its model."""
+
+    @given(_row)
+    def test_the_same_bytes_as_the_routes_model(self, row: dict[str, Any]) -> None:
+        assert (
+            orders.public_json(row) == orders.public(summary_from(row)).model_dump_json().encode()
+        )
 
 
 ROUTED = "/orders?via=route"
