@@ -126,9 +126,14 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            count, timing = _http_series(route_template(scope), scope["method"], status)
-            count.inc()
-            timing.observe(time.perf_counter() - started)
+            count_request(scope, status, time.perf_counter() - started)
+
+
+def count_request(scope: Scope, status: int, seconds: float) -> None:
+    """Count one answered request and its latency, labelled by route template and method."""
+    count, timing = _http_series(route_template(scope), scope["method"], status)
+    count.inc()
+    timing.observe(seconds)
 
 
 _Series = tuple[Counter, Histogram]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, timedelta, timezone
@@ -271,6 +272,59 @@ class TestObservedAsTheRoute:
         assert line.route == "/orders/{order_id}"  # type: ignore[attr-defined]
         assert line.status == 200  # type: ignore[attr-defined]
         assert line.key_id  # type: ignore[attr-defined]
+
+    def test_a_request_id_is_made_when_none_is_sent(
+        self, shop: TestClient, reads: CountingReader
+    ) -> None:
+        order_id, position = place(shop)
+        assert shop.get(f"/orders/{order_id}", params={"min_position": position}).status_code == 200
+        before = reads.calls
+        first, second = (shop.get(f"/orders/{order_id}") for _ in range(2))
+        assert reads.calls == before + 2
+        assert re.fullmatch(r"[0-9a-f]{32}", first.headers["X-Request-ID"])
+        assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]
+        insane = shop.get(f"/orders/{order_id}", headers={"X-Request-ID": "no spaces allowed"})
+        assert re.fullmatch(r"[0-9a-f]{32}", insane.headers["X-Request-ID"])
+
+    def test_a_failure_in_the_shortcut_leaves_the_read_to_the_route(
+        self,
+        shop: TestClient,
+        reads: CountingReader,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        order_id, position = place(shop)
+        at = {"min_position": position}
+        expected = answer(shop.get(f"/orders/{order_id}", params=at))
+
+        def broken(row: Any) -> bytes:
+            raise RuntimeError("cannot write this order")
+
+        monkeypatch.setattr(orders, "public_json", broken)
+        before = reads.calls
+        with caplog.at_level(logging.WARNING, logger="orderledger.http"):
+            routed = shop.get(f"/orders/{order_id}", params=at)
+        assert reads.calls == before + 1  # the shortcut tried
+        assert answer(routed) == expected  # and the route answered, as it would have
+        assert any("shortcut failed" in record.getMessage() for record in caplog.records)
+
+    def test_with_opentelemetry_on_every_read_takes_the_route(
+        self, store_url: str, reads: CountingReader
+    ) -> None:
+        settings = Settings(
+            database_url=store_url,
+            read_your_writes_timeout=LONG_WAIT,
+            key_cache_ttl=LONG_WAIT,
+            opentelemetry=True,
+        )
+        headers = bearer(issue_key(store_url, Role.writer, "traced"))
+        with TestClient(create_app(settings), headers=headers) as traced:
+            order_id, position = place(traced)
+            for _ in range(3):
+                found = traced.get(f"/orders/{order_id}", params={"min_position": position})
+                assert found.status_code == 200
+                assert found.json()["order_id"] == order_id
+        assert reads.calls == 0
 
 
 class TestPointReader:
