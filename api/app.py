@@ -12,7 +12,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Access, keys_resource
-from api.logs import RequestLogMiddleware
+from api.logs import RequestLogMiddleware, lean_log_records
 from api.metrics import HttpMetricsMiddleware, metrics_resource
 from api.problems import install_problem_handlers
 from api.projection_runtime import projections_resource
@@ -53,6 +53,7 @@ def create_app(
         telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     app.state.settings = settings
+    lean_log_records()
     # It would bypass OpenTelemetry's middleware: with telemetry on, reads take the route.
     app.order_read = None if settings.opentelemetry else OrderReadShortcut()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)

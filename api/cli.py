@@ -183,6 +183,7 @@ def run_server(settings: Settings) -> None:
 
     from api.app import create_app  # noqa: PLC0415
     from api.logs import logging_config  # noqa: PLC0415
+    from api.transport import CoalescingHttpToolsProtocol  # noqa: PLC0415
 
     # Opened here rather than in the app's start-up so a bad store is one clear line, not a
     # failed lifespan with a traceback.
@@ -196,6 +197,7 @@ def run_server(settings: Settings) -> None:
             log_level=settings.log_level,
             log_config=logging_config(settings.log_format, settings.log_level),
             access_log=False,
+            http=CoalescingHttpToolsProtocol,
         )
     finally:
         ledger.close()
@@ -212,6 +214,7 @@ def run_workers(settings: Settings, workers: int) -> None:
 
     from api.logs import logging_config  # noqa: PLC0415
     from api.metrics import MULTIPROCESS_DIR_VAR  # noqa: PLC0415
+    from api.transport import CoalescingHttpToolsProtocol  # noqa: PLC0415
 
     _open_ledger(settings).close()  # a bad store is one clear line before any process starts
     metrics_dir = tempfile.mkdtemp(prefix="orderledger-metrics-")
@@ -228,6 +231,7 @@ def run_workers(settings: Settings, workers: int) -> None:
         log_level=settings.log_level,
         log_config=logging_config(settings.log_format, settings.log_level),
         access_log=False,
+        http=CoalescingHttpToolsProtocol,
     )
     try:
         # What uvicorn.run does for workers > 1, with the shared socket labelled TCP.

@@ -92,14 +92,17 @@ def logging_config(log_format: LogFormat, level: str) -> dict[str, Any]:
 
 
 def configure_logging(log_format: LogFormat, level: str) -> None:
-    """Send this process's logs to stderr in the chosen format.
-
-    Records skip the caller, thread, process-name and task look-ups neither format prints:
-    together they cost more than formatting the record, and there is one record per request.
-    """
+    """Send this process's logs to stderr in the chosen format."""
     logging.config.dictConfig(logging_config(log_format, level))
-    # Neither format prints the caller's file and line: finding them walks the stack.
-    logging._srcfile = None  # the documented switch
+    lean_log_records()
+
+
+def lean_log_records() -> None:
+    """Make records without the caller, thread, process-name and task look-ups that neither
+    format prints: together they cost more than formatting the record, and an API process
+    makes one record per request. Called by every serving process, however its logging was
+    configured (uvicorn applies ``logging_config`` itself)."""
+    logging._srcfile = None  # the documented switch: no walking the stack for the caller
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # type: ignore[attr-defined,unused-ignore]  # 3.12+
@@ -143,6 +146,9 @@ class RequestLogMiddleware:
 
 def log_request(scope: Scope, rid: str, status: int, latency_ms: float) -> None:
     """Log the request's one line: its id, route template, status, latency and key."""
+    level = logging.ERROR if status >= 500 else logging.INFO
+    if not request_log.isEnabledFor(level):
+        return
     principal = scope.get("state", {}).get("principal")
     client = scope.get("client")
     fields: dict[str, Any] = {
@@ -156,7 +162,6 @@ def log_request(scope: Scope, rid: str, status: int, latency_ms: float) -> None:
     }
     if principal is not None:
         fields["key_id"] = principal.key_id
-    level = logging.ERROR if status >= 500 else logging.INFO
     request_log.log(
         level,
         "%s %s %s %.1fms",

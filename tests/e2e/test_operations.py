@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from typing import Any
@@ -167,3 +169,44 @@ class TestSeveralApiProcesses:
         ) - metric(before, "orderledger_http_requests_total", route="/orders", method="POST")
         assert counted == placed
         assert server.terminate() == 0, server.output()
+
+
+class TestResponsesOnTheWire:
+    def test_kept_alive_and_pipelined_requests_get_whole_responses_in_order(
+        self, server: Server
+    ) -> None:
+        """Through the coalescing transport: one request at a time, then three sent at once
+        on the same connection; every response whole (head, then exactly its body), in order."""
+        url = httpx.URL(server.base_url)
+        assert url.port is not None
+        paths = ["/projections", "/healthz", "/projections/order_summaries"]
+
+        def request(path: str) -> bytes:
+            auth = f"Authorization: Bearer {server.admin_token}\r\n"
+            return f"GET {path} HTTP/1.1\r\nHost: {url.host}\r\n{auth}\r\n".encode()
+
+        with socket.create_connection((url.host, url.port), timeout=10) as client:
+            stream = client.makefile("rb")
+            one_by_one = []
+            for path in paths:
+                client.sendall(request(path))
+                one_by_one.append(read_response(stream))
+            client.sendall(b"".join(request(path) for path in paths))
+            pipelined = [read_response(stream) for _ in paths]
+        for (status, body), (again, body_again) in zip(one_by_one, pipelined, strict=True):
+            assert status == again == 200
+            assert json.loads(body).keys() == json.loads(body_again).keys()
+        assert json.loads(pipelined[1][1]) == json.loads(one_by_one[1][1])  # /healthz
+        assert json.loads(pipelined[2][1])["name"] == "order_summaries"
+
+
+def read_response(stream: Any) -> tuple[int, bytes]:
+    """One HTTP/1.1 response from a buffered socket file: status and body (by Content-Length)."""
+    status_line = stream.readline()
+    status = int(status_line.split(b" ")[1])
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, stream.read(length)
