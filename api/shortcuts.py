@@ -26,12 +26,10 @@ line and metrics with the same functions. Both are logged and counted as their r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -50,7 +48,7 @@ from api.routes import order_queries as orders
 from api.routes import orders as commands
 from api.schemas import OrderCreate
 from domain.money import MAX_AMOUNT
-from projections.point_read import PointRead, PointReader
+from projections.point_read import PointReader
 
 log = logging.getLogger("orderledger.http")
 
@@ -86,9 +84,6 @@ class OrderReadShortcut:
     not answer reaches the app untouched, nothing sent.
     """
 
-    def __init__(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
-
     @staticmethod
     def takes(scope: Scope) -> bool:
         """Whether the request could be one it answers (a GET under /orders/)."""
@@ -105,7 +100,7 @@ class OrderReadShortcut:
             return False
         reader: PointReader | None = getattr(state, "order_reader", None)
         try:
-            found = None if reader is None else await self._read(reader, request.order_id)
+            found = None if reader is None else await reader.aget(request.order_id)
             if found is None or found.row is None or found.position < request.floor:
                 return False
             etag = orders.etag_of(found.row["version"]).encode()
@@ -135,16 +130,6 @@ class OrderReadShortcut:
             count_request(scope, status, seconds)
             log_request(scope, rid, status, seconds * 1000)
         return True
-
-    async def _read(self, reader: PointReader, order_id: str) -> PointRead | None:
-        if reader.engine.dialect.name == "sqlite":
-            # One indexed statement on a local file, no server round trip: cheaper on the
-            # event loop than a thread hand-off.
-            return reader.get(order_id)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(4, thread_name_prefix="order-reads")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, reader.get, order_id)
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,20 @@ statement's own ACCESS SHARE lock.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, Table, bindparam, literal_column, select
 
 from projections.catalog import SERVING, Catalog, generations
 
-
+ASYNC_CONNECTIONS = 4
+"""PostgreSQL connections of one reader for ``aget``: one read each at a time."""
 SQLITE_MMAP_BYTES = 1 << 30
 """How much of a SQLite store a point reader's connection maps into memory (address space;
 the pages in use are the operating system's file cache either way)."""
@@ -72,6 +76,7 @@ class PointReader:
         self._connections: list[Any] = []
         self._lock = threading.Lock()
         self._errors: type[Exception] = engine.dialect.loaded_dbapi.Error
+        self._async: _AsyncConnections | None = None
 
     def get(self, key: str) -> PointRead | None:
         """The row whose primary key is ``key`` (``row`` None when there is none), or None when
@@ -92,11 +97,47 @@ class PointReader:
             self._forget(statement)  # that generation no longer serves: look it up again
         return None
 
+    async def aget(self, key: str) -> PointRead | None:
+        """``get`` for a caller on an event loop, without a thread hand-off.
+
+        On PostgreSQL the statement goes through the reader's own asynchronous connections
+        (up to ``ASYNC_CONNECTIONS``, opened on first use on the running loop): a read waits
+        on its socket inside the loop instead of in a thread that must win the interpreter
+        lock back from a busy loop. SQLite answers from a local file: ``get`` itself.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return self.get(key)
+        for _ in range(3):
+            statement = self._statement or await asyncio.to_thread(self._prepare)
+            if statement is None:
+                return None
+            pool = self._async_pool()
+            connection = await pool.acquire()
+            try:
+                cursor = await connection.execute(
+                    statement.sql, statement.parameters(key, self.name), prepare=True
+                )
+                record = await cursor.fetchone()
+            except BaseException as error:
+                pool.discard(connection)  # broken, or left mid-read by a cancellation
+                if not isinstance(error, psycopg.Error):
+                    raise
+                found = None  # its tables were dropped by a switch-over, or it broke
+            else:
+                pool.release(connection)
+                found = self._result(statement, record)
+            if found is not None:
+                return found
+            self._forget(statement)
+        return None
+
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
         for connection in connections:
             connection.close()
+        if self._async is not None:
+            self._async.close()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -107,6 +148,17 @@ class PointReader:
             record = cursor.fetchone()
         finally:
             cursor.close()
+        return self._result(statement, record)
+
+    def _async_pool(self) -> _AsyncConnections:
+        if self._async is None:
+            url = self.engine.url.set(drivername="postgresql")
+            self._async = _AsyncConnections(url.render_as_string(hide_password=False))
+        return self._async
+
+    @staticmethod
+    def _result(statement: _Statement, record: Any) -> PointRead | None:
+        """What the statement's one record says; None when the generation no longer serves."""
         if record is None:
             return None
         position, *values = record
@@ -160,6 +212,55 @@ class PointReader:
             if connection in self._connections:
                 self._connections.remove(connection)
         connection.close()
+
+
+class _AsyncConnections:
+    """A few autocommit ``psycopg.AsyncConnection`` s, opened on demand on one event loop."""
+
+    def __init__(self, conninfo: str, size: int = ASYNC_CONNECTIONS) -> None:
+        self.conninfo = conninfo
+        self.size = size
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._open = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> psycopg.AsyncConnection[Any]:
+        while not self._idle and self._open >= self.size:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        if self._idle:
+            return self._idle.pop()
+        self._open += 1
+        try:
+            return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+
+    def release(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self._idle.append(connection)
+        self._wake()
+
+    def discard(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self._open -= 1
+        self._wake()
+        connection.pgconn.finish()
+
+    def close(self) -> None:
+        """Close the idle connections (those in use close when their reads end)."""
+        idle, self._idle = self._idle, []
+        self._open -= len(idle)
+        for connection in idle:
+            connection.pgconn.finish()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 def _compile(engine: Engine, table: Table, generation: int) -> _Statement:

@@ -3,12 +3,14 @@ and only when they may."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -25,7 +27,7 @@ from api.settings import Settings
 from api.shortcuts import PlaceOrderShortcut
 from domain.ledger import OrderLedger
 from projections.order_summaries import summary_from
-from projections.point_read import PointReader
+from projections.point_read import PointRead, PointReader
 from projections.rebuild import rebuild
 from projections.runtime import ProjectionRuntime
 from tests.api import order_body
@@ -39,13 +41,13 @@ class CountingReader:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        original = PointReader.get
+        original = PointReader.aget
 
-        def counted(reader: PointReader, key: str) -> Any:
+        async def counted(reader: PointReader, key: str) -> Any:
             self.calls += 1
-            return original(reader, key)
+            return await original(reader, key)
 
-        monkeypatch.setattr(PointReader, "get", counted)
+        monkeypatch.setattr(PointReader, "aget", counted)
 
 
 @pytest.fixture
@@ -327,13 +329,34 @@ class TestObservedAsTheRoute:
         assert reads.calls == 0
 
 
+ReadWith = Callable[[PointReader], Callable[[str], PointRead | None]]
+
+
+@pytest.fixture(params=["get", "aget"])
+def read_with(request: pytest.FixtureRequest) -> Iterator[ReadWith]:
+    """A reader's ``get``, or its ``aget`` on one event loop kept for the test (as a server's)."""
+    if request.param == "get":
+        yield lambda reader: reader.get
+        return
+    loop = asyncio.new_event_loop()
+    try:
+        yield lambda reader: lambda key: loop.run_until_complete(reader.aget(key))
+    finally:
+        loop.close()
+
+
 class TestPointReader:
     """The reader under the shortcut follows the serving generation through rebuilds."""
 
-    def test_reads_the_new_generation_after_a_rebuild(self, store_url: str) -> None:
+    def test_reads_the_new_generation_after_a_rebuild(
+        self, store_url: str, read_with: ReadWith
+    ) -> None:
         ledger = OrderLedger.from_url(store_url)
         runtime = ProjectionRuntime.open(ledger, store_url)
-        reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
+        point_reader = PointReader(
+            runtime.engine, runtime.catalog, "order_summaries", "order_summaries"
+        )
+        reader = SimpleNamespace(get=read_with(point_reader), close=point_reader.close)
         try:
             assert reader.get("00000000-0000-4000-8000-000000000000") is None  # not built yet
             placed = ledger.place_order(**order_body(customer_id="before-rebuild"))
@@ -357,10 +380,13 @@ class TestPointReader:
             runtime.close()
             ledger.close()
 
-    def test_the_row_equals_the_ordinary_read(self, store_url: str) -> None:
+    def test_the_row_equals_the_ordinary_read(self, store_url: str, read_with: ReadWith) -> None:
         ledger = OrderLedger.from_url(store_url)
         runtime = ProjectionRuntime.open(ledger, store_url)
-        reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
+        point_reader = PointReader(
+            runtime.engine, runtime.catalog, "order_summaries", "order_summaries"
+        )
+        reader = SimpleNamespace(get=read_with(point_reader), close=point_reader.close)
         try:
             placed = ledger.place_order(**order_body())
             runtime.worker().run_until_caught_up(timeout=60)
