@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, Table, bindparam, literal_column, select
+from sqlalchemy import Engine, Table, bindparam, func, literal_column, select
+from sqlalchemy.dialects import postgresql
 
 from projections.catalog import SERVING, Catalog, generations
 
+BATCH_KEYS = 256
+"""Most keys one batched PostgreSQL read asks for."""
 ASYNC_CONNECTIONS = 4
 """PostgreSQL connections of one reader for ``aget``: one read each at a time."""
 SQLITE_MMAP_BYTES = 1 << 30
@@ -54,6 +57,8 @@ class _Statement:
     """Parameter names in order for a positional paramstyle (SQLite), else None (named)."""
     columns: tuple[str, ...]
     convert: tuple[Callable[[Any], Any] | None, ...]
+    batch_sql: str
+    """The same for many keys at once (``key = ANY(:keys)``), on PostgreSQL; else empty."""
 
     def parameters(self, key: str, name: str) -> Any:
         values = {"key": key, "name": name, "generation": self.generation}
@@ -77,6 +82,10 @@ class PointReader:
         self._lock = threading.Lock()
         self._errors: type[Exception] = engine.dialect.loaded_dbapi.Error
         self._async: _AsyncConnections | None = None
+        self._pending: dict[str, list[asyncio.Future[PointRead | None]]] = {}
+        self._collecting = False
+        """Whether a flush is waiting for a connection, to take the reads asked for meanwhile."""
+        self._flushes: set[asyncio.Future[None]] = set()
 
     def get(self, key: str) -> PointRead | None:
         """The row whose primary key is ``key`` (``row`` None when there is none), or None when
@@ -100,36 +109,109 @@ class PointReader:
     async def aget(self, key: str) -> PointRead | None:
         """``get`` for a caller on an event loop, without a thread hand-off.
 
-        On PostgreSQL the statement goes through the reader's own asynchronous connections
-        (up to ``ASYNC_CONNECTIONS``, opened on first use on the running loop): a read waits
-        on its socket inside the loop instead of in a thread that must win the interpreter
-        lock back from a busy loop. SQLite answers from a local file: ``get`` itself.
+        On PostgreSQL, reads asked for while the reader's connections are busy are gathered
+        and answered by one statement (``key = ANY(:keys)``), through a few asynchronous
+        connections of the reader's own (``ASYNC_CONNECTIONS``, opened on first use on the
+        running loop): under load one round trip and one execution serve many requests,
+        and no read waits in a thread to win the interpreter lock back from a busy loop.
+        SQLite answers from a local file: ``get`` itself.
         """
         if self.engine.dialect.name != "postgresql":
             return self.get(key)
         for _ in range(3):
-            statement = self._statement or await asyncio.to_thread(self._prepare)
-            if statement is None:
-                return None
-            pool = self._async_pool()
-            connection = await pool.acquire()
-            try:
-                cursor = await connection.execute(
-                    statement.sql, statement.parameters(key, self.name), prepare=True
-                )
-                record = await cursor.fetchone()
-            except BaseException as error:
-                pool.discard(connection)  # broken, or left mid-read by a cancellation
-                if not isinstance(error, psycopg.Error):
-                    raise
-                found = None  # its tables were dropped by a switch-over, or it broke
-            else:
-                pool.release(connection)
-                found = self._result(statement, record)
+            future: asyncio.Future[PointRead | None] = asyncio.get_running_loop().create_future()
+            self._pending.setdefault(key, []).append(future)
+            if not self._collecting:
+                self._start_flush()
+            found = await future
             if found is not None:
                 return found
-            self._forget(statement)
         return None
+
+    def _start_flush(self) -> None:
+        self._collecting = True
+        flush = asyncio.ensure_future(self._flush())
+        self._flushes.add(flush)  # held until done: the loop keeps only weak references
+        flush.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        """Take the reads asked for so far, once a connection is free, and answer them all."""
+        pool = self._async_pool()
+        try:
+            connection = await pool.acquire()
+        except BaseException as error:
+            self._collecting = False
+            self._answer_all(self._take(), error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return
+        self._collecting = False
+        batch = self._take()
+        if self._pending:  # more than one batch holds: the rest wait for the next connection
+            self._start_flush()
+        try:
+            statement = self._statement or await asyncio.to_thread(self._prepare)
+            records: list[Any] = []
+            if statement is not None:
+                parameters: dict[str, Any] = {
+                    "keys": list(batch),
+                    "name": self.name,
+                    "generation": statement.generation,
+                }
+                cursor = await connection.execute(statement.batch_sql, parameters, prepare=True)
+                records = await cursor.fetchall()
+        except BaseException as error:
+            pool.discard(connection)  # broken, or left mid-read by a cancellation
+            if not isinstance(error, psycopg.Error):
+                self._answer_all(batch, error)
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+                return
+            self._forget_current()  # its tables were dropped by a switch-over, or it broke
+            self._answer_all(batch, None)
+            return
+        pool.release(connection)
+        if statement is None or not records:
+            # No serving generation yet, or that one no longer serves: look it up again.
+            if statement is not None:
+                self._forget(statement)
+            self._answer_all(batch, None)
+            return
+        found = {
+            result.row[statement.columns[0]]: result
+            for result in (self._result(statement, record) for record in records)
+            if result is not None and result.row is not None
+        }
+        absent = PointRead(records[0][0], None)
+        for key, futures in batch.items():
+            for future in futures:
+                if not future.done():
+                    future.set_result(found.get(key, absent))
+
+    def _take(self) -> dict[str, list[asyncio.Future[PointRead | None]]]:
+        """Up to ``BATCH_KEYS`` of the keys asked for, with their waiting readers."""
+        if len(self._pending) <= BATCH_KEYS:
+            batch, self._pending = self._pending, {}
+            return batch
+        keys = list(self._pending)[:BATCH_KEYS]
+        return {key: self._pending.pop(key) for key in keys}
+
+    @staticmethod
+    def _answer_all(
+        batch: dict[str, list[asyncio.Future[PointRead | None]]],
+        outcome: PointRead | BaseException | None,
+    ) -> None:
+        for futures in batch.values():
+            for future in futures:
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def _forget_current(self) -> None:
+        self._statement = None
 
     def close(self) -> None:
         with self._lock:
@@ -269,21 +351,32 @@ def _compile(engine: Engine, table: Table, generation: int) -> _Statement:
     dialect = engine.dialect
     (key,) = table.primary_key.columns
     columns = [key, *(c for c in table.columns if c is not key)]
+    serving = (
+        generations.c.name == bindparam("name"),
+        generations.c.generation == bindparam("generation"),
+        generations.c.role == literal_column(f"'{SERVING}'"),
+    )
     query = (
         select(generations.c.position, *columns)
         .select_from(generations.outerjoin(table, key == bindparam("key", type_=key.type)))
-        .where(
-            generations.c.name == bindparam("name"),
-            generations.c.generation == bindparam("generation"),
-            generations.c.role == literal_column(f"'{SERVING}'"),
-        )
+        .where(*serving)
     )
     compiled = query.compile(dialect=dialect)
     convert = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+    batch_sql = ""
+    if dialect.name == "postgresql":
+        many = key == func.any(bindparam("keys", type_=postgresql.ARRAY(key.type)))
+        batch_query = (
+            select(generations.c.position, *columns)
+            .select_from(generations.outerjoin(table, many))
+            .where(*serving)
+        )
+        batch_sql = batch_query.compile(dialect=dialect).string
     return _Statement(
         generation,
         compiled.string,
         tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None,
         tuple(c.name for c in columns),
         convert,
+        batch_sql,
     )

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta, timezone
 from types import SimpleNamespace
@@ -404,6 +405,55 @@ class TestPointReader:
             reader.close()
             runtime.close()
             ledger.close()
+
+
+class BatchRecordingReader(PointReader):
+    """Records the size of each batch of reads it sends (PostgreSQL)."""
+
+    batches: list[int]
+
+    def _take(self) -> Any:
+        batch = super()._take()
+        self.__dict__.setdefault("batches", []).append(len(batch))
+        return batch
+
+
+@pytest.mark.postgres
+def test_concurrent_reads_on_postgresql_are_batched_and_each_gets_its_own_answer(
+    postgres_url: str,
+) -> None:
+    ledger = OrderLedger.from_url(postgres_url)
+    runtime = ProjectionRuntime.open(ledger, postgres_url)
+    reader = BatchRecordingReader(
+        runtime.engine, runtime.catalog, "order_summaries", "order_summaries"
+    )
+    try:
+        placed = {
+            str(ledger.place_order(**order_body(customer_id=f"c-{n}")).order_id): f"c-{n}"
+            for n in range(40)
+        }
+        runtime.worker().run_until_caught_up(timeout=60)
+        missing = [str(uuid.uuid4()) for _ in range(20)]
+        keys = [*placed, *missing, *list(placed)[:10]]  # some asked for twice at once
+
+        async def all_at_once() -> list[PointRead | None]:
+            return await asyncio.gather(*(reader.aget(key) for key in keys))
+
+        answers = asyncio.run(all_at_once())
+        for key, found in zip(keys, answers, strict=True):
+            assert found is not None
+            if key in placed:
+                assert found.row is not None and found.row["order_id"] == key
+                assert found.row["customer_id"] == placed[key]
+            else:
+                assert found.row is None
+            assert found.position == answers[0].position  # type: ignore[union-attr]
+        assert sum(reader.batches) == len(set(keys))  # every key asked for once
+        assert len(reader.batches) < len(keys) and max(reader.batches) > 1
+    finally:
+        reader.close()
+        runtime.close()
+        ledger.close()
 
 
 _text = st.text(max_size=40)
