@@ -61,36 +61,52 @@ def run(test: Callable[[], Any]) -> None:
 
 
 class TestCoalescingTransport:
-    def test_writes_in_one_turn_reach_the_socket_as_one(self) -> None:
+    def test_a_head_and_its_body_reach_the_socket_as_one_write_at_once(self) -> None:
         async def scenario() -> None:
             async with connected() as (coalescing, counting, peer):
-                coalescing.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+                head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+                coalescing.write(head)
+                assert counting.writes == []  # held for the body
+                assert coalescing.get_write_buffer_size() == len(head)
                 coalescing.write(memoryview(b"{}"))
-                coalescing.writelines([b"", b"!"])
-                assert counting.writes == []  # nothing sent before the turn ends
-                assert coalescing.get_write_buffer_size() == 41
-                whole = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}!"
-                assert await received(peer, lambda data: len(data) >= len(whole)) == whole
-                assert counting.writes == [whole]
-                coalescing.write(b"next")
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
-                assert counting.writes == [whole, b"next"]
+                assert counting.writes == [head + b"{}"]  # sent with it, not at the turn's end
+                assert await received(peer, lambda data: len(data) >= len(head) + 2) == (
+                    head + b"{}"
+                )
 
         run(scenario)
 
-    def test_close_sends_what_is_pending_first(self) -> None:
+    def test_an_empty_body_sends_the_head(self) -> None:
+        async def scenario() -> None:
+            async with connected() as (coalescing, counting, _peer):
+                coalescing.write(b"HTTP/1.1 304 Not Modified\r\n\r\n")
+                coalescing.write(b"")
+                assert counting.writes == [b"HTTP/1.1 304 Not Modified\r\n\r\n"]
+
+        run(scenario)
+
+    def test_a_write_with_none_after_it_goes_at_the_end_of_the_turn(self) -> None:
         async def scenario() -> None:
             async with connected() as (coalescing, counting, peer):
-                coalescing.write(b"last ")
-                coalescing.write(b"words")
+                coalescing.writelines([b"", b"alone"])
+                assert counting.writes == []
+                await asyncio.sleep(0)
+                assert counting.writes == [b"alone"]
+                assert await received(peer, lambda data: len(data) >= 5) == b"alone"
+
+        run(scenario)
+
+    def test_close_sends_what_is_held_first(self) -> None:
+        async def scenario() -> None:
+            async with connected() as (coalescing, counting, peer):
+                coalescing.write(b"last words")
                 coalescing.close()
                 assert counting.writes == [b"last words"]
                 assert await received(peer, lambda data: False) == b"last words"  # then EOF
 
         run(scenario)
 
-    def test_abort_drops_what_is_pending(self) -> None:
+    def test_abort_drops_what_is_held(self) -> None:
         async def scenario() -> None:
             async with connected() as (coalescing, counting, peer):
                 coalescing.write(b"never sent")
