@@ -75,13 +75,22 @@ def placements(monkeypatch: pytest.MonkeyPatch) -> CountingPlacements:
     return CountingPlacements(monkeypatch)
 
 
+def patient_settings(store_url: str, **overrides: Any) -> Settings:
+    """Settings that wait long for read-your-writes and keep a key cached for the whole test,
+    however slow the machine: the shortcut answers only keys in the cache."""
+    return Settings(
+        database_url=store_url,
+        read_your_writes_timeout=LONG_WAIT,
+        key_cache_ttl=LONG_WAIT,
+        **overrides,
+    )
+
+
 @pytest.fixture
 def shop(store_url: str) -> Iterator[TestClient]:
     """The app with its embedded worker; sends a writer key (accepted once, then cached for the
     whole test, however slow the machine: the shortcut answers only keys in the cache)."""
-    settings = Settings(
-        database_url=store_url, read_your_writes_timeout=LONG_WAIT, key_cache_ttl=LONG_WAIT
-    )
+    settings = patient_settings(store_url)
     headers = bearer(issue_key(store_url, Role.writer, "shop"))
     with TestClient(create_app(settings), headers=headers) as client:
         yield client
@@ -314,12 +323,7 @@ class TestObservedAsTheRoute:
     def test_with_opentelemetry_on_every_read_takes_the_route(
         self, store_url: str, reads: CountingReader
     ) -> None:
-        settings = Settings(
-            database_url=store_url,
-            read_your_writes_timeout=LONG_WAIT,
-            key_cache_ttl=LONG_WAIT,
-            opentelemetry=True,
-        )
+        settings = patient_settings(store_url, opentelemetry=True)
         headers = bearer(issue_key(store_url, Role.writer, "traced"))
         with TestClient(create_app(settings), headers=headers) as traced:
             order_id, position = place(traced)
