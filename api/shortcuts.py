@@ -27,7 +27,6 @@ line and metrics with the same functions. Both are logged and counted as their r
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.dependencies import scoped_key, valid_idempotency_key
 from api.keys import ApiKeyStore, Principal
-from api.logs import log_request, request_id
+from api.logs import log_request, request_id, request_log
 from api.metrics import count_request
 from api.routes import access
 from api.routes import order_queries as orders
@@ -49,8 +48,6 @@ from api.routes import orders as commands
 from api.schemas import OrderCreate
 from domain.money import MAX_AMOUNT
 from projections.point_read import PointReader
-
-log = logging.getLogger("orderledger.http")
 
 PREFIX = "/orders/"
 _CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -103,21 +100,21 @@ class OrderReadShortcut:
             found = None if reader is None else await reader.aget(request.order_id)
             if found is None or found.row is None or found.position < request.floor:
                 return False
-            etag = orders.etag_of(found.row["version"]).encode()
-            not_modified = orders.etag_matches(request.if_none_match, etag.decode())
+            etag = orders.etag_of(found.row["version"])
+            not_modified = orders.etag_matches(request.if_none_match, etag)
             body = b"" if not_modified else orders.public_json(found.row)
         except Exception:
-            log.warning("the order read shortcut failed; the route answers", exc_info=True)
+            request_log.warning("the order read shortcut failed; the route answers", exc_info=True)
             return False
         rid = request_id(request.request_id)
         if not_modified:
-            status, headers = 304, [(b"etag", etag)]
+            status, headers = 304, [(b"etag", etag.encode())]
         else:
             status = 200
             headers = [
                 (b"content-length", str(len(body)).encode()),
                 (b"content-type", b"application/json"),
-                (b"etag", etag),
+                (b"etag", etag.encode()),
             ]
         headers.append((b"x-request-id", rid.encode()))
         scope["route"] = ORDER_ROUTE

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, Table, bindparam, func, literal_column, select
+from sqlalchemy import ColumnElement, Engine, Select, Table, bindparam, func, literal_column, select
 from sqlalchemy.dialects import postgresql
 
 from projections.catalog import SERVING, Catalog, generations
@@ -149,6 +149,7 @@ class PointReader:
         batch = self._take()
         if self._pending:  # more than one batch holds: the rest wait for the next connection
             self._start_flush()
+        statement: _Statement | None = None
         try:
             statement = self._statement or await asyncio.to_thread(self._prepare)
             records: list[Any] = []
@@ -167,10 +168,20 @@ class PointReader:
                 if isinstance(error, asyncio.CancelledError):
                     raise
                 return
-            self._forget_current()  # its tables were dropped by a switch-over, or it broke
+            if statement is not None:  # its tables were dropped by a switch-over, or it broke
+                self._forget(statement)
             self._answer_all(batch, None)
             return
         pool.release(connection)
+        self._answer(batch, statement, records)
+
+    def _answer(
+        self,
+        batch: dict[str, list[asyncio.Future[PointRead | None]]],
+        statement: _Statement | None,
+        records: list[Any],
+    ) -> None:
+        """Give each waiting reader its row (or none) from the batch statement's records."""
         if statement is None or not records:
             # No serving generation yet, or that one no longer serves: look it up again.
             if statement is not None:
@@ -209,9 +220,6 @@ class PointReader:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
-
-    def _forget_current(self) -> None:
-        self._statement = None
 
     def close(self) -> None:
         with self._lock:
@@ -351,27 +359,25 @@ def _compile(engine: Engine, table: Table, generation: int) -> _Statement:
     dialect = engine.dialect
     (key,) = table.primary_key.columns
     columns = [key, *(c for c in table.columns if c is not key)]
-    serving = (
-        generations.c.name == bindparam("name"),
-        generations.c.generation == bindparam("generation"),
-        generations.c.role == literal_column(f"'{SERVING}'"),
-    )
-    query = (
-        select(generations.c.position, *columns)
-        .select_from(generations.outerjoin(table, key == bindparam("key", type_=key.type)))
-        .where(*serving)
-    )
-    compiled = query.compile(dialect=dialect)
+
+    def rows(matching: ColumnElement[bool]) -> Select[Any]:
+        """The serving generation's catalog row joined to the table's rows ``matching``."""
+        return (
+            select(generations.c.position, *columns)
+            .select_from(generations.outerjoin(table, matching))
+            .where(
+                generations.c.name == bindparam("name"),
+                generations.c.generation == bindparam("generation"),
+                generations.c.role == literal_column(f"'{SERVING}'"),
+            )
+        )
+
+    compiled = rows(key == bindparam("key", type_=key.type)).compile(dialect=dialect)
     convert = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
     batch_sql = ""
     if dialect.name == "postgresql":
         many = key == func.any(bindparam("keys", type_=postgresql.ARRAY(key.type)))
-        batch_query = (
-            select(generations.c.position, *columns)
-            .select_from(generations.outerjoin(table, many))
-            .where(*serving)
-        )
-        batch_sql = batch_query.compile(dialect=dialect).string
+        batch_sql = rows(many).compile(dialect=dialect).string
     return _Statement(
         generation,
         compiled.string,
