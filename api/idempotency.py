@@ -60,7 +60,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.dependencies import IdempotencyKeyHeader, idempotency_scope
 from api.problems import problem_responses, response_headers
-from projections.database import WRITE
+from projections.database import write_transaction
 
 DEFAULT_TTL_SECONDS = 24 * 3600
 ABANDONED_AFTER = 60.0
@@ -196,7 +196,7 @@ class HttpIdempotencyStore:
 
     @contextmanager
     def _writing(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             yield conn
 
 

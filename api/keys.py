@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from projections.database import WRITE, read_model_engine
+from projections.database import read_model_engine, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class ApiKeyStore:
         """Create the table (idempotent; safe when several processes start at once)."""
         for attempt in (1, 2):
             try:
-                with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                with write_transaction(self.engine) as conn:
                     metadata.create_all(conn, checkfirst=True)
                 return
             except (IntegrityError, OperationalError, ProgrammingError):
@@ -202,7 +202,7 @@ class ApiKeyStore:
         role = Role(role)
         if len(name) > MAX_NAME_LENGTH:
             raise ValueError(f"a key name has at most {MAX_NAME_LENGTH} characters")
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             return _insert_key(conn, role, name)
 
     def create_first_admin(self, name: str = "bootstrap") -> IssuedKey | None:
@@ -211,7 +211,7 @@ class ApiKeyStore:
         Checked and inserted in one write transaction, so two processes starting at once on
         SQLite issue one key; on PostgreSQL a transaction-scoped advisory lock does the same.
         """
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('api_keys bootstrap'))")
             if conn.execute(select(func.count()).select_from(api_keys)).scalar_one() > 0:
@@ -221,7 +221,7 @@ class ApiKeyStore:
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key (revoking it again changes nothing); every process stops accepting it
         within cache_ttl seconds."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             conn.execute(
                 update(api_keys)
                 .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
@@ -337,7 +337,7 @@ class ApiKeyStore:
         if last_used_at is not None and now - last_used_at < LAST_USED_RESOLUTION:
             return
         stale = now - LAST_USED_RESOLUTION
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             conn.execute(
                 update(api_keys)
                 .where(

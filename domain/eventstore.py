@@ -14,10 +14,12 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
-from eventsourcing.persistence import Notification
+from eventsourcing.persistence import Notification, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg.sql import SQL, Identifier
+
+from domain.sqlite_writes import sqlite_write_lock
 
 IMMUTABLE_MESSAGE = "events are immutable"
 
@@ -46,6 +48,15 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
             f"INSERT INTO {events_table_name} "  # noqa: S608 - our own table name
             "(originator_id, originator_version, topic, state) VALUES (?,?,?,?)"
         )
+        self.write_lock = sqlite_write_lock(datastore.pool.db_name)
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        # Queue with the read models' writers on one lock that hands over at once, rather
+        # than on SQLite's busy handler, which sleeps milliseconds between tries.
+        with self.write_lock.hold():
+            return super().insert_events(stored_events, **kwargs)
 
     def construct_create_table_statements(self) -> list[str]:
         table = self.events_table_name

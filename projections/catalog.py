@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from projections.base import Projection, generation_suffix
-from projections.database import WRITE, db_now
+from projections.database import db_now, write_transaction
 
 SERVING = "serving"
 BUILDING = "building"
@@ -222,7 +222,7 @@ class Catalog:
     @contextmanager
     def _exclusive(self, name: str) -> Iterator[Connection]:
         """A write transaction serialised per projection across processes."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(
                     text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
@@ -262,7 +262,7 @@ class Catalog:
 
     def set_target(self, name: str, generation: int, target: int) -> None:
         """Record the head a rebuild is heading for (for progress and ETA)."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
                 .where(generations.c.name == name, generations.c.generation == generation)
@@ -355,7 +355,7 @@ class Catalog:
 
     def acquire(self, name: str, generation: int, owner: str, ttl: float) -> Lease | None:
         """Take the generation's lease if it is free, expired or already ours."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(generations)
                 .where(
@@ -405,7 +405,7 @@ class Catalog:
 
     def heartbeat(self, lease: Lease, ttl: float) -> bool:
         """Extend the lease while idle; False if it was lost."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(generations)
                 .where(
@@ -421,7 +421,7 @@ class Catalog:
 
     def release(self, lease: Lease) -> None:
         """Give the lease up so another worker can take over at once."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
                 .where(
@@ -443,7 +443,7 @@ class Catalog:
         message: str,
     ) -> None:
         """Remember why a generation stopped, and where."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
                 .where(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from functools import partial
 from operator import itemgetter
@@ -15,6 +16,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.types import Float
+
+from domain.sqlite_writes import sqlite_write_lock
 
 WRITE = {"orderledger_write": True}
 """Execution options for a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
@@ -53,6 +56,28 @@ def read_model_engine(database_url: str) -> Engine:
         event.listen(engine, "begin", _begin_postgres)
         return engine
     raise ValueError(f"unsupported database URL for read models: {database_url!r}")
+
+
+@contextmanager
+def write_transaction(engine: Engine, options: Mapping[str, bool] = WRITE) -> Iterator[Connection]:
+    """A write transaction on ``engine``, committed when the body returns.
+
+    On SQLite it begins with ``BEGIN IMMEDIATE`` and holds the file's write lock (see
+    ``domain.sqlite_writes``) from before the connection is taken until it is back in the
+    pool, so writers queue there and each starts the moment the one before it commits.
+    """
+    with (
+        _write_lock(engine),
+        engine.connect().execution_options(**options) as conn,
+        conn.begin(),
+    ):
+        yield conn
+
+
+def _write_lock(engine: Engine) -> AbstractContextManager[None]:
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        return sqlite_write_lock(engine.url.database).hold()
+    return nullcontext()
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: object) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from projections.base import EventHandlingError, Projection
 from projections.catalog import BUILDING, SERVING, Catalog, Lease, LeaseLostError
-from projections.database import BATCH_WRITE
+from projections.database import BATCH_WRITE, write_transaction
 from projections.source import EventBatch, EventSource, SharedReads
 
 log = logging.getLogger("orderledger.projections")
@@ -209,7 +209,7 @@ class Processor:
 
     def _commit(self, lease: Lease, batch: EventBatch) -> bool:
         engine = self.catalog.engine
-        with engine.connect().execution_options(**BATCH_WRITE) as conn, conn.begin():
+        with write_transaction(engine, BATCH_WRITE) as conn:
             # Compare-and-set first: a fenced or overtaken processor touches no read-model row,
             # and on PostgreSQL the tracking row stays locked by us until we commit.
             self.catalog.advance(
@@ -228,7 +228,7 @@ class Processor:
         stop_at = max(self.position, failing.position - 1)
         try:
             engine = self.catalog.engine
-            with engine.connect().execution_options(**BATCH_WRITE) as conn, conn.begin():
+            with write_transaction(engine, BATCH_WRITE) as conn:
                 # Also when nothing moves: a fenced processor must not stop the projection.
                 self.catalog.advance(conn, lease, self.position, stop_at, self.settings.lease_ttl)
                 self.projection.apply(conn, self.tables, before)

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from sqlalchemy import Engine, and_, exists, insert, select, update
 from sqlalchemy.orm import aliased
 
-from projections.database import WRITE, db_now
+from projections.database import db_now, write_transaction
 from projections.effects.outbox import DEAD, DELIVERED, PENDING, attempts, effects
 from projections.effects.senders import Effect, Outcome, Sender
 
@@ -148,7 +148,7 @@ class Dispatcher:
             .order_by(effects.c.position)
             .limit(limit)
         )
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=effects)
             rows = list(conn.execute(query))
@@ -226,7 +226,7 @@ class Dispatcher:
             values.update(next_attempt_at=self.now + wait, last_error=outcome.error)
             context["retry_in"] = round(wait, 3)
         recorded = DELIVERED if outcome.delivered else ("dead" if dead else "failed")
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             total: int = conn.execute(
                 select(effects.c.total_attempts).where(effects.c.id == effect.id)
             ).scalar_one()

@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.order import Order
 from projections.base import Batch, Projection
-from projections.database import WRITE, db_now
+from projections.database import db_now, write_transaction
 from projections.source import RecordedEvent
 
 PENDING = "pending"
@@ -129,7 +129,7 @@ def install_outbox(engine: Engine, head: int) -> None:
     """
     for attempt in (1, 2):
         try:
-            with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            with write_transaction(engine) as conn:
                 outbox_metadata.create_all(conn, checkfirst=True)
                 exists = conn.execute(
                     select(watermarks.c.name).where(watermarks.c.name == OutboxProjection.name)

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, func, select, update
 
 from domain.order import EVENT_TYPES, Order
-from projections.database import WRITE, db_now
+from projections.database import db_now, write_transaction
 from projections.effects.outbox import (
     DEAD,
     EMAIL,
@@ -106,7 +106,7 @@ class Effects:
             raise InvalidSubscriptionError(f"unknown event types {unknown}; known: {known}, *")
         secret = new_secret()
         head = self.source.head()
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             # Take turns with outbox batches (they lock the same row): a batch either sees this
             # subscription, or it committed first and the subscription starts after it.
             mark = conn.execute(
@@ -184,7 +184,7 @@ class Effects:
 
     def remove_subscription(self, subscription_id: str) -> None:
         """Stop recording effects for it (deliveries already recorded still go out)."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(subscriptions)
                 .where(subscriptions.c.id == subscription_id, subscriptions.c.active.is_(True))
@@ -234,7 +234,7 @@ class Effects:
 
     def retry(self, identifier: str) -> EffectView:
         """Send a dead effect again (with a fresh set of attempts); its history is kept."""
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(effects)
                 .where(effects.c.id == identifier, effects.c.status == DEAD)
@@ -248,7 +248,7 @@ class Effects:
         return self.get(identifier)
 
     def retry_all_dead(self) -> int:
-        with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(effects)
                 .where(effects.c.status == DEAD)
@@ -313,7 +313,7 @@ class Effects:
                         }
                     )
             if rows:
-                with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                with write_transaction(self.engine) as conn:
                     missing += insert_ignoring_duplicates(conn, rows, count=True)
             if batch.checkpoint == position:
                 break
