@@ -13,6 +13,7 @@ on SQLite's busy timeout as before.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import threading
@@ -36,10 +37,73 @@ class WriteLockTimeoutError(OperationalError):
     """
 
 
+class _TurnLock:
+    """A re-entrant lock that threads get in the order they asked for it.
+
+    ``threading.Lock`` lets the releasing thread take it straight back, which under the GIL
+    it usually does: a projection worker committing batch after batch kept a command waiting
+    for its whole pass. Here a release hands the lock to the longest waiting thread.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiters: collections.deque[tuple[int, threading.Lock]] = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the lock (again, for its owner); False when ``timeout`` passed first."""
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if self._owner is None and not self._waiters:
+                self._owner, self._depth = me, 1
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            waiting = (me, turn)
+            self._waiters.append(waiting)
+        if turn.acquire(timeout=timeout):
+            return True  # the last holder made us the owner
+        with self._mutex:
+            if self._owner == me:
+                return True  # handed over just as the wait ran out
+            self._waiters.remove(waiting)
+            return False
+
+    def release(self) -> bool:
+        """Let go once; True when that was the outermost hold (the lock moved on)."""
+        with self._mutex:
+            self._depth -= 1
+            if self._depth:
+                return False
+            if self._waiters:
+                self._owner, turn = self._waiters.popleft()
+                self._depth = 1
+                turn.release()
+            else:
+                self._owner = None
+            return True
+
+    def waiting(self) -> int:
+        """How many threads wait for the lock."""
+        with self._mutex:
+            return len(self._waiters)
+
+    @property
+    def depth(self) -> int:
+        """How many holds the owner has (for its owner to read)."""
+        return self._depth
+
+
 class SQLiteWriteLock:
     """The write lock of one SQLite database file, shared by every writer of this process.
 
-    Re-entrant within a thread (the file lock is taken by the outermost hold only). After a
+    Within the process writers take turns in the order they came (``_TurnLock``, re-entrant);
+    the one whose turn it is then takes the file lock, and lets go of it before passing the
+    turn on, so writers of other processes get their chance between any two of ours. After a
     ``fork`` the child opens its own lock file, so parent and child exclude each other.
     """
 
@@ -47,43 +111,44 @@ class SQLiteWriteLock:
         self.path = database.with_name(database.name + LOCK_SUFFIX)
         self._guard = threading.Lock()
         self._pid = -1
-        self._thread_lock = threading.RLock()
-        self._depth = 0
+        self._turns = _TurnLock()
         self._fd = -1
 
     @contextmanager
     def hold(self, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
         """Hold the lock for the body: the write transaction goes inside."""
-        thread_lock = self._process_lock()
-        if not thread_lock.acquire(timeout=timeout):
+        turns = self._process_turns()
+        if not turns.acquire(timeout):
             raise WriteLockTimeoutError(
                 f"no write lock on {self.path.name[: -len(LOCK_SUFFIX)]} within {timeout} s"
             )
+        outermost = turns.depth == 1
         try:
-            self._depth += 1
-            if self._depth == 1:
+            if outermost:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                self._depth -= 1
-                if self._depth == 0:
+                if outermost:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
-            thread_lock.release()
+            turns.release()
 
-    def _process_lock(self) -> threading.RLock:
+    def waiting(self) -> int:
+        """How many threads of this process wait for the lock."""
+        return self._process_turns().waiting()
+
+    def _process_turns(self) -> _TurnLock:
         pid = os.getpid()
         if self._pid != pid:
             with self._guard:
                 if self._pid != pid:
                     # A new process (or the first use): locks and descriptors inherited over
                     # fork belong to the parent.
-                    self._thread_lock = threading.RLock()
-                    self._depth = 0
+                    self._turns = _TurnLock()
                     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                     self._pid = pid
-        return self._thread_lock
+        return self._turns
 
 
 _locks: dict[str, SQLiteWriteLock] = {}

@@ -28,6 +28,12 @@ class Worker:
 
     Catch-up goes as fast as batches commit; once every processor is at the head it waits for
     new events (LISTEN/NOTIFY on PostgreSQL, polling on SQLite) and applies small batches.
+
+    On SQLite a live pass starts at most once per poll interval (``gather``): each pass costs
+    a transaction per projection however few its events, and every one of them takes the
+    store's one write lock, so passes run back to back behind a steady stream of commands
+    made each command wait and cost twice the CPU. Events arriving meanwhile wait for the
+    next pass, no longer than a poll would have made them wait.
     """
 
     def __init__(
@@ -39,12 +45,17 @@ class Worker:
         settings: ProcessorSettings | None = None,
         idle_wait: float = 0.5,
         owner: str | None = None,
+        gather: float | None = None,
     ) -> None:
         self.catalog = catalog
         self.source = source
         self.projections = list(projections)
         self.settings = settings or ProcessorSettings()
         self.idle_wait = idle_wait
+        self.gather = (
+            (0.0 if source.server_side else source.poll_interval) if gather is None else gather
+        )
+        """Least seconds from the start of one live pass to the start of the next."""
         self.owner = owner or worker_id()
         self.processors: dict[tuple[str, int], Processor] = {}
         self._stop = threading.Event()
@@ -78,6 +89,7 @@ class Worker:
         """Loop until stopped; a failing database is retried, never fatal."""
         try:
             while not self._stop.is_set():
+                started = time.monotonic()
                 try:
                     busy = self.run_once()
                 except Exception:
@@ -86,6 +98,9 @@ class Worker:
                     continue
                 if not busy:
                     self.source.wait_for_events(self._lowest_position(), self.idle_wait)
+                    rest = started + self.gather - time.monotonic()
+                    if rest > 0:
+                        self._stop.wait(rest)
         finally:
             self.release_all()
 

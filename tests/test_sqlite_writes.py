@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ class Attempt:
     def _run(self) -> None:
         try:
             self.result = self._write()
-        except BaseException as error:  # noqa: BLE001 - reported to the test
+        except BaseException as error:  # reported to the test
             self.error = error
         finally:
             self.finished.set()
@@ -81,6 +83,13 @@ class Attempt:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DONE
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.001)
 
 
 def hold_briefly(lock: SQLiteWriteLock, timeout: float = DONE) -> str:
@@ -103,6 +112,27 @@ class TestTheLock:
             other = Attempt(lambda: hold_briefly(lock))
             assert not other.finished.wait(WATCH), "another thread wrote during a nested hold"
         assert other.outcome() == "written"
+
+    def test_a_released_lock_goes_to_the_waiting_thread_not_back_to_the_releaser(
+        self, tmp_path: Path
+    ) -> None:
+        lock = sqlite_write_lock(tmp_path / "store.db")
+        entered: list[str] = []
+
+        def write(name: str) -> None:
+            with lock.hold():
+                entered.append(name)
+
+        with lock.hold():
+            waiters = [Attempt(partial(write, f"waiter-{n}")) for n in range(3)]
+            for count, _ in enumerate(waiters, start=1):
+                # Each asks in turn: wait until the queue holds it before starting the next.
+                wait_until(lambda c=count: lock.waiting() >= c)
+        # Straight back in, as a worker committing batch after batch does.
+        write("releaser")
+        for waiter in waiters:
+            waiter.outcome()
+        assert entered == ["waiter-0", "waiter-1", "waiter-2", "releaser"]
 
     def test_another_thread_waits_and_then_gives_up_with_the_stores_error(
         self, tmp_path: Path

@@ -7,9 +7,11 @@ so a position applied twice cannot hide and a position skipped shows as a missin
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import queue
+import time
 
 import psycopg
 import pytest
@@ -469,3 +471,43 @@ class TestPositionsAdvance:
             assert ledger.head_position() == 0
             assert serving_position(runtime) == 0
             assert applied_positions(runtime) == []
+
+
+class TestLivePasses:
+    """Once at the head, a worker applies what arrived since its last pass."""
+
+    def test_on_sqlite_live_passes_start_at_most_once_per_poll_interval(
+        self, sqlite_url: str
+    ) -> None:
+        """A steady stream of commands: each pass gathers what came since the one before."""
+        with opened(sqlite_url, [AppliedPositionsProjection()]) as (ledger, runtime):
+            worker = runtime.worker(idle_wait=0.05)
+            assert worker.gather == runtime.source.poll_interval
+            worker.gather = 0.1
+            starts: list[float] = []
+            run_once = worker.run_once
+
+            def counted() -> bool:
+                starts.append(time.monotonic())
+                return run_once()
+
+            worker.run_once = counted  # type: ignore[method-assign]
+            worker.start()
+            try:
+                streamed_until = time.monotonic() + 1.0
+                while time.monotonic() < streamed_until:
+                    place_and_pay(ledger, 1, pay=False)
+                head = ledger.head_position()
+                wait_until(lambda: serving_position(runtime) >= head, "the worker caught up")
+            finally:
+                worker.stop()
+
+            assert applied_positions(runtime) == store_positions(ledger)
+            gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+            assert len(gaps) >= 5
+            assert min(gaps) >= 0.1 - 0.002, f"passes began {min(gaps) * 1000:.1f} ms apart"
+
+    def test_on_postgres_a_notified_worker_passes_at_once(self, postgres_url: str) -> None:
+        with opened(postgres_url, [AppliedPositionsProjection()]) as (_ledger, runtime):
+            assert runtime.source.server_side
+            assert runtime.worker().gather == 0.0
