@@ -128,6 +128,8 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         rid = request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        # For the 500 handler, which answers from outside this middleware.
+        scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before starting a response
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from api.logs import REQUEST_ID_HEADER
 from api.schemas import FieldError, Problem
 from domain.errors import (
     ConcurrencyConflictError,
@@ -249,14 +250,22 @@ async def store_unavailable_problem(request: Request, exc: Exception) -> Respons
 
 
 async def internal_error_problem(request: Request, exc: Exception) -> Response:
-    """A bug: say so without exposing anything about it (the server still logs it)."""
-    return problem_response(
+    """A bug: say so without exposing anything about it (the server still logs it).
+
+    Starlette answers it outside every middleware, so the request id the log middleware gave
+    the request is put on the response here: the one thing that finds the failure in the log.
+    """
+    response = problem_response(
         request,
         status=500,
         slug="internal-error",
         title="Internal server error",
         detail="the server failed to complete the request; nothing about the failure is shown",
     )
+    rid = request.scope.get("state", {}).get("request_id")
+    if isinstance(rid, str):
+        response.headers[REQUEST_ID_HEADER] = rid
+    return response
 
 
 def _words(camel: str) -> list[str]:

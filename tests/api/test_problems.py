@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,9 +95,13 @@ class TestUnexpectedErrors:
 
         app.add_api_route("/explode", explode)
         with TestClient(app, raise_server_exceptions=False) as client:
-            response = client.get("/explode")
+            response = client.get("/explode", headers={"X-Request-ID": "bug-report-1"})
+            generated = client.get("/explode")
 
         problem = assert_problem(response, 500, "internal-error")
+        # The id to find the failure in the log by: the one sent, else a new one.
+        assert response.headers["X-Request-ID"] == "bug-report-1"
+        assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["X-Request-ID"])
         assert "hunter2" not in response.text
         assert "RuntimeError" not in response.text
         assert "Traceback" not in response.text
