@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from importlib.metadata import version
@@ -117,7 +118,14 @@ def _lifespan(
         async with AsyncExitStack() as stack:
             for resource in resources:
                 await stack.enter_async_context(resource(app))
-            yield
+            # What start-up built (about 140,000 objects: routes, models, the store's and the
+            # engines' machinery) lives as long as the app. Out of the collector's way, a full
+            # collection no longer walks it: 30-60 ms during which no request was answered.
+            gc.freeze()
+            try:
+                yield
+            finally:
+                gc.unfreeze()
 
     return lifespan
 

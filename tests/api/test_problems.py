@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import re
@@ -138,6 +139,17 @@ class TestAppLifecycle:
             assert str(ledger.get_order(uuid.UUID(order_id)).id) == order_id
         finally:
             ledger.close()
+
+    def test_what_start_up_built_is_left_out_of_full_collections_while_serving(
+        self, sqlite_url: str
+    ) -> None:
+        """Frozen for the app's life (the collector skips it), handed back when it stops."""
+        gc.unfreeze()
+        with TestClient(create_app(Settings(database_url=sqlite_url))) as client:
+            assert client.get("/healthz").status_code == 200
+            frozen = gc.get_freeze_count()
+            assert frozen > 10_000, frozen
+        assert gc.get_freeze_count() == 0
 
     def test_health_reports_the_newest_position(
         self, client: TestClient, place_order: Callable[..., str]
