@@ -64,7 +64,7 @@ def create_app(
     app.add_middleware(RequestLogMiddleware)  # outermost: its request id reaches every response
     install_problem_handlers(app)
     for router in routers:
-        app.include_router(router, **route_access(router).include_options())
+        app.include_router(router, **route_access(router).include_options(router))
     return app
 
 

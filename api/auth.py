@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -65,16 +66,24 @@ class Access:
     def role_for(self, method: str) -> Role | None:
         return self.read if method.upper() in _READ_METHODS else self.write
 
-    def include_options(self) -> dict[str, Any]:
-        """Keyword arguments for include_router: the guard and its documented problems."""
+    def include_options(self, router: APIRouter) -> dict[str, Any]:
+        """Keyword arguments for include_router: the guard and its documented problems.
+
+        Every guarded operation may answer 401. Only those needing more than the reader role
+        may answer 403 (every key is at least a reader): that is documented on each of those
+        routes, so a reader's operations do not list a refusal that cannot happen.
+        """
         if self.open:
             return {}
-        statuses = [401]
-        if any(role is not None and role != Role.reader for role in (self.read, self.write)):
-            statuses.append(403)
+        refusal = problem_responses(403)
+        for route in router.routes:
+            if isinstance(route, APIRoute):
+                needed = {self.role_for(method) for method in route.methods or ()}
+                if needed - {None, Role.reader}:
+                    route.responses = {**refusal, **route.responses}
         return {
             "dependencies": [Depends(_guard(self))],
-            "responses": problem_responses(*statuses),
+            "responses": problem_responses(401),
         }
 
 
