@@ -209,3 +209,20 @@ class TestWritersTakeIt:
                 assert writing.outcome() == 1
         finally:
             engine.dispose()
+
+    def test_a_failed_write_rolls_back_and_lets_the_next_writer_in(
+        self, sqlite_url: str, tmp_path: Path
+    ) -> None:
+        engine = read_model_engine(sqlite_url)
+        lock = sqlite_write_lock(tmp_path / "orderledger.db")
+        try:
+            with write_transaction(engine) as conn:
+                conn.execute(text("CREATE TABLE probe (n INTEGER)"))
+            with pytest.raises(RuntimeError, match="half-way"), write_transaction(engine) as conn:
+                conn.execute(text("INSERT INTO probe VALUES (1)"))
+                raise RuntimeError("half-way")
+            assert Attempt(lambda: hold_briefly(lock, timeout=0.5)).outcome() == "written"
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM probe")).scalar_one() == 0
+        finally:
+            engine.dispose()
