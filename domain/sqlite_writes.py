@@ -74,19 +74,18 @@ class _TurnLock:
             self._waiters.remove(waiting)
             return False
 
-    def release(self) -> bool:
-        """Let go once; True when that was the outermost hold (the lock moved on)."""
+    def release(self) -> None:
+        """Let go once; the outermost release hands the lock to the longest waiting thread."""
         with self._mutex:
             self._depth -= 1
             if self._depth:
-                return False
+                return
             if self._waiters:
                 self._owner, turn = self._waiters.popleft()
                 self._depth = 1
                 turn.release()
             else:
                 self._owner = None
-            return True
 
     def waiting(self) -> int:
         """How many threads wait for the lock."""

@@ -9,6 +9,7 @@ from functools import partial
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Column, Connection, Dialect, Engine, Table, create_engine, event
 from sqlalchemy.dialects import sqlite
@@ -17,7 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.types import Float
 
-from domain.sqlite_writes import sqlite_write_lock
+from domain.sqlite_writes import SQLiteWriteLock, sqlite_write_lock
 
 WRITE = {"orderledger_write": True}
 """Execution options for a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
@@ -74,10 +75,17 @@ def write_transaction(engine: Engine, options: Mapping[str, bool] = WRITE) -> It
         yield conn
 
 
+_engine_locks: WeakKeyDictionary[Engine, SQLiteWriteLock | None] = WeakKeyDictionary()
+"""Each engine's write lock (None off SQLite), looked up once: finding it resolves the path."""
+
+
 def _write_lock(engine: Engine) -> AbstractContextManager[None]:
-    if engine.dialect.name == "sqlite" and engine.url.database:
-        return sqlite_write_lock(engine.url.database).hold()
-    return nullcontext()
+    try:
+        lock = _engine_locks[engine]
+    except KeyError:
+        sqlite_file = engine.dialect.name == "sqlite" and engine.url.database
+        lock = _engine_locks[engine] = sqlite_write_lock(sqlite_file) if sqlite_file else None
+    return nullcontext() if lock is None else lock.hold()
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: object) -> None:
