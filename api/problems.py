@@ -18,6 +18,7 @@ from starlette.routing import Match
 from api.logs import REQUEST_ID_HEADER
 from api.schemas import FieldError, Problem
 from domain.errors import (
+    CommandOutcomeUnknownError,
     ConcurrencyConflictError,
     IdempotencyKeyReusedError,
     InvalidCommandError,
@@ -34,6 +35,7 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 # First match wins, so subclasses with their own status come before their base classes.
 _STATUS_BY_ERROR: tuple[tuple[type[OrderLedgerError], int], ...] = (
     (OrderNotFoundError, 404),
+    (CommandOutcomeUnknownError, 503),
     (ConcurrencyConflictError, 409),
     (IdempotencyKeyReusedError, 422),
     (InvalidCommandError, 422),
@@ -151,6 +153,7 @@ async def ledger_error_problem(request: Request, exc: Exception) -> Response:
         title=" ".join(words).capitalize(),
         detail=detail,
         current_version=current_version,
+        headers={"Retry-After": "1"} if status == HTTPStatus.SERVICE_UNAVAILABLE else None,
     )
 
 

@@ -85,3 +85,7 @@ class ConcurrencyConflictError(OrderLedgerError):
 
 class IdempotencyKeyReusedError(OrderLedgerError):
     """The idempotency key was already used for a different command."""
+
+
+class CommandOutcomeUnknownError(OrderLedgerError):
+    """The store failed mid-command and could not then say whether the command was recorded."""

@@ -11,14 +11,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, Notification
+from eventsourcing.persistence import IntegrityError, Notification, PersistenceError
 from eventsourcing.utils import EnvType
 
 from domain.errors import (
+    CommandOutcomeUnknownError,
     ConcurrencyConflictError,
     IdempotencyKeyReusedError,
     InvalidCommandError,
@@ -32,6 +33,9 @@ from domain.order import EVENT_TYPES, Order
 log = logging.getLogger("orderledger.ledger")
 
 EVENT_NAMES: dict[type[Aggregate.Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
+COMMAND_ID = "command_id"
+"""Stored with every event a command records: after a failed save it tells the ledger's own
+events (a lost commit acknowledgement) from another writer's."""
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # Without an expected version a command that loses a race re-runs against the new state.
 # Every lost race means another command was recorded, so with N writers on one order a
@@ -318,8 +322,12 @@ class OrderLedger(Application[UUID]):
                 return earlier
         retries = _UNCONDITIONAL_RETRIES if expected_version is None else 0
         attempt = 0
+        command_id = str(uuid4())
         while True:
             order, read_version = self._apply(command, order_id, args, expected_version)
+            for pending_event in order.pending_events:
+                # Events are frozen; the id rides in the stored state, outside the event's fields.
+                object.__setattr__(pending_event, COMMAND_ID, command_id)
             pending: list[Aggregate] = [order]
             if idempotency_key is not None and fingerprint is not None:
                 pending.append(
@@ -332,11 +340,12 @@ class OrderLedger(Application[UUID]):
                 )
             try:
                 recordings = self.save(*pending)
-            except IntegrityError:
-                if idempotency_key is not None and fingerprint is not None:
-                    earlier = self._recorded_result(idempotency_key, fingerprint)
-                    if earlier is not None:
-                        return earlier
+            except PersistenceError as error:
+                recorded = self._recorded_despite(
+                    error, command_id, order, read_version, idempotency_key, fingerprint
+                )
+                if recorded is not None:
+                    return recorded
                 current = self._current_version(order_id)
                 if order_id is None or current == read_version:
                     # Nothing else was recorded on the order (a new one has a fresh id), so
@@ -356,6 +365,52 @@ class OrderLedger(Application[UUID]):
                 r.notification.id for r in recordings if r.domain_event.originator_id == order.id
             )
             return CommandResult(order_id=order.id, version=order.version, position=position)
+
+    def _recorded_despite(
+        self,
+        error: PersistenceError,
+        command_id: str,
+        order: Order,
+        read_version: int,
+        idempotency_key: str | None,
+        fingerprint: str | None,
+    ) -> CommandResult | None:
+        """After a failed save: the result recorded for the command anyway, or None when the
+        save lost a race; any other failure that recorded nothing is raised again."""
+        # The store may have committed before the failure reached us (a connection lost
+        # after COMMIT, then the library's retry meeting our own rows).
+        recorded = self._recorded_by(command_id, order.id, read_version, order.version)
+        if recorded is not None:
+            return recorded
+        if not isinstance(error, IntegrityError):
+            raise error
+        if idempotency_key is not None and fingerprint is not None:
+            return self._recorded_result(idempotency_key, fingerprint)
+        return None
+
+    def _recorded_by(
+        self, command_id: str, order_id: UUID, read_version: int, version: int
+    ) -> CommandResult | None:
+        """The command's result if the store holds its events, None if it holds none of them.
+
+        A command's events and its idempotency record are one transaction: the first of its
+        events answers for all of them.
+        """
+        try:
+            stored = self.store.select_aggregate_notifications(order_id, lte_version=version)
+        except PersistenceError as error:
+            raise CommandOutcomeUnknownError(
+                f"the event store failed while recording the command and could not be asked "
+                f"whether it was recorded ({type(error).__name__}); read order {order_id} "
+                "or retry with the same Idempotency-Key"
+            ) from error
+        ours = [n for n in stored if n.originator_version > read_version]
+        if not ours or ours[0].originator_version != read_version + 1:
+            return None
+        first = self.mapper.to_domain_event(ours[0])
+        if getattr(first, COMMAND_ID, None) != command_id or ours[-1].originator_version != version:
+            return None
+        return CommandResult(order_id=order_id, version=version, position=ours[-1].id)
 
     def _apply(
         self,
@@ -436,7 +491,7 @@ def _fingerprint(command: str, order_id: UUID | None, args: dict[str, Any]) -> s
 
 
 def _event_data(domain_event: object) -> dict[str, Any]:
-    skip = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+    skip = {"originator_id", "originator_version", "timestamp", "originator_topic", COMMAND_ID}
     data: dict[str, Any] = {}
     for key, value in vars(domain_event).items():
         if key in skip:

@@ -53,7 +53,7 @@ _ORDER_LINKS = {
         for name in _NEXT_OPERATIONS
     }
 }
-_COMMAND_PROBLEMS = problem_responses(409, 412, 413, 415)
+_COMMAND_PROBLEMS = problem_responses(409, 412, 413, 415, 503)
 _COMMAND_RESPONSES = {
     **_COMMAND_PROBLEMS,
     200: response_headers("ETag", "Orderledger-Position", "Idempotent-Replayed") | _ORDER_LINKS,
