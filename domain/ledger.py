@@ -16,7 +16,7 @@ from uuid import UUID, uuid4
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, Notification, PersistenceError
-from eventsourcing.utils import EnvType
+from eventsourcing.utils import Environment, EnvType
 
 from domain.errors import (
     CommandOutcomeUnknownError,
@@ -86,6 +86,12 @@ class OrderLedger(Application[UUID]):
         super().__init__(env)
         self.command_observers: list[CommandObserver] = []
         """Hooks (e.g. metrics) told of each command, so every caller's commands count alike."""
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        """Only the settings we pass: the library would merge ``os.environ`` over its defaults,
+        so a stray ``POSTGRES_ENABLE_DB_FUNCTIONS=y`` (no table lock: readers skip events) or
+        ``ORDERLEDGER_PERSISTENCE_MODULE`` would change what the store guarantees."""
+        return Environment(name, {**type(self).env, **(env or {})})
 
     @classmethod
     def from_url(cls, database_url: str) -> OrderLedger:

@@ -272,6 +272,37 @@ class TestEventStoreContract:
         finally:
             reopened.close()
 
+    def test_library_settings_in_the_environment_change_nothing(
+        self, store_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The library reads its settings from os.environ, plain and prefixed with the
+        application's name; none of them reaches the ledger's store."""
+        stray = {
+            "POSTGRES_ENABLE_DB_FUNCTIONS": "y",
+            "ORDERLEDGER_POSTGRES_ENABLE_DB_FUNCTIONS": "y",
+            "ORDERLEDGER_PERSISTENCE_MODULE": "eventsourcing.popo",
+            "ORDERLEDGER_SQLITE_DBNAME": f"{tmp_path}/elsewhere.db",
+            "ORDERLEDGER_POSTGRES_DBNAME": "elsewhere",
+            "ORDERLEDGER_CIPHER_TOPIC": "eventsourcing.cipher:AESCipher",
+            "COMPRESSOR_TOPIC": "zlib",
+        }
+        for name, value in stray.items():
+            monkeypatch.setenv(name, value)
+        first = OrderLedger.from_url(store_url)
+        try:
+            placed = _record_lifecycle(first)[0]
+            assert type(first.recorder).__module__ == "domain.eventstore"
+            assert not getattr(first.recorder.datastore, "enable_db_functions", False)
+            assert first.mapper.cipher is None and first.mapper.compressor is None
+        finally:
+            first.close()
+        monkeypatch.delenv("ORDERLEDGER_PERSISTENCE_MODULE")
+        reopened = OrderLedger.from_url(store_url)
+        try:
+            assert reopened.get_order(placed.order_id).version == 6
+        finally:
+            reopened.close()
+
     def test_immutability_triggers_exist_as_soon_as_a_new_store_opens(
         self, ledger: OrderLedger, store_url: str
     ) -> None:
