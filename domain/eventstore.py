@@ -7,6 +7,7 @@ positions (the notification ids) for audit.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from psycopg.sql import SQL, Identifier
 from domain.sqlite_writes import sqlite_write_lock
 
 IMMUTABLE_MESSAGE = "events are immutable"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class PositionedRecorder(Protocol):
@@ -151,6 +153,8 @@ class PostgresEventRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
             try:
+                if self.datastore.schema != "public":
+                    conn.execute(create_schema_statement(self.datastore.schema))
                 super().create_table()
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))
@@ -171,6 +175,29 @@ class PostgresEventRecorder(PostgresApplicationRecorder):
                 )
                 for row in curs.fetchall()
             ]
+
+
+def postgres_schema(database_url: str) -> str:
+    """The schema a ``postgresql://...?schema=name`` URL names (``public`` when it names none).
+
+    Every table of the store lives there: events, read models, keys and effects.
+    """
+    names = parse_qs(urlsplit(database_url).query).get("schema", ["public"])
+    schema = names[-1]
+    if len(names) != 1 or not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(
+            f"schema {schema!r} in the database URL must be one lower-case name of letters, "
+            "digits and underscores (at most 63), e.g. ?schema=ledger"
+        )
+    return schema
+
+
+def create_schema_statement(schema: str) -> str:
+    """Create the schema if it is missing; safe when several processes start at once."""
+    return (
+        f'DO $do$ BEGIN CREATE SCHEMA IF NOT EXISTS "{schema}"; '
+        "EXCEPTION WHEN duplicate_schema OR unique_violation THEN NULL; END $do$"
+    )
 
 
 def event_store_env(database_url: str) -> dict[str, str]:
@@ -199,7 +226,6 @@ def event_store_env(database_url: str) -> dict[str, str]:
         dbname = unquote(parts.path.lstrip("/"))
         if not dbname:
             raise ValueError("the PostgreSQL URL needs a database name, e.g. postgresql://host/db")
-        query = parse_qs(parts.query)
         env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_DBNAME": dbname,
@@ -207,7 +233,7 @@ def event_store_env(database_url: str) -> dict[str, str]:
             "POSTGRES_PORT": str(parts.port or 5432),
             "POSTGRES_USER": unquote(parts.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(parts.password or ""),
-            "POSTGRES_SCHEMA": query.get("schema", ["public"])[0],
+            "POSTGRES_SCHEMA": postgres_schema(database_url),
             # Few idle connections per process: many processes share one server.
             "POSTGRES_POOL_SIZE": "2",
             "POSTGRES_MAX_OVERFLOW": "10",

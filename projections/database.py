@@ -18,6 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.types import Float
 
+from domain.eventstore import create_schema_statement, postgres_schema
 from domain.sqlite_writes import SQLiteWriteLock, sqlite_write_lock
 
 WRITE = {"orderledger_write": True}
@@ -48,6 +49,11 @@ def read_model_engine(database_url: str) -> Engine:
         event.listen(engine, "begin", _begin_sqlite)
         return engine
     if url.get_backend_name() == "postgresql":
+        # The store's schema first on every connection's search path (the point reader's own
+        # connections take the same URL): our unqualified read-model tables live there.
+        schema = postgres_schema(database_url)
+        query = {k: v for k, v in url.query.items() if k != "schema"}
+        url = url.set(query={**query, "options": f"-csearch_path={schema}"})
         engine = create_engine(
             url.set(drivername="postgresql+psycopg"),
             pool_size=8,
@@ -55,6 +61,9 @@ def read_model_engine(database_url: str) -> Engine:
             pool_pre_ping=True,
         )
         event.listen(engine, "begin", _begin_postgres)
+        if schema != "public":
+            with engine.begin() as conn:
+                conn.exec_driver_sql(create_schema_statement(schema))
         return engine
     raise ValueError(f"unsupported database URL for read models: {database_url!r}")
 

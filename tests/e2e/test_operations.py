@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import assert_problem, order_body
-from tests.e2e.processes import Deployment, Server
+from tests.e2e.processes import ORDERLEDGER, Deployment, Server
 from tests.e2e.shop import Shop
 from tests.projections.process_helpers import wait_for
 
@@ -210,3 +212,49 @@ def read_response(stream: Any) -> tuple[int, bytes]:
         if name.strip().lower() == b"content-length":
             length = int(value)
     return status, stream.read(length)
+
+
+@pytest.mark.postgres
+class TestPostgresSchema:
+    """A `?schema=` database URL keeps every table of the deployment in that schema."""
+
+    def test_a_deployment_in_its_own_schema_serves_and_leaves_public_empty(
+        self, postgres_url: str, deploy: Any
+    ) -> None:
+        """Keys, events, read models and effects live in the schema; commands and reads work."""
+        deployment = deploy(f"{postgres_url}?schema=ledger")
+        server = deployment.serve()
+        with server.client() as http:
+            shop = Shop(http)
+            order_id = shop.place(customer_id="cust-schema")
+            assert shop.read(f"/orders/{order_id}")["customer_id"] == "cust-schema"
+            assert shop.read("/customers/cust-schema")["orders"] == 1
+        deployment.cli("status")
+
+        with psycopg.connect(postgres_url) as conn:
+            rows = conn.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables "
+                "WHERE table_schema IN ('public', 'ledger')"
+            ).fetchall()
+        in_public = [name for schema, name in rows if schema == "public"]
+        in_ledger = {name for schema, name in rows if schema == "ledger"}
+        assert in_public == []
+        assert {"orderledger_events", "api_keys"} <= in_ledger
+        assert any(name.startswith("order_summaries") for name in in_ledger), in_ledger
+        assert any("effect" in name or "outbox" in name for name in in_ledger), in_ledger
+
+    def test_a_schema_name_that_is_not_a_plain_identifier_is_refused(
+        self, postgres_url: str, deploy: Any
+    ) -> None:
+        """The CLI says what a schema name may be instead of failing inside the driver."""
+        deployment = deploy(f"{postgres_url}?schema=Ledger;drop")
+        completed = subprocess.run(
+            [str(ORDERLEDGER), "status", "--database-url", deployment.database_url],
+            env=deployment.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode != 0
+        assert "lower-case name" in completed.stderr + completed.stdout
