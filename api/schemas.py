@@ -30,7 +30,12 @@ from domain.order import (
 # Strict: JSON 10.0 or "10" is refused rather than quietly turned into money.
 MinorUnits = Annotated[
     StrictInt,
-    Field(ge=0, le=MAX_AMOUNT, description="Integer minor units (cents), at most 2**63-1."),
+    Field(
+        ge=0,
+        le=MAX_AMOUNT,
+        description=f"Integer minor units (cents), at most {MAX_AMOUNT} (10**15), which is "
+        "also the largest order total.",
+    ),
 ]
 # Bounds the domain checks itself (its problem names the rule) are only documented here.
 Quantity = Annotated[

@@ -237,7 +237,9 @@ class Order(Aggregate):
         if not validated:
             raise InvalidCommandError("an order needs at least one line")
         if sum(line.amount for line in validated.values()) > MAX_AMOUNT:
-            raise InvalidAmountError("the order total exceeds the largest storable amount")
+            raise InvalidAmountError(
+                f"the order total exceeds the largest order total, {MAX_AMOUNT} minor units"
+            )
         return cls(
             customer_id=customer_id,
             currency=currency,
@@ -263,7 +265,9 @@ class Order(Aggregate):
         if len(self.lines) >= MAX_LINES:
             raise InvalidCommandError(f"an order has at most {MAX_LINES} lines")
         if self.total + line.amount > MAX_AMOUNT:
-            raise InvalidAmountError("the order total would exceed the largest storable amount")
+            raise InvalidAmountError(
+                f"the order total would exceed the largest order total, {MAX_AMOUNT} minor units"
+            )
         self._line_added(sku=line.sku, quantity=line.quantity, unit_price=line.unit_price)
 
     def remove_line(self, *, sku: str) -> None:

@@ -346,15 +346,15 @@ class TestPlacing:
         rejected_placing(InvalidCommandError, f"at most {MAX_LINES} lines", lines=endless)
         assert next(endless)["sku"] == f"SKU-{MAX_LINES + 1}"
 
-    def test_a_total_above_int64_is_rejected(self) -> None:
-        """The order total must fit a signed 64-bit column."""
+    def test_a_total_above_the_largest_order_total_is_rejected(self) -> None:
+        """The order total is at most MAX_AMOUNT, so read-model sums cannot overflow."""
         lines = [line(sku="A", quantity=1, unit_price=MAX_AMOUNT), line(sku="B", quantity=1)]
-        rejected_placing(InvalidAmountError, "exceeds the largest storable amount", lines=lines)
+        rejected_placing(InvalidAmountError, "exceeds the largest order total", lines=lines)
 
-    def test_a_line_whose_amount_alone_exceeds_int64_is_rejected(self) -> None:
-        """Quantity times price may overflow int64 even when each fits."""
+    def test_a_line_whose_amount_alone_exceeds_the_largest_total_is_rejected(self) -> None:
+        """Quantity times price may exceed the largest total even when each fits."""
         big = line(quantity=2, unit_price=MAX_AMOUNT // 2 + 1)
-        rejected_placing(InvalidAmountError, "exceeds the largest storable amount", lines=[big])
+        rejected_placing(InvalidAmountError, "exceeds the largest order total", lines=[big])
 
     @pytest.mark.parametrize(("value", "match"), [p for p in BAD_TEXT if p.id != "none"])
     def test_a_malformed_shipping_address_is_rejected(self, value: Any, match: str) -> None:
@@ -428,11 +428,11 @@ class TestAddingLines:
         events = history(lines=[line(sku=f"SKU-{i}") for i in range(MAX_LINES)])
         when(events, add()).then_rejected(InvalidCommandError, f"at most {MAX_LINES} lines")
 
-    def test_adding_a_line_that_takes_the_total_above_int64_is_rejected(self) -> None:
-        """The order total must fit a signed 64-bit column."""
+    def test_adding_a_line_that_takes_the_total_above_the_largest_is_rejected(self) -> None:
+        """The order total is at most MAX_AMOUNT, so read-model sums cannot overflow."""
         events = history()
         when(events, add(unit_price=MAX_AMOUNT)).then_rejected(
-            InvalidAmountError, "would exceed the largest storable amount"
+            InvalidAmountError, "would exceed the largest order total"
         )
 
     @pytest.mark.parametrize(
