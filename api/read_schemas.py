@@ -127,14 +127,7 @@ _ATTEMPT_EXAMPLE: dict[str, JsonValue] = {
     "status_code": 500,
     "error": "HTTP 500 from the receiver",
 }
-_READINESS_EXAMPLE: dict[str, JsonValue] = {
-    "status": "ready",
-    "checks": {
-        "store": {"status": "ok", "detail": "answering at position 1041"},
-        "projections": {"status": "ok", "detail": "4 projections, none failed or stalled"},
-        "effects": {"status": "ok", "detail": "0 pending, 0 dead"},
-    },
-}
+_READINESS_EXAMPLE: dict[str, JsonValue] = {"status": "ready"}
 
 
 class OrderSummaryPublic(BaseModel):
@@ -409,15 +402,9 @@ class EffectDetailPublic(EffectPublic):
     history: list[AttemptPublic]
 
 
-class ReadinessCheck(BaseModel):
-    status: Literal["ok", "failing"]
-    detail: str
-
-
 class Readiness(BaseModel):
-    """Whether this instance should get traffic, and each check behind the answer."""
+    """Whether this process can serve: its databases answer."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [_READINESS_EXAMPLE]})
 
     status: Literal["ready", "not_ready"]
-    checks: dict[str, ReadinessCheck]

@@ -301,10 +301,9 @@ class OrderState(BaseModel):
 class Health(BaseModel):
     """The service answers and so does its event store."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "position": 1041}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
 
     status: Literal["ok"]
-    position: int = Field(description="Global position of the newest recorded event.")
 
 
 class FieldError(BaseModel):

@@ -66,11 +66,6 @@ class Settings(BaseSettings):
     projection_stalled_after: float = Field(
         default=30.0, gt=0, description="A projection behind with no progress this long is stalled"
     )
-    ready_max_lag_events: int = Field(
-        default=10_000,
-        ge=0,
-        description="/readyz fails while a projection is more than this many events behind",
-    )
     read_your_writes_timeout: float = Field(
         default=5.0, ge=0, le=60, description="Longest wait for min_position before a 503"
     )

@@ -49,7 +49,11 @@ def history_length(client: httpx.Client, order_id: str) -> int:
 
 
 def head_position(client: httpx.Client) -> int:
-    """The global position of the newest event in the whole store."""
-    response = client.get("/healthz")
+    """The global position of the newest event in the whole store, as GET /projections says.
+
+    Unchanged means nothing was recorded; it says nothing of how many events a later write
+    adds, since positions have gaps (a failed insert still uses one up on PostgreSQL).
+    """
+    response = client.get("/projections")
     assert response.status_code == 200, response.text
-    return int(response.json()["position"])
+    return int(response.json()["data"][0]["head"])

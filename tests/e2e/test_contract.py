@@ -7,18 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.api import assert_problem, order_body
+from tests.api import assert_problem, head_position, order_body
 from tests.e2e.processes import Server
 from tests.e2e.shop import Shop
-
-
-def head_position(http: httpx.Client) -> int:
-    """The newest event's position, as /healthz reports it.
-
-    Unchanged means nothing was recorded; it says nothing of how many events a later write
-    adds, since positions have gaps (a failed insert still uses one up on PostgreSQL).
-    """
-    return int(http.get("/healthz").json()["position"])
 
 
 def history_types(http: httpx.Client, order_id: str) -> list[str]:

@@ -128,7 +128,7 @@ class TestGracefulShutdown:
         with restarted.client() as http:
             shop = Shop(http)
             # Everything committed, acknowledged or not (a reply may be lost on the way).
-            shop.position = int(http.get("/healthz").json()["position"])
+            shop.position = int(http.get("/projections").json()["data"][0]["head"])
             assert shop.position >= max(acknowledged.values())
             stored: list[dict[str, Any]] = []
             page = shop.read("/orders", customer_id="cust-burst", limit=200)

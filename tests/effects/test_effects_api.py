@@ -298,18 +298,17 @@ class TestEffectQueries:
 
 class TestDeadEffectsAndReadiness:
     def test_a_healthy_instance_is_ready(self, client: TestClient) -> None:
-        """Store answering, projections live, nothing dead: 200 with every check ok."""
+        """Store and read models answering: 200, saying ready and nothing more."""
         response = client.get("/readyz")
         assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["status"] == "ready"
-        assert set(body["checks"]) == {"store", "projections", "effects"}
-        assert all(check["status"] == "ok" for check in body["checks"].values())
+        assert response.json() == {"status": "ready"}
 
-    def test_dead_effects_keep_the_instance_not_ready_until_retried(
+    def test_dead_effects_are_an_alert_not_a_reason_to_stop_serving(
         self, client: TestClient, hook_target: Receiver
     ) -> None:
-        """A receiver answering 500 kills the effects; after a fix, a retry delivers them."""
+        """A receiver answering 500 kills the effects: /readyz stays 200 (one refused email
+        must not take every API machine out), the effects list and metrics show them; after
+        a fix, a retry delivers them."""
         hook_target.status = 500
         subscribe(client, hook_target.url)
         first, second = place_order(client), place_order(client)
@@ -325,13 +324,9 @@ class TestDeadEffectsAndReadiness:
             ("dead", 500),
         ]
 
-        not_ready = client.get("/readyz")
-        assert not_ready.status_code == 503
-        body = not_ready.json()
-        assert body["status"] == "not_ready"
-        assert body["checks"]["effects"]["status"] == "failing"
-        assert "2 dead" in body["checks"]["effects"]["detail"]
-        assert body["checks"]["store"]["status"] == "ok"
+        assert client.get("/readyz").status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'orderledger_outbox_effects{status="dead"} 2.0' in metrics
 
         # The receiver is fixed; retrying one effect still leaves the other dead.
         hook_target.status = 204
@@ -340,16 +335,14 @@ class TestDeadEffectsAndReadiness:
         assert retried.json()["attempts"] == 0
         assert len(retried.json()["history"]) == 2  # the history is kept
         eventually(lambda: count(client, "delivered") == 1, "the retried effect's delivery")
-        assert client.get("/readyz").status_code == 503
+        assert count(client, "dead") == 1
 
         # Retrying something that is not dead is a conflict.
         assert_problem(client.post(f"/effects/{dead[0]['id']}/retry"), 409, "conflict")
 
         assert client.post(f"/effects/{dead[1]['id']}/retry").status_code == 200
         eventually(lambda: count(client, "delivered") == 2, "the second delivery")
-        ready = client.get("/readyz")
-        assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"]["effects"]["status"] == "ok"
+        assert count(client, "dead") == 0
         delivered = [h["webhook-id"] for h, _ in hook_target.received()][-2:]
         assert sorted(delivered) == sorted(e["id"] for e in dead)
 
@@ -382,7 +375,7 @@ class TestOnEveryStore:
     def test_deliveries_dead_letters_and_retries_work(
         self, store_url: str, hook_target: Receiver
     ) -> None:
-        """Subscribe, deliver, kill, block readiness, retry, deliver: on SQLite and PostgreSQL."""
+        """Subscribe, deliver, kill, retry, deliver: on SQLite and PostgreSQL."""
         with TestClient(create_app(fast_settings(store_url)), headers=admin(store_url)) as client:
             created = subscribe(client, hook_target.url)
             place_order(client)
@@ -392,13 +385,11 @@ class TestOnEveryStore:
             hook_target.status = 500
             place_order(client)
             eventually(lambda: count(client, "dead") == 1, "a dead effect")
-            assert client.get("/readyz").status_code == 503
 
             hook_target.status = 204
             [dead] = client.get("/effects", params={"status": "dead"}).json()["data"]
             assert client.post(f"/effects/{dead['id']}/retry").status_code == 200
             eventually(lambda: count(client, "delivered") == 2, "the retried delivery")
-            assert client.get("/readyz").status_code == 200
             assert client.delete(f"/webhooks/{created['id']}").status_code == 204
             assert client.get("/webhooks").json()["data"] == []
 
