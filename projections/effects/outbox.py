@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from domain.order import Order
+from domain.order import EVENT_TYPES, Order
 from projections.base import Batch, Projection
 from projections.database import db_now, write_transaction
 from projections.source import RecordedEvent
@@ -164,6 +164,50 @@ class Subscription:
         )
 
 
+def effect_rows(
+    recorded: RecordedEvent,
+    subscriptions: Sequence[Subscription],
+    email: str | None,
+    now: float,
+) -> list[dict[str, Any]]:
+    """The outbox rows an event calls for: one per webhook subscribed to its type and, for the
+    events that mail the customer, one email to ``email``.
+
+    Only order events have effects: the store's other records (idempotency keys, and whatever
+    else it may hold) call for none, even from a subscription to every type (``*``).
+    """
+    event_type = recorded.type_name
+    if event_type not in EVENT_TYPES:
+        return []
+    targets = [
+        (f"{WEBHOOK}:{subscription.id}", WEBHOOK, subscription.url)
+        for subscription in subscriptions
+        if subscription.wants(event_type, recorded.position)
+    ]
+    if email is not None and event_type in EMAIL_EVENTS:
+        targets.append((f"{EMAIL}:{event_type}", EMAIL, email))
+    event = recorded.event
+    return [
+        {
+            "id": effect_id(effect, recorded.position),
+            "effect": effect,
+            "kind": kind,
+            "position": recorded.position,
+            "order_id": str(event.originator_id),
+            "order_version": event.originator_version,
+            "event_type": event_type,
+            "occurred_at": event.timestamp.timestamp(),
+            "target": target,
+            "status": PENDING,
+            "attempts": 0,
+            "total_attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        }
+        for effect, kind, target in targets
+    ]
+
+
 def load_subscriptions(conn: Connection) -> list[Subscription]:
     rows = conn.execute(select(subscriptions).where(subscriptions.c.active.is_(True)))
     return [
@@ -271,13 +315,8 @@ class OutboxBatch(Batch):
         self.last_position = recorded.position
         if recorded.position <= self.watermark:
             return  # already recorded by an earlier generation: never twice
-        event_type = recorded.type_name
-        for subscription in self.subscriptions:
-            if subscription.wants(event_type, recorded.position):
-                self._record(recorded, f"{WEBHOOK}:{subscription.id}", WEBHOOK, subscription.url)
         email = self.contacts.get(order_id)
-        if email is not None and event_type in EMAIL_EVENTS:
-            self._record(recorded, f"{EMAIL}:{event_type}", EMAIL, email)
+        self.rows.extend(effect_rows(recorded, self.subscriptions, email, self.now))
 
     @singledispatchmethod
     def on_event(self, event: object, order_id: str) -> None:
@@ -287,27 +326,6 @@ class OutboxBatch(Batch):
     def order_placed(self, event: Order.Placed, order_id: str) -> None:
         self.contacts[order_id] = event.customer_email
         self.new_contacts[order_id] = event.customer_email
-
-    def _record(self, recorded: RecordedEvent, effect: str, kind: str, target: str) -> None:
-        event = recorded.event
-        self.rows.append(
-            {
-                "id": effect_id(effect, recorded.position),
-                "effect": effect,
-                "kind": kind,
-                "position": recorded.position,
-                "order_id": str(event.originator_id),
-                "order_version": event.originator_version,
-                "event_type": recorded.type_name,
-                "occurred_at": event.timestamp.timestamp(),
-                "target": target,
-                "status": PENDING,
-                "attempts": 0,
-                "total_attempts": 0,
-                "next_attempt_at": self.now,
-                "created_at": self.now,
-            }
-        )
 
     def flush(self) -> None:
         if self.new_contacts:

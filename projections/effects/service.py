@@ -13,14 +13,11 @@ from domain.order import EVENT_TYPES, Order
 from projections.database import db_now, write_transaction
 from projections.effects.outbox import (
     DEAD,
-    EMAIL,
-    EMAIL_EVENTS,
     PENDING,
-    WEBHOOK,
     OutboxProjection,
     Subscription,
     attempts,
-    effect_id,
+    effect_rows,
     effects,
     insert_ignoring_duplicates,
     load_subscriptions,
@@ -285,33 +282,7 @@ class Effects:
                     contacts[order_id] = event.customer_email
                 if recorded.position <= mark.installed_position:
                     continue
-                kind_targets = [
-                    (f"{WEBHOOK}:{s.id}", WEBHOOK, s.url)
-                    for s in active
-                    if s.wants(recorded.type_name, recorded.position)
-                ]
-                email = contacts.get(order_id)
-                if email is not None and recorded.type_name in EMAIL_EVENTS:
-                    kind_targets.append((f"{EMAIL}:{recorded.type_name}", EMAIL, email))
-                for effect, kind, target in kind_targets:
-                    rows.append(
-                        {
-                            "id": effect_id(effect, recorded.position),
-                            "effect": effect,
-                            "kind": kind,
-                            "position": recorded.position,
-                            "order_id": order_id,
-                            "order_version": event.originator_version,
-                            "event_type": recorded.type_name,
-                            "occurred_at": event.timestamp.timestamp(),
-                            "target": target,
-                            "status": PENDING,
-                            "attempts": 0,
-                            "total_attempts": 0,
-                            "next_attempt_at": now,
-                            "created_at": now,
-                        }
-                    )
+                rows += effect_rows(recorded, active, contacts.get(order_id), now)
             if rows:
                 with write_transaction(self.engine) as conn:
                     missing += insert_ignoring_duplicates(conn, rows, count=True)

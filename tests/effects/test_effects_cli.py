@@ -258,3 +258,39 @@ class TestReconcileCommand:
         finally:
             runtime.close()
             ledger.close()
+
+    def test_only_order_events_have_effects_even_for_a_subscription_to_everything(
+        self, store_url: str
+    ) -> None:
+        """Commands with an Idempotency-Key also store an idempotency record; neither the
+        outbox nor the reconciler records (and so sends) an effect for it."""
+        add_webhook(store_url, "http://127.0.0.1:9/hooks", "*")
+        ledger = OrderLedger.from_url(store_url)
+        runtime = ProjectionRuntime.open(ledger, store_url)
+        try:
+            for n in range(2):
+                ledger.place_order(
+                    customer_id=f"cust-{n}",
+                    currency="EUR",
+                    lines=[{"sku": "MUG-1", "quantity": 1, "unit_price": 900}],
+                    idempotency_key=f"place-{n}",
+                )
+            run_until_caught_up(runtime, ["outbox"])
+
+            def recorded() -> list[tuple[int, str]]:
+                with runtime.engine.connect() as conn:
+                    query = select(effects.c.position, effects.c.event_type)
+                    return list(conn.execute(query.order_by(effects.c.position)).tuples())
+
+            by_outbox = recorded()
+            assert [event_type for _, event_type in by_outbox] == ["OrderPlaced"] * 2
+            assert "recorded 0 missing" in ok(invoke(store_url, "effects", "reconcile"))
+
+            with runtime.engine.connect() as conn:
+                ids = list(conn.execute(select(effects.c.id)).scalars())
+            delete_outbox_rows(store_url, ids)
+            assert "recorded 2 missing" in ok(invoke(store_url, "effects", "reconcile"))
+            assert recorded() == by_outbox
+        finally:
+            runtime.close()
+            ledger.close()
