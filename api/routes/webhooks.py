@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from api.dependencies import JSON_BODY
-from api.idempotency import IdempotentRoute
-from api.problems import problem_responses
+from api.idempotency import IdempotentRoute, replay_instead
+from api.problems import problem_response, problem_responses
 from api.read_schemas import WebhookCreate, WebhookCreated, WebhookPublic, WebhooksPublic
 from api.routes.effects import EffectsDep
 from projections.effects.service import (
@@ -40,8 +40,12 @@ def _public(view: SubscriptionView) -> WebhookPublic:
 
 
 @router.post("", status_code=201, responses=problem_responses(409, 413, 415, 422))
-def create_webhook(body: WebhookCreate, effects: EffectsDep) -> WebhookCreated:
-    """Subscribe a URL to event types; the signing secret is in this response and no other."""
+def create_webhook(body: WebhookCreate, effects: EffectsDep, request: Request) -> WebhookCreated:
+    """Subscribe a URL to event types; the signing secret is in this response and no other.
+
+    With an Idempotency-Key, a retry subscribes nothing again: since the secret is not kept
+    with the stored answer, the retry gets a 409 problem naming the subscription.
+    """
     try:
         created = effects.add_subscription(body.url, body.event_types)
     except InvalidSubscriptionError as error:
@@ -49,6 +53,17 @@ def create_webhook(body: WebhookCreate, effects: EffectsDep) -> WebhookCreated:
             [{"type": "value_error", "loc": ("body",), "msg": str(error), "input": None}]
         ) from None
     view = effects.subscription_view(created.subscription.id)
+    replay_instead(
+        request,
+        problem_response(
+            request,
+            status=409,
+            slug="webhook-already-created",
+            title="Webhook already created",
+            detail=f"this Idempotency-Key already created subscription {view.id}; its secret "
+            "was shown once: if it was lost, remove the subscription and add another",
+        ),
+    )
     return WebhookCreated(**_public(view).model_dump(), secret=created.secret)
 
 

@@ -162,15 +162,24 @@ def webhook_ids(client: TestClient) -> list[str]:
 
 
 class TestOtherWrites:
-    def test_a_repeated_webhook_subscription_returns_the_first_one_and_its_secret(
+    def test_a_repeated_webhook_subscription_subscribes_once_and_never_shows_the_secret_again(
         self, client: TestClient
     ) -> None:
+        """The secret exists in the first response only: a retry is told which subscription
+        it made, and the stored answer holds no secret."""
         first = client.post("/webhooks", json=WEBHOOK, headers=keyed("hook-1"))
         assert first.status_code == 201, first.text
+        secret = first.json()["secret"]
         second = client.post("/webhooks", json=WEBHOOK, headers=keyed("hook-1"))
-        same_answer(first, second)
-        assert second.json()["secret"] == first.json()["secret"]
+        problem = assert_problem(second, 409, "webhook-already-created")
+        assert first.json()["id"] in problem["detail"]
+        assert second.headers["Idempotent-Replayed"] == "true"
+        assert secret not in second.text
         assert webhook_ids(client) == [first.json()["id"]]
+        stored = client.app.state.http_idempotency  # type: ignore[attr-defined]
+        with stored.engine.connect() as conn:
+            bodies = conn.exec_driver_sql("SELECT body FROM http_idempotency").scalars().all()
+        assert bodies and not any(secret.encode() in stored_body for stored_body in bodies)
 
     def test_without_a_key_each_post_subscribes_again(self, client: TestClient) -> None:
         client.post("/webhooks", json=WEBHOOK)
@@ -212,8 +221,8 @@ class TestOtherWrites:
 
         with ThreadPoolExecutor(max_workers=10) as pool:
             responses = list(pool.map(subscribe, range(10)))
-        assert [r.status_code for r in responses] == [201] * 10, [r.text for r in responses]
-        assert len({r.text for r in responses}) == 1
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [201] + [409] * 9, [r.text for r in responses]
         assert len(webhook_ids(store_client)) == 1
 
     def test_a_repeated_rebuild_request_returns_the_first_answer(self, client: TestClient) -> None:
