@@ -91,9 +91,18 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, *, tolerance: i
     timestamp = int(raw_timestamp)
     if abs(time.time() - timestamp) > tolerance:
         raise InvalidSignatureError("timestamp outside the tolerance")
-    expected = sign(secret, message_id, timestamp, body).split(",", 1)[1]
-    offered = [part.split(",", 1)[1] for part in headers.get("webhook-signature", "").split()]
-    if not any(hmac.compare_digest(expected, candidate) for candidate in offered if candidate):
+    expected = sign(secret, message_id, timestamp, body).removeprefix("v1,")
+    # Space-separated "scheme,signature" pairs; only v1 (HMAC-SHA256) is ours to check.
+    offered = [
+        signature
+        for scheme, _, signature in (
+            part.partition(",") for part in headers.get("webhook-signature", "").split()
+        )
+        if scheme == "v1" and signature
+    ]
+    if not offered:
+        raise InvalidSignatureError("no v1 signature in the webhook-signature header")
+    if not any(hmac.compare_digest(expected, candidate) for candidate in offered):
         raise InvalidSignatureError("no signature matches")
 
 
@@ -233,11 +242,27 @@ class EmailSender:
                     smtp.login(self.settings.username, self.settings.password or "")
                 smtp.send_message(message)
         except (OSError, smtplib.SMTPException) as error:
-            return Outcome(False, error=f"{type(error).__name__}: {error}")
+            return Outcome(False, error=smtp_failure(error))
         return Outcome(True)
 
     def close(self) -> None:
         """Nothing is kept open between messages."""
+
+
+def smtp_failure(error: OSError | smtplib.SMTPException) -> str:
+    """What kind of SMTP failure happened, with the server's codes and never an address.
+
+    The library's messages quote the recipients and the server's replies (which often repeat
+    the address); attempts are stored, shown over HTTP and logged, so they keep neither.
+    """
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        codes = sorted({str(code) for code, _ in error.recipients.values()})
+        return f"SMTP recipient refused ({', '.join(codes)})"
+    if isinstance(error, smtplib.SMTPSenderRefused):
+        return f"SMTP sender refused ({error.smtp_code})"
+    if isinstance(error, smtplib.SMTPResponseException):
+        return f"SMTP error {error.smtp_code} ({type(error).__name__})"
+    return type(error).__name__
 
 
 def _iso(epoch: float) -> str:

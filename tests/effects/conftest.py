@@ -207,9 +207,20 @@ class ReceivedEmail:
 
 
 class _Recorder:
-    def __init__(self, inbox: list[ReceivedEmail], lock: threading.Lock) -> None:
+    def __init__(
+        self, inbox: list[ReceivedEmail], lock: threading.Lock, refused: set[str]
+    ) -> None:
         self.inbox = inbox
         self.lock = lock
+        self.refused = refused
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.refused:
+            return f"550 5.1.1 <{address}>: mailbox {address} unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 - aiosmtpd's hook name
         content = envelope.content
@@ -231,6 +242,8 @@ class SmtpServer:
 
     def __init__(self) -> None:
         self.inbox: list[ReceivedEmail] = []
+        self.refused: set[str] = set()
+        """Recipients whose mailbox the server refuses (550)."""
         self._lock = threading.Lock()
         self.port = _free_port()
         self._controller: Controller | None = None
@@ -245,7 +258,7 @@ class SmtpServer:
             self._holder.close()
             self._holder = None
         controller = Controller(
-            _Recorder(self.inbox, self._lock), hostname="127.0.0.1", port=self.port
+            _Recorder(self.inbox, self._lock, self.refused), hostname="127.0.0.1", port=self.port
         )
         controller.start()
         self._controller = controller

@@ -26,7 +26,7 @@ from domain.ledger import OrderLedger
 from projections.effects.dispatcher import Dispatcher, DispatchSettings, backoff
 from projections.effects.outbox import DEAD, DELIVERED, PENDING, OutboxProjection, effect_id
 from projections.effects.outbox import effects as effects_table
-from projections.effects.senders import InvalidSignatureError, new_secret, verify
+from projections.effects.senders import InvalidSignatureError, new_secret, sign, verify
 from projections.effects.service import CreatedSubscription, Effects
 from projections.registry import all_projections
 from projections.runtime import ProjectionRuntime
@@ -440,6 +440,30 @@ class TestSignatures:
                 ("failed", 500),
                 (DELIVERED, 204),
             ]
+
+
+class TestVerifyingSignatures:
+    @pytest.mark.parametrize(
+        "header",
+        ["", "garbage", "v1", "v1,", ",abc", "v1 v1", "\t"],
+        ids=["empty", "no-comma", "scheme-only", "empty-signature", "no-scheme", "two", "blank"],
+    )
+    def test_a_malformed_signature_header_is_an_invalid_signature(self, header: str) -> None:
+        """Whatever arrives in the header, the receiver's check says invalid, never crashes."""
+        secret, now = new_secret(), str(int(time.time()))
+        headers = {"webhook-id": "msg_1", "webhook-timestamp": now, "webhook-signature": header}
+        with pytest.raises(InvalidSignatureError, match="signature"):
+            verify(secret, headers, b"{}")
+
+    def test_only_the_v1_scheme_is_accepted(self) -> None:
+        """The right HMAC under another scheme's name is not a v1 signature."""
+        secret, now = new_secret(), int(time.time())
+        signature = sign(secret, "msg_1", now, b"{}").removeprefix("v1,")
+        headers = {"webhook-id": "msg_1", "webhook-timestamp": str(now)}
+        verify(secret, {**headers, "webhook-signature": f"v1,{signature}"}, b"{}")
+        verify(secret, {**headers, "webhook-signature": f"v1a,x v1,{signature}"}, b"{}")
+        with pytest.raises(InvalidSignatureError, match="no v1 signature"):
+            verify(secret, {**headers, "webhook-signature": f"v2,{signature}"}, b"{}")
 
 
 class TestBackoff:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from uuid import UUID
 
@@ -146,6 +147,38 @@ class TestCustomerEmails:
 
         (email,) = smtp_server.received()
         assert email.rcpt_tos == ["bo@example.com"]
+
+
+class TestRefusedRecipient:
+    def test_a_refused_mailbox_is_stored_and_logged_without_the_address(
+        self,
+        ledger: OrderLedger,
+        catch_up: CatchUp,
+        smtp_server: SmtpServer,
+        make_dispatcher: MakeDispatcher,
+        effects_service: Effects,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """The attempt says what failed (the recipient, with the server's code), not who."""
+        caplog.set_level(logging.DEBUG)
+        smtp_server.refused.add("gone@example.com")
+        place(ledger, email="gone@example.com", reference="GONE-1")
+        catch_up()
+        (row,) = outbox_rows(effects_service.engine)
+        settings = DispatchSettings(max_attempts=2, backoff_base=0.01, backoff_cap=0.02)
+        settle(make_dispatcher(settings, smtp=smtp_server.settings), effects_service.engine)
+
+        history = attempt_rows(effects_service.engine, row["id"])
+        assert [a["outcome"] for a in history] == ["failed", "dead"]
+        for attempt in history:
+            assert "recipient refused" in attempt["error"] and "550" in attempt["error"]
+            assert "gone@" not in attempt["error"]
+        assert "gone@" not in (effects_service.get(row["id"]).last_error or "")
+        # Every record of ours, fields included (the SMTP server's own log is the receiver's).
+        ours = [vars(r) | {"text": r.getMessage()} for r in caplog.records]
+        ours = [record for record in ours if record["name"].startswith("orderledger")]
+        assert any("dead" in record["text"] for record in ours)
+        assert "gone@" not in repr(ours)
 
 
 class TestSmtpOutage:
