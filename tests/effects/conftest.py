@@ -207,9 +207,7 @@ class ReceivedEmail:
 
 
 class _Recorder:
-    def __init__(
-        self, inbox: list[ReceivedEmail], lock: threading.Lock, refused: set[str]
-    ) -> None:
+    def __init__(self, inbox: list[ReceivedEmail], lock: threading.Lock, refused: set[str]) -> None:
         self.inbox = inbox
         self.lock = lock
         self.refused = refused
