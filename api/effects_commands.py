@@ -80,7 +80,7 @@ def _effects(database_url: str | None) -> Iterator[Effects]:
         # Only the outbox is touched here, so the processors' settings do not matter.
         runtime = ProjectionRuntime.open(ledger, settings.read_model_url)
         try:
-            yield Effects(runtime.engine, runtime.source)
+            yield Effects(runtime.engine, runtime.source, settings.webhook_targets)
         finally:
             runtime.close()
     except (SQLAlchemyError, PersistenceError) as error:

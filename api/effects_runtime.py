@@ -44,4 +44,5 @@ def dispatcher_for(
         dispatch=dispatch_settings(settings),
         smtp=smtp_settings(settings),
         timeout=settings.effect_timeout,
+        targets=settings.webhook_targets,
     )

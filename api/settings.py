@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from projections.effects.targets import TargetPolicy, parse_networks
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["json", "text"]
@@ -70,6 +72,17 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=60, description="Longest wait for min_position before a 503"
     )
 
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        parse_networks(value)
+        return value
+
+    @property
+    def webhook_targets(self) -> TargetPolicy:
+        """Where webhooks may connect: public addresses and the allowed networks."""
+        return TargetPolicy(parse_networks(self.webhook_allowed_networks))
+
     @property
     def read_model_url(self) -> str:
         return self.read_model_database_url or self.database_url
@@ -98,6 +111,11 @@ class Settings(BaseSettings):
         default=3600.0,
         gt=0,
         description="Seconds between passes recording effects the outbox should hold and lacks",
+    )
+    webhook_allowed_networks: str = Field(
+        default="",
+        description="Comma-separated CIDRs webhooks may reach besides public addresses, "
+        "e.g. 127.0.0.0/8 for a receiver on this machine (default: public addresses only)",
     )
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server for customer emails")
     smtp_port: int = Field(default=25, ge=1, le=65535)

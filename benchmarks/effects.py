@@ -51,6 +51,7 @@ from projections.effects.outbox import OutboxProjection, effects
 from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import Effects
+from projections.effects.targets import TargetPolicy, parse_networks
 from projections.order_summaries import OrderSummaryProjection
 from projections.runtime import ProjectionRuntime
 
@@ -63,6 +64,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 CONCURRENCIES = (1, 8, 32)
 RECEIVER_PATH = "/hooks/orders"
+
+LOCAL = TargetPolicy(parse_networks("127.0.0.0/8"))
+"""The benchmark's receiver listens on this machine."""
 
 
 # -- generating real events fast -----------------------------------------------------------------
@@ -147,7 +151,7 @@ def seeded_store(url: str, events: int, *, receiver: str, with_email: bool) -> i
     for events after it was added, so both come first.
     """
     with opened(url, ["outbox"]) as (ledger, runtime):
-        Effects(runtime.engine, runtime.source).add_subscription(receiver, ["*"])
+        Effects(runtime.engine, runtime.source, LOCAL).add_subscription(receiver, ["*"])
         started = time.perf_counter()
         recorded = fill_store(ledger, events, with_email=with_email)
         seconds = time.perf_counter() - started
@@ -352,7 +356,7 @@ def receiver_ceiling(url: str, posts: int, concurrency: int) -> Delivery:
 def deliver_all(url: str, target: str, concurrency: int) -> Delivery:
     """Time the Dispatcher draining every pending effect of a store copy."""
     with opened(url, ["outbox"]) as (ledger, runtime):
-        service = Effects(runtime.engine, runtime.source)
+        service = Effects(runtime.engine, runtime.source, LOCAL)
         pending = service.counts()["pending"]
         dispatcher = build_dispatcher(
             runtime,
@@ -360,6 +364,7 @@ def deliver_all(url: str, target: str, concurrency: int) -> Delivery:
             dispatch=DispatchSettings(concurrency=concurrency, per_target=concurrency),
             smtp=SmtpSettings(),
             timeout=10.0,
+            targets=LOCAL,
             owner=f"bench-{concurrency}",
         )
         before = received(target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
 from api.idempotency import IdempotentRoute
 from api.problems import problem_responses
@@ -38,9 +38,9 @@ MAX_PAGE = 1000
 EffectId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 
 
-def get_effects(runtime: ProjectionsDep) -> Effects:
+def get_effects(runtime: ProjectionsDep, request: Request) -> Effects:
     """Operations on the outbox of the app's read-model database."""
-    return Effects(runtime.engine, runtime.source)
+    return Effects(runtime.engine, runtime.source, request.app.state.settings.webhook_targets)
 
 
 EffectsDep = Annotated[Effects, Depends(get_effects)]

@@ -7,6 +7,7 @@ from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.outbox import EMAIL, WEBHOOK
 from projections.effects.senders import EmailSender, Sender, SmtpSettings, WebhookSender
 from projections.effects.service import Effects
+from projections.effects.targets import TargetPolicy
 from projections.runtime import ProjectionRuntime
 from projections.worker import worker_id
 
@@ -18,12 +19,13 @@ def build_dispatcher(
     dispatch: DispatchSettings,
     smtp: SmtpSettings,
     timeout: float,
+    targets: TargetPolicy,
     owner: str | None = None,
 ) -> Dispatcher:
     """A dispatcher delivering webhooks and emails from the runtime's outbox."""
-    effects = Effects(runtime.engine, runtime.source)
+    effects = Effects(runtime.engine, runtime.source, targets)
     senders: dict[str, Sender] = {
-        WEBHOOK: WebhookSender(ledger, effects, timeout=timeout),
+        WEBHOOK: WebhookSender(ledger, effects, timeout=timeout, targets=targets),
         EMAIL: EmailSender(ledger, SmtpSettings(**{**smtp.__dict__, "timeout": timeout})),
     }
     return Dispatcher(runtime.engine, senders, owner or worker_id(), dispatch)

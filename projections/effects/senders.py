@@ -26,6 +26,7 @@ import httpx
 from domain.ledger import OrderLedger
 from domain.money import MINOR_UNITS
 from domain.order import Order
+from projections.effects.targets import TargetNotAllowedError, TargetPolicy
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 
@@ -113,10 +114,16 @@ class WebhookSender:
     """POSTs ``{id, type, order_id, position, occurred_at, data}``, signed with the secret."""
 
     def __init__(
-        self, ledger: OrderLedger, secrets_by_subscription: SecretSource, *, timeout: float
+        self,
+        ledger: OrderLedger,
+        secrets_by_subscription: SecretSource,
+        *,
+        timeout: float,
+        targets: TargetPolicy,
     ) -> None:
         self.ledger = ledger
         self.secrets = secrets_by_subscription
+        self.targets = targets
         self.client = httpx.Client(timeout=timeout, follow_redirects=False)
 
     def body(self, effect: Effect) -> bytes:
@@ -148,10 +155,26 @@ class WebhookSender:
             "webhook-signature": sign(secret, effect.id, timestamp, body),
             "user-agent": "orderledger-webhooks",
         }
+        url = httpx.URL(effect.target)
         try:
-            response = self.client.post(effect.target, content=body, headers=headers)
+            address = self.targets.resolve(url.host, url.port or _DEFAULT_PORTS[url.scheme])
+        except TargetNotAllowedError:
+            return Outcome(False, error="address not allowed")
+        except OSError:
+            return Outcome(False, error="name not resolved")
+        # To the address just checked; the name stays in Host and, for TLS, in SNI and the
+        # certificate check.
+        headers["host"] = url.netloc.decode("ascii")
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        try:
+            response = self.client.post(
+                url.copy_with(host=str(address)),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            )
         except httpx.HTTPError as error:
-            return Outcome(False, error=f"{type(error).__name__}: {error}")
+            return Outcome(False, error=_http_failure(error))
         if 200 <= response.status_code < 300:
             return Outcome(True, status_code=response.status_code)
         return Outcome(
@@ -160,6 +183,22 @@ class WebhookSender:
 
     def close(self) -> None:
         self.client.close()
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# The class of failure an attempt records and shows over HTTP; never the socket's own text.
+_HTTP_FAILURES: tuple[tuple[type[httpx.HTTPError], str], ...] = (
+    (httpx.ConnectTimeout, "connect timeout"),
+    (httpx.TimeoutException, "timeout"),
+    (httpx.ConnectError, "connection failed"),
+    (httpx.RemoteProtocolError, "connection closed or invalid response"),
+    (httpx.TransportError, "transport error"),
+)
+
+
+def _http_failure(error: httpx.HTTPError) -> str:
+    return next((name for kind, name in _HTTP_FAILURES if isinstance(error, kind)), "HTTP error")
 
 
 class SecretSource(Protocol):

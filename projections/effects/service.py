@@ -25,6 +25,7 @@ from projections.effects.outbox import (
     watermarks,
 )
 from projections.effects.senders import new_secret
+from projections.effects.targets import TargetNotAllowedError, TargetPolicy
 from projections.source import EventSource
 
 MAX_URL_LENGTH = 2048
@@ -84,9 +85,13 @@ class EffectView:
 class Effects:
     """Operations on the outbox and the webhook subscriptions."""
 
-    def __init__(self, engine: Engine, source: EventSource) -> None:
+    def __init__(
+        self, engine: Engine, source: EventSource, targets: TargetPolicy | None = None
+    ) -> None:
         self.engine = engine
         self.source = source
+        self.targets = targets or TargetPolicy()
+        """Where subscriptions may point (public addresses only unless networks are allowed)."""
         self.now = db_now(engine.dialect.name)
 
     # -- subscriptions -----------------------------------------------------------------------
@@ -96,6 +101,10 @@ class Effects:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > MAX_URL_LENGTH:
             raise InvalidSubscriptionError(f"{url!r} is not an http(s) URL")
+        try:
+            self.targets.check_url(url)
+        except TargetNotAllowedError as error:
+            raise InvalidSubscriptionError(str(error)) from None
         types = sorted(set(event_types)) or ["*"]
         unknown = [t for t in types if t != "*" and t not in EVENT_TYPES]
         if unknown:

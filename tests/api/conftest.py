@@ -12,6 +12,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 from api.app import create_app
 from api.keys import Role
 from api.settings import Settings
+from tests import LOCAL_RECEIVERS
 from tests.api import order_body
 from tests.api.auth_support import bearer, issue_key
 
@@ -24,7 +25,8 @@ with warnings.catch_warnings():
 def _admin_client(database_url: str) -> Iterator[TestClient]:
     """The app on ``database_url``, every request sending an admin key made before start-up."""
     headers = bearer(issue_key(database_url, Role.admin, "test admin"))
-    with TestClient(create_app(Settings(database_url=database_url)), headers=headers) as client:
+    settings = Settings(database_url=database_url, webhook_allowed_networks=LOCAL_RECEIVERS)
+    with TestClient(create_app(settings), headers=headers) as client:
         yield client
 
 

@@ -26,6 +26,7 @@ from api.idempotency import (
 )
 from api.keys import Role
 from api.settings import Settings
+from tests import LOCAL_RECEIVERS
 from tests.api import assert_problem, head_position, history_length, order_body
 from tests.api.auth_support import bearer, issue_key
 
@@ -270,6 +271,7 @@ def failing_deliveries(sqlite_url: str) -> Iterator[TestClient]:
     """The app with effects that die at their first failed attempt."""
     settings = Settings(
         database_url=sqlite_url,
+        webhook_allowed_networks=LOCAL_RECEIVERS,
         effect_max_attempts=1,
         effect_backoff_base=0.01,
         effect_backoff_cap=0.05,

@@ -17,6 +17,7 @@ from api.app import create_app
 from api.keys import Role
 from api.metrics import UNMATCHED_ROUTE
 from api.settings import Settings
+from tests import LOCAL_RECEIVERS
 from tests.api import order_body
 from tests.api.auth_support import bearer, issue_key
 
@@ -246,6 +247,7 @@ class TestEffectMetrics:
         """A webhook to a refused port dies after one attempt: dead 1, one dead attempt counted."""
         settings = Settings(
             database_url=sqlite_url,
+            webhook_allowed_networks=LOCAL_RECEIVERS,
             effect_max_attempts=1,
             projection_idle_wait=0.05,
             projection_poll_interval=0.01,

@@ -28,8 +28,13 @@ from projections.effects.outbox import PENDING, attempts, effects
 from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import Effects
+from projections.effects.targets import TargetPolicy, parse_networks
 from projections.runtime import ProjectionRuntime
+from tests import LOCAL_RECEIVERS
 from tests.projections import run_until_caught_up
+
+LOCAL_TARGETS = TargetPolicy(parse_networks(LOCAL_RECEIVERS))
+"""The webhook target policy of the tests: public addresses and the local receivers."""
 
 FAST = DispatchSettings(
     max_attempts=6, backoff_base=0.02, backoff_cap=0.5, claim_ttl=30.0, idle_wait=0.02
@@ -367,7 +372,7 @@ def runtime(ledger: OrderLedger, store_url: str) -> Iterator[ProjectionRuntime]:
 @pytest.fixture
 def effects_service(runtime: ProjectionRuntime) -> Effects:
     """Subscriptions, the outbox's contents and retries."""
-    return Effects(runtime.engine, runtime.source)
+    return Effects(runtime.engine, runtime.source, LOCAL_TARGETS)
 
 
 @pytest.fixture
@@ -419,6 +424,7 @@ def make_dispatcher(
             dispatch=settings,
             smtp=smtp or SmtpSettings(host="127.0.0.1", port=unused),
             timeout=timeout,
+            targets=LOCAL_TARGETS,
             owner=owner,
         )
         made.append(dispatcher)

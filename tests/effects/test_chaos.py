@@ -29,6 +29,7 @@ from tests.effects.chaos_helpers import (
     Victim,
     place_and_follow,
 )
+from tests.effects.conftest import LOCAL_TARGETS
 from tests.projections.process_helpers import (
     all_serving_at,
     cli_processes,
@@ -159,7 +160,7 @@ class TestEffectsUnderChaos:
                 # Orders recorded before the subscription trigger nothing for it.
                 for serial in range(ORDERS_BEFORE_SUBSCRIBING):
                     place_and_follow(ledger, rng, serial)
-                created = Effects(runtime.engine, runtime.source).add_subscription(
+                created = Effects(runtime.engine, runtime.source, LOCAL_TARGETS).add_subscription(
                     receiver.url, ["*"]
                 )
                 receiver.secret = created.secret

@@ -822,15 +822,16 @@ from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import CreatedSubscription, Effects
 from projections.runtime import ProjectionRuntime
+from tests.effects.conftest import LOCAL_TARGETS
 
 url, owner, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 ledger = OrderLedger.from_url(url)
 runtime = ProjectionRuntime.open(ledger, url)
 dispatcher = build_dispatcher(
     runtime, ledger, dispatch=DispatchSettings(batch_size=4, concurrency=4),
-    smtp=SmtpSettings(), timeout=5.0, owner=owner,
+    smtp=SmtpSettings(), timeout=5.0, owner=owner, targets=LOCAL_TARGETS,
 )
-service = Effects(runtime.engine, runtime.source)
+service = Effects(runtime.engine, runtime.source, LOCAL_TARGETS)
 Path(str(go.parent / owner) + ".ready").touch()
 deadline = time.monotonic() + 30
 while not go.exists() and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import warnings
@@ -24,6 +25,7 @@ from api.settings import Settings
 from projections.database import read_model_engine
 from projections.effects.outbox import effects
 from projections.effects.senders import verify
+from tests import LOCAL_RECEIVERS
 from tests.api import assert_problem, order_body
 from tests.api.auth_support import admin
 
@@ -89,6 +91,7 @@ def fast_settings(url: str, **overrides: Any) -> Settings:
     """Settings that make retries quick and dead letters come after two attempts."""
     values: dict[str, Any] = {
         "database_url": url,
+        "webhook_allowed_networks": LOCAL_RECEIVERS,
         "effect_backoff_base": 0.01,
         "effect_backoff_cap": 0.05,
         "effect_max_attempts": 2,
@@ -345,6 +348,70 @@ class TestDeadEffectsAndReadiness:
         assert count(client, "dead") == 0
         delivered = [h["webhook-id"] for h, _ in hook_target.received()][-2:]
         assert sorted(delivered) == sorted(e["id"] for e in dead)
+
+
+class TestWebhookTargets:
+    """Webhooks reach public addresses, and local or private ones only when allowed."""
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://127.0.0.1:9000/hooks",
+            "http://[::1]:9000/hooks",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://10.0.0.7/hooks",
+        ],
+    )
+    def test_a_subscription_to_a_local_literal_is_refused_naming_the_setting(
+        self, sqlite_url: str, url: str
+    ) -> None:
+        """A 422 that says how to allow it; nothing is subscribed."""
+        settings = fast_settings(sqlite_url, webhook_allowed_networks="")
+        with TestClient(create_app(settings), headers=admin(sqlite_url)) as strict:
+            problem = assert_problem(strict.post("/webhooks", json={"url": url}), 422)
+            assert "ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS" in problem["detail"]
+            assert strict.get("/webhooks").json()["data"] == []
+
+    def test_a_name_that_resolves_to_loopback_is_refused_when_sent(
+        self, sqlite_url: str, hook_target: Receiver
+    ) -> None:
+        """The name passes at subscription; each attempt resolves it, and refuses to connect,
+        saying only that the address is not allowed."""
+        settings = fast_settings(sqlite_url, webhook_allowed_networks="")
+        local_name = hook_target.url.replace("127.0.0.1", "localhost")
+        with TestClient(create_app(settings), headers=admin(sqlite_url)) as strict:
+            subscribe(strict, local_name)
+            place_order(strict)
+            eventually(lambda: count(strict, "dead") == 1, "the webhook to go dead")
+            (dead,) = strict.get("/effects", params={"status": "dead"}).json()["data"]
+            assert dead["last_error"] == "address not allowed"
+            detail = strict.get(f"/effects/{dead['id']}").json()
+            assert {a["error"] for a in detail["history"]} == {"address not allowed"}
+        assert hook_target.received() == []
+
+    def test_an_allowed_network_is_reached_by_name(
+        self, client: TestClient, hook_target: Receiver
+    ) -> None:
+        """Connected to the checked address; the name stays in the Host header."""
+        local_name = hook_target.url.replace("127.0.0.1", "localhost")
+        subscribe(client, local_name)
+        place_order(client)
+        eventually(lambda: count(client, "delivered") == 1, "the delivery")
+        ((headers, _),) = hook_target.received()
+        assert headers["host"] == local_name.split("/")[2]
+
+    def test_a_refused_connection_is_shown_as_its_class_not_socket_text(
+        self, client: TestClient
+    ) -> None:
+        """The attempt error says what kind of failure happened, nothing of the socket."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        subscribe(client, f"http://127.0.0.1:{port}/hooks")
+        place_order(client)
+        eventually(lambda: count(client, "dead") == 1, "the webhook to go dead")
+        (dead,) = client.get("/effects", params={"status": "dead"}).json()["data"]
+        assert dead["last_error"] == "connection failed"
 
 
 class TestPeriodicReconcile:

@@ -22,6 +22,7 @@ from api.cli import app
 from domain.ledger import OrderLedger
 from projections.effects.outbox import effects
 from projections.runtime import ProjectionRuntime
+from tests import LOCAL_RECEIVERS
 from tests.api.auth_support import admin
 from tests.effects.test_effects_api import (
     Receiver,
@@ -42,7 +43,11 @@ UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 def invoke(url: str, *args: str) -> Result:
     """Run the CLI in-process on the store at ``url``, wide enough that rich never wraps."""
-    env = {"COLUMNS": "250", "ORDERLEDGER_DATABASE_URL": None}
+    env = {
+        "COLUMNS": "250",
+        "ORDERLEDGER_DATABASE_URL": None,
+        "ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS": LOCAL_RECEIVERS,
+    }
     return CliRunner().invoke(app, [*args, "--database-url", url], env=env)
 
 

@@ -21,8 +21,9 @@ import pytest
 from domain.ledger import OrderLedger
 from projections.effects.service import Effects
 from projections.runtime import ProjectionRuntime
+from tests import LOCAL_RECEIVERS
 from tests.api import order_body
-from tests.effects.conftest import WebhookReceiver
+from tests.effects.conftest import LOCAL_TARGETS, WebhookReceiver
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = (sys.executable, "-m", "api.cli", "worker")
@@ -48,6 +49,7 @@ def worker(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[s
     """`orderledger worker --metrics-port 0` on the store; yields the process and its URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
     env.update(
+        ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS=LOCAL_RECEIVERS,
         ORDERLEDGER_EFFECT_BACKOFF_BASE="0.01",
         ORDERLEDGER_EFFECT_BACKOFF_CAP="0.05",
         ORDERLEDGER_EFFECT_MAX_ATTEMPTS="2",
@@ -105,7 +107,9 @@ def test_a_worker_exposes_its_delivery_counters_and_projection_lag(
     ledger = OrderLedger.from_url(sqlite_url)
     runtime = ProjectionRuntime.open(ledger, sqlite_url)
     try:
-        Effects(runtime.engine, runtime.source).add_subscription(receiver.url, ["OrderPlaced"])
+        Effects(runtime.engine, runtime.source, LOCAL_TARGETS).add_subscription(
+            receiver.url, ["OrderPlaced"]
+        )
         for _ in range(3):
             ledger.place_order(**order_body())
         head = ledger.head_position()

@@ -27,6 +27,7 @@ from domain.ledger import OrderLedger
 from domain.order import EVENT_TYPES, Order
 from projections.catalog import BUILDING, SERVING, Generation
 from projections.runtime import ProjectionRuntime
+from tests import LOCAL_RECEIVERS
 from tests.projections import checksum, table_contents
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -215,6 +216,7 @@ def wait_for(
 def cli_env(**settings: object) -> dict[str, str]:
     """The environment for a CLI child: ours, plus ORDERLEDGER_<NAME> for each setting."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
+    env["ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS"] = LOCAL_RECEIVERS
     env.update({f"ORDERLEDGER_{key.upper()}": str(value) for key, value in settings.items()})
     env["COLUMNS"] = "240"
     env["PYTHONUNBUFFERED"] = "1"
