@@ -6,6 +6,7 @@ thread pool, a hand-off that costs more than the dependency itself on every requ
 
 from __future__ import annotations
 
+import email.message
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -178,6 +179,20 @@ async def reachable_min_position(ledger: LedgerDep, position: MinPositionDep) ->
 ReachableMinPositionDep = Annotated[int | None, Depends(reachable_min_position)]
 
 
+def is_json_media_type(content_type: str) -> bool:
+    """Whether a Content-Type declares JSON: ``application/json`` or ``application/*+json``.
+
+    The rule FastAPI applies before it parses a body as JSON, read the same way (parameters
+    and case ignored), so a body we let through is one the route will parse.
+    """
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
 async def json_body(request: Request) -> None:
     """Refuse a request body that is not declared JSON with 415, before anything parses it."""
     has_body = request.headers.get("content-length", "0") != "0" or (
@@ -185,9 +200,10 @@ async def json_body(request: Request) -> None:
     )
     if not has_body:
         return
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "application/json" or media_type.endswith("+json"):
+    content_type = request.headers.get("content-type", "")
+    if is_json_media_type(content_type):
         return
+    media_type = content_type.split(";")[0].strip().lower()
     raise HTTPException(
         415,
         detail=f"the body must be JSON sent as Content-Type: application/json, "

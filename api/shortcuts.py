@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.dependencies import scoped_key, valid_idempotency_key
+from api.dependencies import is_json_media_type, scoped_key, valid_idempotency_key
 from api.keys import ApiKeyStore, Principal
 from api.logs import log_request, request_id, request_log
 from api.metrics import count_request
@@ -258,10 +258,8 @@ def _plain_placement(scope: Scope) -> tuple[Principal, str | None] | None:
     """(principal, Idempotency-Key) of a placement the shortcut may make, or None."""
     headers = _first(scope, _PLACEMENT_HEADERS)
     principal = _principal(headers.get(b"authorization"), scope["app"].state.keys)
-    media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-    if principal is None or not (
-        media_type == b"application/json" or media_type.endswith(b"+json")
-    ):
+    content_type = headers.get(b"content-type", b"").decode("latin-1")
+    if principal is None or not is_json_media_type(content_type):
         return None
     key = None
     if b"idempotency-key" in headers:

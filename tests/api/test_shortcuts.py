@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from api.app import create_app
+from api.app import MAX_BODY_BYTES, create_app
 from api.keys import ApiKeyStore, Role
 from api.routes import order_queries as orders
 from api.settings import Settings
@@ -507,6 +507,22 @@ class TestOrderJson:
         )
 
 
+ODD_MEDIA_TYPES = [
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/json; charset=latin-1",
+    "APPLICATION/JSON",
+    "application/json;",
+    "application/vnd.api+json",
+    "application/problem+json",
+    "text/plain+json",
+    "+json",
+    "application/jsonx",
+    "text/json",
+    "json",
+    "",
+]
+
 ROUTED = "/orders?via=route"
 """A query the route ignores and the shortcut does not take: the same request, by the route."""
 
@@ -614,6 +630,67 @@ class TestPlacement:
         if status == 422 and body.startswith('{"customer_id": "c"'):
             fields = [e["loc"] for e in response.json()["errors"]]
             assert ["body", "lines"] in fields  # the route validated the body it was handed
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            pytest.param([("Content-Type", value)], id=f"content-type={value!r}")
+            for value in ODD_MEDIA_TYPES
+        ]
+        + [
+            pytest.param([], id="no-content-type"),
+            pytest.param(
+                [("Content-Type", "application/json"), ("Content-Type", "text/plain")],
+                id="two-content-types-json-first",
+            ),
+            pytest.param(
+                [("Content-Type", "text/plain"), ("Content-Type", "application/json")],
+                id="two-content-types-text-first",
+            ),
+            pytest.param(
+                [
+                    ("Content-Type", "application/json"),
+                    ("Idempotency-Key", "a"),
+                    ("Idempotency-Key", "b"),
+                ],
+                id="two-idempotency-keys",
+            ),
+            pytest.param(
+                [("Content-Type", "application/json"), ("Authorization", "Bearer olk_nonsense")],
+                id="a-second-authorization",
+            ),
+        ],
+    )
+    def test_odd_headers_get_the_routes_answer(
+        self, shop: TestClient, headers: list[tuple[str, str]]
+    ) -> None:
+        """The same request by the shortcut's path and by the route: the same answer."""
+        place(shop)  # the key is accepted and cached: the shortcut may answer
+        answers = []
+        for n, path in enumerate(("/orders", ROUTED)):
+            # Keys of their own, or the second request would be a replay of the first.
+            sent = [(k, f"{v}-{n}" if k == "Idempotency-Key" else v) for k, v in headers]
+            answers.append(
+                comparable(shop.post(path, content=json.dumps(order_body()), headers=sent))
+            )
+        assert answers[0] == answers[1]
+
+    @pytest.mark.parametrize(
+        "size", [MAX_BODY_BYTES - 1, MAX_BODY_BYTES, MAX_BODY_BYTES + 1, 0], ids=str
+    )
+    def test_bodies_around_the_size_limit_get_the_routes_answer(
+        self, shop: TestClient, size: int
+    ) -> None:
+        """Padded with spaces (still valid JSON) up to, at and past the limit, or empty."""
+        place(shop)
+        compact = json.dumps(order_body()).encode()
+        body = compact + b" " * (size - len(compact)) if size else b""
+        answers = [
+            comparable(shop.post(path, content=body, headers={"Content-Type": "application/json"}))
+            for path in ("/orders", ROUTED)
+        ]
+        assert answers[0] == answers[1]
+        assert answers[0][0] == (413 if size > MAX_BODY_BYTES else 422 if size == 0 else 201)
 
     def test_a_reader_is_refused_and_nothing_is_placed(
         self, shop: TestClient, store_url: str, placements: CountingPlacements
