@@ -16,10 +16,10 @@ from typing import Annotated, NoReturn
 import typer
 from eventsourcing.persistence import PersistenceError
 from pydantic import ValidationError
-from rich.console import Console, JustifyMethod
-from rich.table import Table
+from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.listing import Column, JsonOption, Listing, show
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.effects.outbox import DEAD, DELIVERED, PENDING
@@ -130,26 +130,37 @@ def list_webhooks(
         bool, typer.Option("--all", help="Include removed subscriptions.")
     ] = False,
     database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List subscriptions (never their secrets)."""
     with _effects(database_url) as effects:
         views = effects.subscription_views(include_inactive=include_inactive)
-    table = Table(title="webhook subscriptions", title_justify="left")
-    # Ids are copied into other commands: fold long cells rather than cut them short.
-    table.add_column("id", overflow="fold")
-    for column in ("url", "event types", "active", "created (UTC)"):
-        table.add_column(column, overflow="fold")
-    for view in views:
-        table.add_row(
-            view.id,
-            view.url,
-            ", ".join(view.event_types),
-            "yes" if view.active else "no",
-            _time(view.created_at),
-        )
-    out = Console(highlight=False)
-    out.print(table)
-    out.print(f"{len(views)} subscription(s)")
+    rows = [
+        {
+            "id": view.id,
+            "url": view.url,
+            "event_types": list(view.event_types),
+            "active": view.active,
+            "created_at": _time(view.created_at),
+        }
+        for view in views
+    ]
+    columns = [
+        # Ids are copied into other commands: never cut or wrapped.
+        Column("id", whole=True),
+        Column("url"),
+        Column("event_types", "event types"),
+        Column("active"),
+        Column("created_at", "created (UTC)"),
+    ]
+    listing = Listing(
+        "subscriptions",
+        "webhook subscriptions",
+        columns,
+        rows,
+        footer=f"{len(views)} subscription(s)",
+    )
+    show(listing, as_json=as_json)
 
 
 @webhooks_app.command("remove")
@@ -178,28 +189,36 @@ def list_effects(
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="Most rows.")] = 100,
     database_url: DatabaseOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List effects in position order: what, for which order, how far delivery got."""
     with _effects(database_url) as effects:
         views = effects.find(status=None if status is None else status.value, limit=limit)
-    table = Table(title="effects", title_justify="left")
-    table.add_column("id", overflow="fold")
-    for column in ("effect", "order", "position", "status", "attempts", "last error"):
-        justify: JustifyMethod = "right" if column in ("position", "attempts") else "left"
-        table.add_column(column, justify=justify, overflow="fold")
-    for view in views:
-        table.add_row(
-            view.id,
-            view.effect,
-            view.order_id,
-            str(view.position),
-            view.status,
-            str(view.attempts),
-            view.last_error or "",
-        )
-    out = Console(highlight=False)
-    out.print(table)
-    out.print(f"{len(views)} effect(s)")
+    rows = [
+        {
+            "id": view.id,
+            "effect": view.effect,
+            "order_id": view.order_id,
+            "position": view.position,
+            "status": view.status,
+            "attempts": view.attempts,
+            "last_error": view.last_error,
+        }
+        for view in views
+    ]
+    columns = [
+        Column("id", whole=True),
+        Column("effect"),
+        Column("order_id", "order"),
+        Column("position", numeric=True),
+        Column("status"),
+        Column("attempts", numeric=True),
+        Column("last_error", "last error", text=lambda error: error or ""),
+    ]
+    show(
+        Listing("effects", "effects", columns, rows, footer=f"{len(views)} effect(s)"),
+        as_json=as_json,
+    )
 
 
 @effects_app.command("retry")

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.effects_commands import EXIT_FAILURE, EXIT_USAGE, DatabaseOption, _fail, configured
 from api.keys import ApiKeyStore, IssuedKey, KeyNotFoundError, Role
+from api.listing import Column, JsonOption, Listing, show
 from api.settings import Settings
 
 keys_app = typer.Typer(
@@ -82,28 +82,39 @@ def create_key(
 
 
 @keys_app.command("list")
-def list_keys(database_url: DatabaseOption = None) -> None:
+def list_keys(database_url: DatabaseOption = None, as_json: JsonOption = False) -> None:
     """List every key, active and revoked (never a token)."""
     with _keys(database_url) as (store, _settings):
         keys = store.list()
-    out = Console(highlight=False)
-    if not keys:
-        out.print("No API keys yet; create the first with: orderledger keys bootstrap")
-        return
-    table = Table(title="API keys (times in UTC)", title_justify="left")
-    table.add_column("Key id", no_wrap=True)
-    table.add_column("Name", overflow="fold")
-    table.add_column("Role", no_wrap=True)
-    for column in ("Status", "Created", "Last used"):
-        table.add_column(column, no_wrap=True)
-    for key in keys:
-        status = "active" if key.active else "revoked"
-        table.add_row(
-            key.key_id, key.name, key.role, status, _time(key.created_at), _time(key.last_used_at)
-        )
-    out.print(table)
+    rows = [
+        {
+            "key_id": key.key_id,
+            "name": key.name,
+            "role": str(key.role),
+            "status": "active" if key.active else "revoked",
+            "created_at": key.created_at,
+            "last_used_at": key.last_used_at,
+        }
+        for key in keys
+    ]
+    columns = [
+        Column("key_id", "Key id", whole=True),
+        Column("name", "Name"),
+        Column("role", "Role"),
+        Column("status", "Status"),
+        Column("created_at", "Created", text=_time),
+        Column("last_used_at", "Last used", text=_time),
+    ]
     active = sum(key.active for key in keys)
-    out.print(f"{len(keys)} key(s), {active} active.")
+    listing = Listing(
+        "keys",
+        "API keys (times in UTC)",
+        columns,
+        rows,
+        footer=f"{len(keys)} key(s), {active} active.",
+        empty="No API keys yet; create the first with: orderledger keys bootstrap",
+    )
+    show(listing, as_json=as_json)
 
 
 @keys_app.command("revoke")

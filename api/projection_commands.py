@@ -20,10 +20,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from api.effects_commands import Reconciler
 from api.effects_runtime import dispatcher_for
+from api.listing import Column, JsonOption, Listing, show
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.effects.outbox import DEAD, DELIVERED, PENDING
@@ -32,7 +32,7 @@ from projections.processor import ProcessorSettings
 from projections.rebuild import Progress as RebuildProgress
 from projections.rebuild import RebuildFailedError, rebuild
 from projections.runtime import ProjectionRuntime, UnknownProjectionError
-from projections.status import all_statuses
+from projections.status import ProjectionStatus, all_statuses
 
 console = Console()
 errors = Console(stderr=True)
@@ -203,51 +203,68 @@ def rebuild_command(
                 )
 
 
-def status(database_url: DatabaseOption = None) -> None:
+def status(database_url: DatabaseOption = None, as_json: JsonOption = False) -> None:
     """Show each projection's position, head, lag, state and last error, and the effects."""
     with _runtime(database_url) as (settings, runtime):
-        table = Table(title="projections")
-        for column in ("name", "version", "gen", "position", "head", "lag", "lag s", "state"):
-            table.add_column(column, justify="right" if column not in ("name", "state") else "left")
-        table.add_column("last error / rebuild")
-        for item in all_statuses(
+        statuses = all_statuses(
             runtime.catalog, runtime.source, stalled_after=settings.projection_stalled_after
-        ):
-            note = ""
-            if item.last_error is not None:
-                note = (
-                    f"at {item.last_error.position} ({item.last_error.event_type}): "
-                    f"{item.last_error.message}"
-                )
-            elif item.rebuild is not None:
-                verb = "failed" if item.rebuild.failed else "building"
-                note = (
-                    f"gen {item.rebuild.generation} {verb} "
-                    f"{item.rebuild.position}/{item.rebuild.head}"
-                )
-            table.add_row(
-                item.name,
-                str(item.version),
-                str(item.serving_generation or "-"),
-                str(item.position),
-                str(item.head),
-                str(item.lag_events),
-                f"{item.lag_seconds:.1f}",
-                item.state,
-                note,
-            )
-        console.print(table)
-        counts = Effects(runtime.engine, runtime.source).counts()
-    effects = Table(title="effects")
-    for column in (PENDING, DELIVERED, DEAD):
-        effects.add_column(column, justify="right")
-    effects.add_row(*(str(counts[column]) for column in (PENDING, DELIVERED, DEAD)))
-    console.print(effects)
-    if counts[DEAD]:
-        console.print(
-            f"[red]{counts[DEAD]} dead effect(s)[/]: see `orderledger effects list --status dead`; "
-            "fix the receivers, then `orderledger effects retry --all-dead`."
         )
+        counts = Effects(runtime.engine, runtime.source).counts()
+    rows = [
+        {
+            "name": item.name,
+            "version": item.version,
+            "generation": item.serving_generation,
+            "position": item.position,
+            "head": item.head,
+            "lag_events": item.lag_events,
+            "lag_seconds": round(item.lag_seconds, 1),
+            "state": item.state,
+            "note": _note(item),
+        }
+        for item in statuses
+    ]
+    projections = Listing(
+        "projections",
+        "projections",
+        [
+            Column("name", whole=True),
+            Column("version", "ver", numeric=True),
+            Column("generation", "gen", numeric=True),
+            Column("position", "pos", numeric=True),
+            Column("head", numeric=True),
+            Column("lag_events", "lag", numeric=True),
+            Column("lag_seconds", "lag s", numeric=True),
+            Column("state", whole=True),
+            Column("note", "note", text=lambda note: note or ""),
+        ],
+        rows,
+    )
+    dead_hint = (
+        f"[red]{counts[DEAD]} dead effect(s)[/]: see `orderledger effects list --status dead`; "
+        "fix the receivers, then `orderledger effects retry --all-dead`."
+    )
+    effects = Listing(
+        "effects",
+        "effects",
+        [Column(column, numeric=True) for column in (PENDING, DELIVERED, DEAD)],
+        [{column: counts[column] for column in (PENDING, DELIVERED, DEAD)}],
+        notes=[dead_hint] if counts[DEAD] else [],
+    )
+    show(projections, effects, as_json=as_json)
+
+
+def _note(item: ProjectionStatus) -> str | None:
+    """The last error, else a rebuild in progress."""
+    if item.last_error is not None:
+        return (
+            f"at {item.last_error.position} ({item.last_error.event_type}): "
+            f"{item.last_error.message}"
+        )
+    if item.rebuild is not None:
+        verb = "failed" if item.rebuild.failed else "building"
+        return f"gen {item.rebuild.generation} {verb} {item.rebuild.position}/{item.rebuild.head}"
+    return None
 
 
 def register(app: typer.Typer) -> None:
