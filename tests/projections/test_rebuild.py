@@ -15,6 +15,7 @@ from projections.database import write_transaction
 from projections.order_summaries import OrderSummaryProjection
 from projections.point_read import PointReader
 from projections.processor import Outcome, Processor, ProcessorSettings
+from projections.rebuild import RebuildFailedError, rebuild
 from projections.registry import all_projections
 from projections.runtime import ProjectionRuntime
 from projections.status import REFUSED, projection_status
@@ -476,6 +477,8 @@ class TestARollingUpgrade:
             with pytest.raises(NewerVersionError, match="store has version 2"):
                 old.catalog.start_rebuild(SUMMARIES, restart=True)
 
+            with pytest.raises(RebuildFailedError, match="this worker runs 1"):
+                rebuild(old, SUMMARIES)
             assert only_generation(old, SUMMARIES, BUILDING) == building
             status = projection_status(old.catalog, old.source, SUMMARIES)
             assert status.state == REFUSED
