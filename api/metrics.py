@@ -40,6 +40,7 @@ from projections.status import (
     LIVE,
     NOT_STARTED,
     REBUILDING,
+    REFUSED,
     STALLED,
     all_statuses,
 )
@@ -51,7 +52,7 @@ UNMATCHED_ROUTE = "unmatched"
 """The one route label of every request no route matched, so raw paths never become labels."""
 OTHER_METHOD = "other"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-PROJECTION_STATES = (LIVE, CATCHING_UP, REBUILDING, STALLED, FAILED, NOT_STARTED)
+PROJECTION_STATES = (LIVE, CATCHING_UP, REBUILDING, STALLED, FAILED, NOT_STARTED, REFUSED)
 SCRAPE_CACHE_SECONDS = 1.0
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

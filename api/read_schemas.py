@@ -70,6 +70,8 @@ _PROJECTION_EXAMPLE: dict[str, JsonValue] = {
     "lease_owner": "worker-1",
     "updated_at": _AT,
     "rebuild": None,
+    "pending_drops": [],
+    "refused": None,
 }
 _DAY_EXAMPLE: dict[str, JsonValue] = {
     "day": "2026-01-31",
@@ -210,11 +212,17 @@ class ProjectionPublic(BaseModel):
     head: int
     lag_events: int
     lag_seconds: float
-    state: Literal["live", "catching_up", "rebuilding", "failed", "stalled", "not_started"]
+    state: Literal[
+        "live", "catching_up", "rebuilding", "failed", "stalled", "not_started", "refused"
+    ]
     last_error: ProjectionErrorPublic | None
     lease_owner: str | None
     updated_at: datetime | None
     rebuild: RebuildPublic | None
+    pending_drops: list[int]
+    """Retired generations whose tables a reader still holds; dropped on a later pass."""
+    refused: str | None
+    """Why this version of the code leaves the projection alone (the store holds a newer one)."""
 
 
 class ProjectionsPublic(BaseModel):

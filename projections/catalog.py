@@ -8,6 +8,7 @@ lease its worker holds, in the same transaction as its read-model rows.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,10 +37,17 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from projections.base import Projection, generation_suffix
 from projections.database import db_now, write_transaction
 
+log = logging.getLogger("orderledger.projections")
+
 SERVING = "serving"
 BUILDING = "building"
 RETIRED = "retired"
 DROPPED = "dropped"
+
+DROP_LOCK_TIMEOUT_MS = 500
+"""How long dropping a retired generation's tables waits for readers still in them (an open
+psql session, a pg_dump) before giving up until a later pass: while a DROP TABLE waits, every
+new reader of that table queues behind it, and so would the worker that issued it."""
 
 catalog_metadata = MetaData()
 
@@ -115,6 +123,10 @@ class Lease:
     generation: int
     owner: str
     epoch: int
+
+
+class NewerVersionError(Exception):
+    """The store holds a newer version of a projection than this code runs (a rolling upgrade)."""
 
 
 class LeaseLostError(Exception):
@@ -233,19 +245,46 @@ class Catalog:
     # -- life cycle of generations ----------------------------------------------------------
 
     def ensure(self, projection: Projection) -> None:
-        """Make sure the projection serves; if its code version changed, start a rebuild."""
+        """Make sure the projection serves; if its code version changed, start a rebuild.
+
+        Older code (a worker not yet upgraded) leaves a newer generation alone: see ``refusal``.
+        """
         with self._exclusive(projection.name) as conn:
             serving = self._serving(conn, projection.name)
             if serving is None:
                 self._create_generation(conn, projection, SERVING, 0)
                 return
             outdated = serving.version != projection.version
-        if outdated:
-            self.start_rebuild(projection.name)
+        if not outdated:
+            return
+        refused = self.refusal(projection.name)
+        if refused is not None:
+            log.warning("leaving projection=%s alone: %s", projection.name, refused)
+            return
+        self.start_rebuild(projection.name)
+
+    def refusal(self, name: str, rows: Sequence[Generation] | None = None) -> str | None:
+        """Why this code must not build or replace ``name``'s generations, or None if it may.
+
+        A generation of a newer version, serving or building, belongs to newer code: an older
+        worker restarting during a rolling upgrade would otherwise throw it away and rebuild
+        to the older version.
+        """
+        mine = self.projections[name].version
+        live = [
+            r for r in (self.rows(name) if rows is None else rows) if r.role in (SERVING, BUILDING)
+        ]
+        newest = max((r.version for r in live), default=mine)
+        if newest <= mine:
+            return None
+        return f"refused: store has version {newest}, this worker runs {mine}"
 
     def start_rebuild(self, name: str, *, target: int = 0, restart: bool = False) -> Generation:
         """Begin building a new generation from event zero, or return the one in progress."""
         projection = self.projections[name]
+        refused = self.refusal(name)
+        if refused is not None:
+            raise NewerVersionError(f"{name}: {refused}")
         with self._exclusive(name) as conn:
             building = conn.execute(
                 select(generations).where(
@@ -314,9 +353,12 @@ class Catalog:
         )
 
     def drop_retired(self, name: str) -> int:
-        """Drop the tables of generations that no longer serve; returns how many."""
-        dropped = 0
-        with self._exclusive(name) as conn:
+        """Drop the tables of generations that no longer serve; returns how many.
+
+        Each in its own transaction, waiting at most ``DROP_LOCK_TIMEOUT_MS`` for readers still
+        in its tables; one that times out stays retired (a pending drop) for a later pass.
+        """
+        with self.engine.connect() as conn:
             retired: list[int] = list(
                 conn.execute(
                     select(generations.c.generation).where(
@@ -324,18 +366,44 @@ class Catalog:
                     )
                 ).scalars()
             )
-            for generation in retired:
-                self._drop_generation(conn, name, generation)
+        dropped = 0
+        for generation in retired:
+            try:
+                with self._exclusive(name) as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(text(f"SET LOCAL lock_timeout = {DROP_LOCK_TIMEOUT_MS}"))
+                    row = self._row(conn, name, generation)
+                    if row is None or row.role != RETIRED:
+                        continue
+                    self._drop_generation(conn, name, generation)
                 dropped += 1
+            except OperationalError as error:
+                log.warning(
+                    "retired generation still in use, dropping it later projection=%s "
+                    "generation=%s: %s",
+                    name,
+                    generation,
+                    error.orig,
+                )
         return dropped
 
-    def promote(self, conn: Connection, lease: Lease, position: int) -> None:
-        """In the caller's transaction, make a caught-up building generation the serving one."""
-        conn.execute(
+    def promote(self, conn: Connection, lease: Lease, position: int) -> bool:
+        """In the caller's transaction, make a caught-up building generation the serving one.
+
+        Only at or past the serving generation's position, so reads never go backwards;
+        False (nothing changed) while the serving one is further on.
+        """
+        retired = conn.execute(
             update(generations)
-            .where(generations.c.name == lease.name, generations.c.role == SERVING)
+            .where(
+                generations.c.name == lease.name,
+                generations.c.role == SERVING,
+                generations.c.position <= position,
+            )
             .values(role=RETIRED, updated_at=self.now)
         )
+        if retired.rowcount == 0 and self._serving(conn, lease.name) is not None:
+            return False
         result = conn.execute(
             update(generations)
             .where(
@@ -350,6 +418,7 @@ class Catalog:
         )
         if result.rowcount != 1:
             raise LeaseLostError(f"{lease.name} generation {lease.generation} could not take over")
+        return True
 
     # -- leases and positions ------------------------------------------------------------------
 

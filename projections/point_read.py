@@ -34,6 +34,10 @@ BATCH_KEYS = 256
 """Most keys one batched PostgreSQL read asks for."""
 ASYNC_CONNECTIONS = 4
 """PostgreSQL connections of one reader for ``aget``: one read each at a time."""
+LOCK_TIMEOUT_MS = 200
+"""How long a PostgreSQL point read waits for a table lock. Only a retired generation's
+pending DROP TABLE makes it wait (its readers queue behind the drop): the reader then gives
+up, forgets that generation's statement and reads the serving one."""
 SQLITE_MMAP_BYTES = 1 << 30
 """How much of a SQLite store a point reader's connection maps into memory (address space;
 the pages in use are the operating system's file cache either way)."""
@@ -284,6 +288,7 @@ class PointReader:
             assert connection is not None  # a freshly checked-out connection has one
             if self.engine.dialect.name == "postgresql":
                 connection.autocommit = True  # one statement, one snapshot, no open transaction
+                connection.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
             else:
                 # Pages read straight from the mapped file, not copied in by a system call
                 # each: about a quarter off a point read in a 1.7 GB store.
@@ -323,7 +328,9 @@ class _AsyncConnections:
             return self._idle.pop()
         self._open += 1
         try:
-            return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            return await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True, options=f"-c lock_timeout={LOCK_TIMEOUT_MS}"
+            )
         except BaseException:
             self._open -= 1
             self._wake()

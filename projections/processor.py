@@ -217,8 +217,7 @@ class Processor:
             )
             self.projection.apply(conn, self.tables, batch.events)
             if self.role == BUILDING and batch.reached_head:
-                self.catalog.promote(conn, lease, batch.checkpoint)
-                return True
+                return self.catalog.promote(conn, lease, batch.checkpoint)
         return False
 
     def _fail(self, lease: Lease, batch: EventBatch, error: EventHandlingError) -> None:

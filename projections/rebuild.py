@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from projections.catalog import BUILDING, SERVING, Generation
+from projections.catalog import BUILDING, SERVING, Generation, NewerVersionError
 from projections.processor import Outcome, Processor, ProcessorSettings
 from projections.runtime import ProjectionRuntime
 from projections.worker import worker_id
@@ -45,7 +45,10 @@ def rebuild(
     projection = runtime.projection(name)
     catalog = runtime.catalog
     catalog.ensure(projection)
-    building = catalog.start_rebuild(name, target=runtime.source.head(), restart=restart)
+    try:
+        building = catalog.start_rebuild(name, target=runtime.source.head(), restart=restart)
+    except NewerVersionError as error:
+        raise RebuildFailedError(str(error)) from None
     settings = ProcessorSettings(batch_size=batch_size, lease_ttl=runtime.settings.lease_ttl)
     processor = Processor(
         catalog, runtime.source, projection, building.generation, worker_id(), settings

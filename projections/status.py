@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import select
 
-from projections.catalog import BUILDING, SERVING, Catalog, Generation
+from projections.catalog import BUILDING, RETIRED, SERVING, Catalog, Generation
 from projections.source import EventSource
 
 LIVE = "live"
@@ -16,6 +16,7 @@ REBUILDING = "rebuilding"
 FAILED = "failed"
 STALLED = "stalled"
 NOT_STARTED = "not_started"
+REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class ProjectionStatus:
     lease_owner: str | None
     updated_at: datetime | None
     rebuild: RebuildProgress | None
+    pending_drops: list[int]
+    """Retired generations whose tables a reader still holds; dropped on a later pass."""
+    refused: str | None
+    """Why this version of the code leaves the projection alone (the store holds a newer one)."""
 
 
 def _time(value: float | None) -> datetime | None:
@@ -97,6 +102,8 @@ def projection_status(
         now = float(conn.execute(select(catalog.now)).scalar_one())
     serving = next((r for r in rows if r.role == SERVING), None)
     building = next((r for r in rows if r.role == BUILDING), None)
+    pending_drops = [r.generation for r in rows if r.role == RETIRED]
+    refused = catalog.refusal(name, rows)
     rebuild = None
     if building is not None:
         rebuild = RebuildProgress(
@@ -123,12 +130,16 @@ def projection_status(
             lease_owner=None,
             updated_at=None,
             rebuild=rebuild,
+            pending_drops=pending_drops,
+            refused=refused,
         )
     lag_events = max(0, head - serving.position)
     oldest = source.timestamp_after(serving.position) if lag_events else None
     lag_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
     error = _error(serving)
-    if error is not None:
+    if refused is not None:
+        state = REFUSED
+    elif error is not None:
         state = FAILED
     elif rebuild is not None and not rebuild.failed:
         state = REBUILDING
@@ -152,6 +163,8 @@ def projection_status(
         lease_owner=serving.lease_owner,
         updated_at=_time(serving.updated_at),
         rebuild=rebuild,
+        pending_drops=pending_drops,
+        refused=refused,
     )
 
 

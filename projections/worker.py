@@ -11,11 +11,14 @@ import uuid
 from collections.abc import Sequence
 
 from projections.base import Projection
-from projections.catalog import BUILDING, SERVING, Catalog
+from projections.catalog import BUILDING, RETIRED, SERVING, Catalog
 from projections.processor import Outcome, Processor, ProcessorSettings
 from projections.source import EventSource, SharedReads
 
 log = logging.getLogger("orderledger.projections")
+
+DROP_RETRY_SECONDS = 5.0
+"""How often a retired generation whose drop timed out (a reader still in it) is tried again."""
 
 
 def worker_id() -> str:
@@ -62,6 +65,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._last_refresh = 0.0
         self._last_heartbeat = 0.0
+        self._last_drop: dict[str, float] = {}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -171,7 +175,10 @@ class Worker:
         """Start processors for new generations; True if there were any."""
         started = False
         for projection in self.projections:
-            for row in self.catalog.rows(projection.name):
+            rows = self.catalog.rows(projection.name)
+            if any(row.role == RETIRED for row in rows):
+                self._drop_pending(projection.name)
+            for row in rows:
                 key = (row.name, row.generation)
                 if row.role not in (SERVING, BUILDING) or key in self.processors:
                     continue
@@ -188,6 +195,14 @@ class Worker:
                 )
                 started = True
         return started
+
+    def _drop_pending(self, name: str) -> None:
+        """Try again to drop retired generations, now and then (each try may wait briefly)."""
+        now = time.monotonic()
+        if now - self._last_drop.get(name, -DROP_RETRY_SECONDS) < DROP_RETRY_SECONDS:
+            return
+        self._last_drop[name] = now
+        self.catalog.drop_retired(name)
 
     def _lowest_position(self) -> int:
         """Where to wait from: only processors that hold a lease can act on new events."""

@@ -12,6 +12,7 @@ from api.idempotency import IdempotentRoute
 from api.problems import problem_responses, response_headers
 from api.projection_runtime import ProjectionsDep
 from api.read_schemas import ProjectionPublic, ProjectionsPublic, RebuildAccepted
+from projections.catalog import NewerVersionError
 from projections.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.status import ProjectionStatus, all_statuses, projection_status
 
@@ -71,9 +72,12 @@ async def rebuild_projection(
 ) -> RebuildAccepted:
     """Start rebuilding from event zero in the background; the current tables keep serving."""
     known = _known(runtime, name)
-    generation = await run_in_threadpool(
-        runtime.catalog.start_rebuild, known, target=runtime.source.head(), restart=restart
-    )
+    try:
+        generation = await run_in_threadpool(
+            runtime.catalog.start_rebuild, known, target=runtime.source.head(), restart=restart
+        )
+    except NewerVersionError as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
     status_url = str(request.url_for("read_projection", name=known).path)
     response.headers["Location"] = status_url
     return RebuildAccepted(name=known, generation=generation.generation, status_url=status_url)

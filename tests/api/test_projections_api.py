@@ -9,9 +9,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from api.app import create_app
 from api.settings import Settings
+from projections.catalog import generations
+from projections.database import write_transaction
 from projections.processor import ProcessorSettings
 from tests.api import assert_problem, head_position, order_body
 from tests.api.auth_support import bearer, issue_key
@@ -124,6 +127,28 @@ class TestProjectionStatus:
 
 class TestRebuild:
     """POST /projections/{name}/rebuild builds a new generation while the old one serves."""
+
+    def test_a_store_of_a_newer_version_is_a_409_problem_and_status_says_refused(
+        self, idle: TestClient
+    ) -> None:
+        """Code older than the serving generation (a rolling upgrade) refuses to rebuild it."""
+        place_orders(idle, 2)
+        runtime = idle.app.state.projections
+        runtime.worker(["order_summaries"]).run_until_caught_up(timeout=PATIENCE)
+        with write_transaction(runtime.engine) as conn:
+            conn.execute(
+                update(generations)
+                .where(generations.c.name == "order_summaries")
+                .values(version=generations.c.version + 1)
+            )
+
+        problem = assert_problem(idle.post("/projections/order_summaries/rebuild"), 409)
+
+        assert "store has version 2, this worker runs 1" in problem["detail"]
+        status = ok(idle.get("/projections/order_summaries"))
+        assert status["state"] == "refused"
+        assert status["refused"] == "refused: store has version 2, this worker runs 1"
+        assert [g.version for g in runtime.catalog.rows("order_summaries")] == [2]
 
     def test_polling_shows_the_rebuild_progress_then_the_new_generation(
         self, idle: TestClient

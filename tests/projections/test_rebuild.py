@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
+import psycopg
+import pytest
 from sqlalchemy import Connection, Table, text
 
-from projections.catalog import BUILDING, SERVING
+from projections.catalog import BUILDING, SERVING, NewerVersionError
+from projections.database import write_transaction
 from projections.order_summaries import OrderSummaryProjection
+from projections.point_read import PointReader
 from projections.processor import Outcome, Processor, ProcessorSettings
+from projections.rebuild import RebuildFailedError, rebuild
+from projections.registry import all_projections
 from projections.runtime import ProjectionRuntime
+from projections.status import REFUSED, projection_status
 from projections.worker import Worker
 from tests.projections.engine_helpers import (
     WAIT_TIMEOUT,
@@ -384,3 +392,142 @@ def _drop_is_waiting(runtime: ProjectionRuntime) -> bool:
     with runtime.engine.connect() as conn:
         waiting = conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar()
         return bool(waiting)
+
+
+class TestASwitchOverBehindALongReader:
+    """A session still reading the retired tables holds up neither the worker nor readers."""
+
+    @pytest.mark.postgres
+    def test_the_worker_and_point_reads_go_on_and_the_drop_waits_for_the_reader(
+        self, postgres_url: str
+    ) -> None:
+        """ACCESS SHARE held on the old table: the drop stays pending until the reader leaves."""
+        with opened(postgres_url, all_projections()) as (ledger, runtime):
+            before = place_and_pay(ledger, 10)
+            runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
+            reader = PointReader(runtime.engine, runtime.catalog, SUMMARIES, BASE)
+            # The reader keeps a statement for generation 1 from before the switch-over.
+            assert (first := reader.get(str(before[0]))) is not None and first.row is not None
+            runtime.catalog.start_rebuild(SUMMARIES, target=ledger.head_position())
+            worker = runtime.worker(idle_wait=0.05)
+            holder = psycopg.connect(postgres_url)  # a long psql session or pg_dump
+            try:
+                holder.execute("SELECT 1 FROM order_summaries_g1 LIMIT 1")
+                worker.start()
+                wait_until(
+                    lambda: only_generation(runtime, SUMMARIES, SERVING).generation == 2,
+                    "the rebuild took over",
+                )
+                after = place_and_pay(ledger, 3, prefix="after")
+                head = ledger.head_position()
+                # Every other projection, the outbox included, keeps following the store.
+                others = [p.name for p in runtime.projections if p.name != SUMMARIES]
+                assert "outbox" in others
+                wait_until(
+                    lambda: all(
+                        only_generation(runtime, name, SERVING).position >= head for name in others
+                    ),
+                    "the worker applied the new events to the other projections",
+                )
+                wait_until(
+                    lambda: only_generation(runtime, SUMMARIES, SERVING).position >= head,
+                    "the worker applied the new events to the new generation",
+                )
+                started = time.monotonic()
+                new = reader.get(str(after[0]))
+                old = reader.get(str(before[0]))
+                assert time.monotonic() - started < WAIT_TIMEOUT / 2
+                assert new is not None and new.row is not None and new.position >= head
+                assert old is not None and old.row == first.row
+                status = projection_status(runtime.catalog, runtime.source, SUMMARIES)
+                assert status.pending_drops == [1]
+                assert "order_summaries_g1" in table_names(runtime)
+
+                holder.rollback()
+                wait_until(
+                    lambda: "order_summaries_g1" not in table_names(runtime),
+                    "the retired tables were dropped once the reader left",
+                )
+                status = projection_status(runtime.catalog, runtime.source, SUMMARIES)
+                assert status.pending_drops == []
+            finally:
+                holder.close()
+                worker.stop()
+                reader.close()
+
+
+class TestARollingUpgrade:
+    """Older code restarting beside newer code never undoes or replaces the newer generation."""
+
+    def test_an_older_worker_leaves_a_newer_build_in_progress_alone(self, store_url: str) -> None:
+        """Version 2 is building; a version 1 worker restarts: the build stays, status says why."""
+        with (
+            opened(store_url, [OrderSummaryProjection()]) as (ledger, old),
+            opened(store_url, [OrderSummaryProjectionV2()], batch_size=10) as (_, new),
+        ):
+            place_and_pay(ledger, 20)
+            caught_up(old.worker())
+            new_worker = new.worker()
+            new_worker.prepare()
+            new_worker.run_once()
+            building = only_generation(new, SUMMARIES, BUILDING)
+            assert (building.version, building.position) == (2, 10)
+
+            old.worker().prepare()
+            with pytest.raises(NewerVersionError, match="store has version 2"):
+                old.catalog.start_rebuild(SUMMARIES, restart=True)
+
+            with pytest.raises(RebuildFailedError, match="this worker runs 1"):
+                rebuild(old, SUMMARIES)
+            assert only_generation(old, SUMMARIES, BUILDING) == building
+            status = projection_status(old.catalog, old.source, SUMMARIES)
+            assert status.state == REFUSED
+            assert status.refused == "refused: store has version 2, this worker runs 1"
+
+    def test_an_older_worker_does_not_rebuild_a_newer_serving_generation(
+        self, store_url: str
+    ) -> None:
+        """Version 2 serves; a version 1 worker restarting starts no rebuild back to version 1."""
+        with (
+            opened(store_url, [OrderSummaryProjection()]) as (ledger, old),
+            opened(store_url, [OrderSummaryProjectionV2()]) as (_, new),
+        ):
+            place_and_pay(ledger, 12)
+            caught_up(old.worker())
+            caught_up(new.worker())
+            assert only_generation(new, SUMMARIES, SERVING).version == 2
+
+            old.worker().prepare()
+
+            rows = old.catalog.rows(SUMMARIES)
+            assert [(r.generation, r.version, r.role) for r in rows] == [(2, 2, SERVING)]
+            status = projection_status(old.catalog, old.source, SUMMARIES)
+            assert (status.state, status.refused) == (
+                REFUSED,
+                "refused: store has version 2, this worker runs 1",
+            )
+
+
+class TestPromotionNeverGoesBackwards:
+    """A rebuilt generation takes over only at or past the serving generation's position."""
+
+    def test_a_generation_behind_the_serving_one_is_not_promoted(self, store_url: str) -> None:
+        """Promoting at a position before the serving one's changes nothing."""
+        with opened(store_url, [OrderSummaryProjection()]) as (ledger, runtime):
+            place_and_pay(ledger, 15)
+            caught_up(runtime.worker())
+            serving = only_generation(runtime, SUMMARIES, SERVING)
+            runtime.catalog.start_rebuild(SUMMARIES)
+            step = builder(runtime, 2)
+            assert step.step().outcome is Outcome.APPLIED
+            assert step.lease is not None and step.position < serving.position
+
+            with write_transaction(runtime.engine) as conn:
+                promoted = runtime.catalog.promote(conn, step.lease, step.position)
+
+            assert only_generation(runtime, SUMMARIES, SERVING) == serving
+            assert promoted is False
+            assert only_generation(runtime, SUMMARIES, BUILDING).generation == 2
+
+            caught_up(runtime.worker())
+            assert only_generation(runtime, SUMMARIES, SERVING).generation == 2
