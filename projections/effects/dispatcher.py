@@ -1,11 +1,15 @@
 """The dispatcher delivers pending effects at least once, in order per order and target.
 
 Several dispatchers may run at once (threads, processes, machines): each claims rows with a
-lease (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the write lock on SQLite) that expires if the
-claimer dies, and finishes a row only while its claim is still its own. An effect waits while an
-earlier effect of the same order to the same target is not delivered (retrying or dead), so a
-receiver sees one order's effects in position order; other orders keep flowing. Between attempts
-it waits with exponential backoff and full jitter; after the last attempt the effect is dead.
+lease that expires if the claimer dies, renews the leases of its attempts still in flight, and
+finishes a row only while its claim is still its own. Claims are taken one dispatcher at a time
+(an advisory lock on PostgreSQL, the write lock on SQLite) and count the unexpired claims of
+every dispatcher, so a target never has more attempts in flight than the per-target limit
+across the whole deployment. A worker that finishes takes the next due effect at once: a slow
+receiver holds its own workers, never a batch. An effect waits while an earlier effect of the
+same order to the same target is not delivered (retrying or dead), so a receiver sees one
+order's effects in position order; other orders keep flowing. Between attempts it waits with
+exponential backoff and full jitter; after the last attempt the effect is dead.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ import logging
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter as Tally
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import Engine, and_, exists, insert, select, update
+from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, text, update
 from sqlalchemy.orm import aliased
 
 from projections.database import db_now, write_transaction
@@ -36,6 +40,9 @@ ATTEMPTS = Counter(
     ["kind", "outcome"],
 )
 DEAD_LETTERS = Counter("orderledger_effects_dead", "Effects that went dead", ["kind"])
+
+_CANDIDATES_PER_CLAIM = 4
+"""How many due rows a claim looks at per free worker, to find some whose target has room."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,10 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="orderledger-deliver"
         )
-        self._target_slots: dict[str, threading.Semaphore] = defaultdict(
-            lambda: threading.Semaphore(self.settings.per_target)
-        )
-        self._slots_lock = threading.Lock()
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+        self._renewed_at = 0.0
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -94,29 +101,74 @@ class Dispatcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self) -> None:
+        """Keep every worker busy: claim as many due effects as workers are free, as they free."""
         while not self._stop.is_set():
+            self._wake.clear()
             try:
-                handled = self.run_once()
+                self._renew_claims()
+                started = self._start(self.settings.concurrency - self.in_flight())
             except Exception:
                 log.exception("dispatcher iteration failed; retrying")
                 self._stop.wait(1.0)
                 continue
-            if handled == 0:
-                self._stop.wait(self.settings.idle_wait)
+            if started == 0:
+                self._wake.wait(self.settings.idle_wait)
 
     def run_once(self) -> int:
         """Claim a batch of due effects and deliver them; returns how many were attempted."""
         claimed = self.claim(self.settings.batch_size)
-        futures = [self._pool.submit(self._deliver, effect) for effect in claimed]
+        futures = [self._submit(effect) for effect in claimed]
         for future in futures:
             future.result()
         return len(claimed)
+
+    def in_flight(self) -> int:
+        """How many of this dispatcher's attempts are running."""
+        with self._in_flight_lock:
+            return len(self._in_flight)
+
+    def _start(self, free: int) -> int:
+        if free <= 0:
+            return 0
+        claimed = self.claim(min(free, self.settings.batch_size))
+        for effect in claimed:
+            self._submit(effect)
+        return len(claimed)
+
+    def _submit(self, effect: Effect) -> Future[None]:
+        with self._in_flight_lock:
+            self._in_flight.add(effect.id)
+        return self._pool.submit(self._deliver_in_flight, effect)
+
+    def _deliver_in_flight(self, effect: Effect) -> None:
+        try:
+            self._deliver(effect)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(effect.id)
+            self._wake.set()
+
+    def _renew_claims(self) -> None:
+        """Extend the claims of the attempts in flight, so no other dispatcher takes them over."""
+        if time.monotonic() - self._renewed_at < self.settings.claim_ttl / 3:
+            return
+        with self._in_flight_lock:
+            ids = list(self._in_flight)
+        if ids:
+            with write_transaction(self.engine) as conn:
+                conn.execute(
+                    update(effects)
+                    .where(effects.c.id.in_(ids), effects.c.claimed_by == self.owner)
+                    .values(claim_expires_at=self.now + self.settings.claim_ttl)
+                )
+        self._renewed_at = time.monotonic()
 
     def drain(self, timeout: float = 60.0) -> None:
         """Deliver until nothing is due (for tests and one-off runs)."""
@@ -127,7 +179,8 @@ class Dispatcher:
     # -- claiming ----------------------------------------------------------------------------
 
     def claim(self, limit: int) -> list[Effect]:
-        """Take up to ``limit`` due effects whose earlier effects (same order, target) are done."""
+        """Take up to ``limit`` due effects whose earlier effects (same order, target) are done,
+        leaving every target at most ``per_target`` unexpired claims across all dispatchers."""
         earlier = aliased(effects)
         blocked = exists().where(
             and_(
@@ -137,21 +190,29 @@ class Dispatcher:
                 earlier.c.status != DELIVERED,
             )
         )
-        query = (
-            select(effects)
-            .where(
-                effects.c.status == PENDING,
-                effects.c.next_attempt_at <= self.now,
-                (effects.c.claim_expires_at.is_(None)) | (effects.c.claim_expires_at < self.now),
-                ~blocked,
-            )
-            .order_by(effects.c.position)
-            .limit(limit)
-        )
         with write_transaction(self.engine) as conn:
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True, of=effects)
-            rows = list(conn.execute(query))
+            busy = self._claims_by_target(conn)
+            full = [target for target, claims in busy.items() if claims >= self.settings.per_target]
+            query = (
+                select(effects)
+                .where(
+                    effects.c.status == PENDING,
+                    effects.c.next_attempt_at <= self.now,
+                    (effects.c.claim_expires_at.is_(None))
+                    | (effects.c.claim_expires_at < self.now),
+                    effects.c.target.not_in(full),
+                    ~blocked,
+                )
+                .order_by(effects.c.position)
+                .limit(limit * _CANDIDATES_PER_CLAIM)
+            )
+            rows = []
+            for row in conn.execute(query):
+                if busy[row.target] < self.settings.per_target:
+                    busy[row.target] += 1
+                    rows.append(row)
+                    if len(rows) == limit:
+                        break
             if not rows:
                 return []
             conn.execute(
@@ -175,11 +236,18 @@ class Dispatcher:
             for row in rows
         ]
 
-    # -- delivering --------------------------------------------------------------------------
+    def _claims_by_target(self, conn: Connection) -> Tally[str]:
+        """Unexpired claims per target, once no other dispatcher is claiming."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('outbox_effects claim'))"))
+        query = (
+            select(effects.c.target, func.count().label("claims"))
+            .where(effects.c.status == PENDING, effects.c.claim_expires_at >= self.now)
+            .group_by(effects.c.target)
+        )
+        return Tally({row.target: row.claims for row in conn.execute(query)})
 
-    def _slot(self, target: str) -> threading.Semaphore:
-        with self._slots_lock:
-            return self._target_slots[target]
+    # -- delivering --------------------------------------------------------------------------
 
     def _deliver(self, effect: Effect) -> None:
         context = _context(effect)
@@ -189,14 +257,13 @@ class Dispatcher:
         sender = self.senders.get(effect.kind)
         log.info("attempting %s", _fields(context), extra=context)
         started = time.time()
-        with self._slot(effect.target):
-            if sender is None:
-                outcome = Outcome(False, error=f"no sender configured for {effect.kind} effects")
-            else:
-                try:
-                    outcome = sender.send(effect)
-                except Exception as error:
-                    outcome = Outcome(False, error=f"{type(error).__name__}: {error}")
+        if sender is None:
+            outcome = Outcome(False, error=f"no sender configured for {effect.kind} effects")
+        else:
+            try:
+                outcome = sender.send(effect)
+            except Exception as error:
+                outcome = Outcome(False, error=f"{type(error).__name__}: {error}")
         duration = (time.time() - started) * 1000
         self._finish(effect, outcome, started, duration)
 

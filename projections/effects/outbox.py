@@ -81,6 +81,7 @@ effects = Table(
     UniqueConstraint("effect", "position", name="outbox_effects_once"),
     Index("outbox_effects_due", "status", "next_attempt_at"),
     Index("outbox_effects_sequence", "order_id", "target", "position"),
+    Index("outbox_effects_claims", "claim_expires_at"),
 )
 
 attempts = Table(
@@ -131,6 +132,8 @@ def install_outbox(engine: Engine, head: int) -> None:
         try:
             with write_transaction(engine) as conn:
                 outbox_metadata.create_all(conn, checkfirst=True)
+                for index in effects.indexes:  # added to a table created by an older version
+                    index.create(conn, checkfirst=True)
                 exists = conn.execute(
                     select(watermarks.c.name).where(watermarks.c.name == OutboxProjection.name)
                 ).first()

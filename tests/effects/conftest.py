@@ -77,6 +77,7 @@ class ReceivedRequest:
     body: bytes
     received_at: float
     status: int
+    answered_at: float
 
     @property
     def webhook_id(self) -> str:
@@ -93,8 +94,8 @@ class WebhookReceiver:
 
     Behaviour: always 2xx (the default); ``fail_fraction`` of requests answer 503 at random
     (seeded); ``failing_orders`` answer 500 for those order ids; ``fail_first`` answers 500
-    to the first n requests carrying each webhook-id; ``go_down()`` closes the socket so
-    connections are refused until ``come_up()``.
+    to the first n requests carrying each webhook-id; ``hang`` seconds pass before every
+    answer; ``go_down()`` closes the socket so connections are refused until ``come_up()``.
     """
 
     def __init__(self, *, seed: int = 7) -> None:
@@ -102,6 +103,7 @@ class WebhookReceiver:
         self.fail_fraction = 0.0
         self.failing_orders: set[str] = set()
         self.fail_first = 0
+        self.hang = 0.0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}
@@ -189,7 +191,10 @@ class WebhookReceiver:
                 body = self.rfile.read(length)
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 status = receiver._answer(headers, body)
-                receiver._record(ReceivedRequest(self.path, headers, body, arrived, status))
+                time.sleep(receiver.hang)
+                receiver._record(
+                    ReceivedRequest(self.path, headers, body, arrived, status, time.time())
+                )
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()

@@ -54,8 +54,9 @@ CHAOS_SETTINGS = {
     "effect_max_attempts": 50,
     # Short leases so a SIGKILLed process's claims and leases expire quickly.
     "effect_claim_ttl": 2,
-    # Every effect goes to the one receiver: let all of a dispatcher's deliveries use it.
-    "effect_per_target": 8,
+    # Every effect goes to the one receiver: let all of a dispatcher's deliveries use it, beside
+    # the claims a killed dispatcher leaves behind until they expire (they count to the limit).
+    "effect_per_target": 64,
     "projection_lease_ttl": 2,
 }
 

@@ -847,3 +847,113 @@ runtime.close()
 ledger.close()
 print("attempted", attempted)
 """
+
+
+class TestASlowReceiver:
+    """A receiver that hangs holds only its own share of the workers, and only its own effects."""
+
+    @pytest.mark.slow
+    def test_a_hanging_receiver_delays_no_one_and_gets_each_effect_once_within_its_limit(
+        self,
+        store_url: str,
+        ledger: OrderLedger,
+        effects_service: Effects,
+        catch_up: CatchUp,
+        tmp_path: Path,
+    ) -> None:
+        """It hangs 3 s, longer than the 1 s claim; two dispatcher processes share the outbox.
+
+        The fast receiver gets all its effects before the slow one answers once; the slow one
+        never has more requests open than the per-target limit and sees each effect once.
+        """
+        orders = 4
+        slow, fast = WebhookReceiver(), WebhookReceiver()
+        slow.hang = 3.0
+        for receiver in (slow, fast):
+            receiver.come_up()
+            effects_service.add_subscription(receiver.url, ["*"])
+        try:
+            for _ in range(orders):
+                place(ledger)
+            catch_up()
+            go, stop = tmp_path / "go", tmp_path / "stop"
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _SERVING_DISPATCHER, store_url, owner, str(tmp_path)],
+                    cwd=_ROOT,
+                    env={**os.environ, "PYTHONPATH": str(_ROOT)},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for owner in ("one", "two")
+            ]
+            try:
+                ready = [tmp_path / f"{owner}.ready" for owner in ("one", "two")]
+                wait_until(lambda: all(p.exists() for p in ready), 30, "both dispatchers ready")
+                go.touch()
+                engine = effects_service.engine
+                wait_until(lambda: pending_count(engine) == 0, 60, "every effect delivered")
+            finally:
+                stop.touch()
+                outputs = [p.communicate(timeout=30) for p in processes]
+            for process, (_, err) in zip(processes, outputs, strict=True):
+                assert process.returncode == 0, err
+        finally:
+            slow.close()
+            fast.close()
+
+        first_slow_answer = min(r.answered_at for r in slow.received())
+        assert len(fast.accepted()) == orders
+        assert max(r.answered_at for r in fast.received()) < first_slow_answer
+        slow_ids = Counter(r.webhook_id for r in slow.received())
+        assert sorted(slow_ids.values()) == [1] * orders
+        assert _most_at_once(slow.received()) == _SLOW_PER_TARGET
+
+
+def _most_at_once(requests: list[Any]) -> int:
+    """The largest number of requests the receiver held open at one moment."""
+    edges = sorted(
+        [(r.received_at, 1) for r in requests] + [(r.answered_at, -1) for r in requests],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    open_now = most = 0
+    for _, change in edges:
+        open_now += change
+        most = max(most, open_now)
+    return most
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+_SLOW_PER_TARGET = 2
+
+_SERVING_DISPATCHER = f"""
+import sys, time
+from pathlib import Path
+from domain.ledger import OrderLedger
+from projections.effects.dispatcher import DispatchSettings
+from projections.effects.runtime import build_dispatcher
+from projections.effects.senders import SmtpSettings
+from projections.runtime import ProjectionRuntime
+from tests.effects.conftest import LOCAL_TARGETS
+
+url, owner, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+ledger = OrderLedger.from_url(url)
+runtime = ProjectionRuntime.open(ledger, url)
+settings = DispatchSettings(
+    concurrency=4, per_target={_SLOW_PER_TARGET}, claim_ttl=1.0, idle_wait=0.02
+)
+dispatcher = build_dispatcher(
+    runtime, ledger, dispatch=settings, smtp=SmtpSettings(), timeout=30.0, owner=owner,
+    targets=LOCAL_TARGETS,
+)
+(folder / f"{{owner}}.ready").touch()
+while not (folder / "go").exists():
+    time.sleep(0.005)
+dispatcher.start()
+while not (folder / "stop").exists():
+    time.sleep(0.05)
+dispatcher.stop()
+runtime.close()
+ledger.close()
+"""
