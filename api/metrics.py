@@ -33,8 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.effects.service import Effects
-from projections.runtime import ProjectionRuntime
-from projections.status import (
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.status import (
     CATCHING_UP,
     FAILED,
     LIVE,

@@ -52,8 +52,8 @@ from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import Effects
 from projections.effects.targets import TargetPolicy, parse_networks
+from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import OrderSummaryProjection
-from projections.runtime import ProjectionRuntime
 
 SAVE_CHUNK = 500
 """Orders per ``ledger.save``: one transaction each."""

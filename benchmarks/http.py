@@ -37,8 +37,8 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Table, func, select
 
-from api.projection_runtime import open_projection_runtime
-from api.routes.order_queries import public_json
+from api.http.read_models import open_projection_runtime
+from api.http.routes.order_queries import public_json
 from api.settings import Settings
 from benchmarks.common import (
     STORES,
@@ -54,9 +54,9 @@ from benchmarks.common import (
 from benchmarks.loadgen import OPERATIONS, CellResult, LoadSpec, Window, place_order_body, read_ids
 from domain.ledger import OrderLedger
 from domain.order import Order
-from projections.point_read import PointReader
+from projections.engine.point_read import PointReader
+from projections.engine.runtime import ProjectionRuntime
 from projections.registry import all_projections
-from projections.runtime import ProjectionRuntime
 
 CACHE_VERSION = 1
 """Bump when the generated orders change, so cached stores are made again."""

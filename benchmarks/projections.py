@@ -50,10 +50,10 @@ from domain.ledger import OrderLedger
 from domain.order import Order
 from domain.summary import balance_due, order_status, refund_due
 from projections.base import Projection
+from projections.engine.processor import ProcessorSettings
+from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import OrderSummaryProjection
-from projections.processor import ProcessorSettings
 from projections.registry import all_projections
-from projections.runtime import ProjectionRuntime
 
 OURS = "orderledger Worker"
 LIBRARY = "library ProjectionRunner"

@@ -9,7 +9,7 @@ from typing import ClassVar
 from eventsourcing.domain import Aggregate
 from sqlalchemy import Connection, Engine, MetaData, Table
 
-from projections.source import RecordedEvent, topics_of
+from projections.engine.source import RecordedEvent, topics_of
 
 
 class EventHandlingError(Exception):

@@ -24,8 +24,8 @@ from sqlalchemy import (
 
 from domain.order import Order
 from projections.base import Batch, Projection
-from projections.rows import KeyedRows, add_amounts
-from projections.source import RecordedEvent
+from projections.engine.rows import KeyedRows, add_amounts
+from projections.engine.source import RecordedEvent
 
 
 class DailySalesProjection(Projection):

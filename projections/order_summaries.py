@@ -33,9 +33,9 @@ from sqlalchemy import (
 from domain.order import Order
 from domain.summary import balance_due, order_status, refund_due
 from projections.base import Batch, Projection
-from projections.database import insert_rows, update_rows
-from projections.rows import rows_with
-from projections.source import RecordedEvent
+from projections.engine.database import insert_rows, update_rows
+from projections.engine.rows import rows_with
+from projections.engine.source import RecordedEvent
 
 _CHUNK = 500
 

@@ -18,8 +18,8 @@ from click.testing import Result
 from eventsourcing.utils import get_topic
 from typer.testing import CliRunner
 
-from api.cli import app, format_money
-from api.keys import Role
+from api.cli.main import app, format_money
+from api.key_store import Role
 from domain.ledger import OrderLedger
 from domain.order import Order, OrderStatus
 from tests.api.auth_support import bearer, issue_key
@@ -362,7 +362,7 @@ class TestStoreErrors:
     def test_the_console_script_reports_any_command_error_in_one_line(self) -> None:
         """An error no command catches still exits non-zero with one line and no traceback."""
         completed = subprocess.run(
-            [sys.executable, "-m", "api.cli", "status", "--database-url", "mysql://db/orders"],
+            [sys.executable, "-m", "api.cli.main", "status", "--database-url", "mysql://db/orders"],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -407,7 +407,7 @@ def server(sqlite_url: str, tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "serve.log").open("w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "api.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
         env={**env, "ORDERLEDGER_DATABASE_URL": sqlite_url},
         stdout=log,

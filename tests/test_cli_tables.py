@@ -10,9 +10,9 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from api.cli import app
+from api.cli.main import app
 from domain.ledger import OrderLedger
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests.effects.test_effects_cli import add_webhook
 from tests.projections import run_until_caught_up
 

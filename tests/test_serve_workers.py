@@ -23,7 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.keys import Role
+from api.key_store import Role
 from tests.api.auth_support import bearer, issue_key
 from tests.projections.process_helpers import REPO_ROOT, cli_env
 from tests.test_cli import free_port
@@ -128,7 +128,7 @@ def serve(store_url: str, tmp_path: Path, *args: str) -> Iterator[Serving]:
     stderr_path = tmp_path / "serve.stderr.log"
     with stderr_path.open("wb") as err, (tmp_path / "serve.stdout.log").open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", *args],
+            [sys.executable, "-m", "api.cli.main", "serve", *args],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,

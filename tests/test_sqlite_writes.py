@@ -25,7 +25,7 @@ from domain.sqlite_writes import (
     WriteLockTimeoutError,
     sqlite_write_lock,
 )
-from projections.database import read_model_engine, write_transaction
+from projections.engine.database import read_model_engine, write_transaction
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLDER = """

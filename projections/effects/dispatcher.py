@@ -28,9 +28,9 @@ from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, text, update
 from sqlalchemy.orm import aliased
 
-from projections.database import db_now, write_transaction
 from projections.effects.outbox import DEAD, DELIVERED, PENDING, attempts, effects
 from projections.effects.senders import Effect, Outcome, Sender
+from projections.engine.database import db_now, write_transaction
 
 log = logging.getLogger("orderledger.effects")
 

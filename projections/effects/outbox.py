@@ -40,8 +40,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.order import EVENT_TYPES, Order
 from projections.base import Batch, Projection
-from projections.database import db_now, write_transaction
-from projections.source import RecordedEvent
+from projections.engine.database import db_now, write_transaction
+from projections.engine.source import RecordedEvent
 
 PENDING = "pending"
 DELIVERED = "delivered"

@@ -8,8 +8,8 @@ from projections.effects.outbox import EMAIL, WEBHOOK
 from projections.effects.senders import EmailSender, Sender, SmtpSettings, WebhookSender
 from projections.effects.service import Effects
 from projections.effects.targets import TargetPolicy
-from projections.runtime import ProjectionRuntime
-from projections.worker import worker_id
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.worker import worker_id
 
 
 def build_dispatcher(

@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, func, select, update
 
 from domain.order import EVENT_TYPES, Order
-from projections.database import db_now, write_transaction
 from projections.effects.outbox import (
     DEAD,
     PENDING,
@@ -26,7 +25,8 @@ from projections.effects.outbox import (
 )
 from projections.effects.senders import new_secret
 from projections.effects.targets import TargetNotAllowedError, TargetPolicy
-from projections.source import EventSource
+from projections.engine.database import db_now, write_transaction
+from projections.engine.source import EventSource
 
 MAX_URL_LENGTH = 2048
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from api.keys import ApiKeyStore, Role
+from api.key_store import ApiKeyStore, Role
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from api.app import create_app
-from api.keys import Role
+from api.http.app import create_app
+from api.key_store import Role
 from api.settings import Settings
 from tests import LOCAL_RECEIVERS
 from tests.api import order_body

@@ -17,9 +17,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from starlette.exceptions import StarletteDeprecationWarning
 
-from api.app import create_app
-from api.auth import require
-from api.keys import DEFAULT_CACHE_TTL, ApiKeyStore, Role
+from api.http.app import create_app
+from api.http.auth import require
+from api.key_store import DEFAULT_CACHE_TTL, ApiKeyStore, Role
 from api.settings import Settings
 from tests.api import assert_problem
 from tests.api.auth_support import bearer, issue_key

@@ -16,15 +16,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.idempotency import (
+from api.http.app import create_app
+from api.http.idempotency import (
     ABANDONED_AFTER,
     Claim,
     HttpIdempotencyStore,
     StillRunningError,
     StoredResponse,
 )
-from api.keys import Role
+from api.key_store import Role
 from api.settings import Settings
 from tests import LOCAL_RECEIVERS
 from tests.api import assert_problem, head_position, history_length, order_body

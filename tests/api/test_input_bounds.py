@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from api import read_schemas, schemas
-from api.app import MAX_BODY_BYTES
+from api.http.app import MAX_BODY_BYTES
+from api.http.schemas import commands, reads
 from domain.money import MAX_AMOUNT
 from tests.api import assert_problem, head_position, order_body
 
@@ -313,7 +313,7 @@ class TestTheOpenApiDocument:
                     name = json_content["schema"]["$ref"].rsplit("/", 1)[-1]
                     assert models[name].get("examples"), (method, path, status, name)
 
-    @pytest.mark.parametrize("module", [schemas, read_schemas])
+    @pytest.mark.parametrize("module", [commands, reads])
     def test_every_example_is_valid_for_its_model(self, module: ModuleType) -> None:
         checked = 0
         for model in vars(module).values():

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from api.keys import ApiKeyStore, IssuedKey, KeyNotFoundError, Role
+from api.key_store import ApiKeyStore, IssuedKey, KeyNotFoundError, Role
 from tests.api import assert_problem
 from tests.api.auth_support import bearer
 

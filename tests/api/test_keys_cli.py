@@ -8,8 +8,8 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from api.cli import app
-from api.keys import ApiKeyStore, Role
+from api.cli.main import app
+from api.key_store import ApiKeyStore, Role
 
 TOKEN = re.compile(r"olk_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
 

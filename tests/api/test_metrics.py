@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.app import create_app
-from api.keys import Role
+from api.http.app import create_app
+from api.key_store import Role
 from api.metrics import UNMATCHED_ROUTE
 from api.settings import Settings
 from tests import LOCAL_RECEIVERS

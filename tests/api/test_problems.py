@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import MAX_BODY_BYTES, create_app
+from api.http.app import MAX_BODY_BYTES, create_app
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from tests.api import assert_problem, head_position, order_body

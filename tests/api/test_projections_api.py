@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from api.app import create_app
+from api.http.app import create_app
 from api.settings import Settings
-from projections.catalog import generations
-from projections.database import write_transaction
-from projections.processor import ProcessorSettings
+from projections.engine.catalog import generations
+from projections.engine.database import write_transaction
+from projections.engine.processor import ProcessorSettings
 from tests.api import assert_problem, head_position, order_body
 from tests.api.auth_support import bearer, issue_key
 

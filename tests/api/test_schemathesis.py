@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from api.app import create_app
-from api.keys import Role
+from api.http.app import create_app
+from api.key_store import Role
 from api.settings import Settings
 from tests.api import order_body
 from tests.api.auth_support import bearer, issue_key

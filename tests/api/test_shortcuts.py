@@ -21,16 +21,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from api.app import MAX_BODY_BYTES, create_app
-from api.keys import ApiKeyStore, Role
-from api.routes import order_queries as orders
+from api.http.app import MAX_BODY_BYTES, create_app
+from api.http.routes import order_queries as orders
+from api.http.shortcuts import PlaceOrderShortcut
+from api.key_store import ApiKeyStore, Role
 from api.settings import Settings
-from api.shortcuts import PlaceOrderShortcut
 from domain.ledger import OrderLedger
+from projections.engine.point_read import PointRead, PointReader
+from projections.engine.rebuild import rebuild
+from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import summary_from
-from projections.point_read import PointRead, PointReader
-from projections.rebuild import rebuild
-from projections.runtime import ProjectionRuntime
 from tests.api import order_body
 from tests.api.auth_support import bearer, issue_key
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from api.transport import CoalescingTransport
+from api.http.transport import CoalescingTransport
 
 
 class CountingTransport:

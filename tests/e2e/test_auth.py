@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from api.keys import DEFAULT_CACHE_TTL
+from api.key_store import DEFAULT_CACHE_TTL
 from tests.api import assert_problem, order_body
 from tests.e2e.processes import Deployment
 

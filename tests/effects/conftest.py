@@ -29,7 +29,7 @@ from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import Effects
 from projections.effects.targets import TargetPolicy, parse_networks
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests import LOCAL_RECEIVERS
 from tests.projections import run_until_caught_up
 

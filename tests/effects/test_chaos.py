@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Row, func, select
 
-from projections.catalog import SERVING
 from projections.effects.outbox import (
     DELIVERED,
     PENDING,
@@ -21,7 +20,8 @@ from projections.effects.outbox import (
     effects,
 )
 from projections.effects.service import Effects
-from projections.runtime import ProjectionRuntime
+from projections.engine.catalog import SERVING
+from projections.engine.runtime import ProjectionRuntime
 from tests.effects.chaos_helpers import (
     FlakyReceiver,
     OrderWriter,

@@ -28,8 +28,8 @@ from projections.effects.outbox import DEAD, DELIVERED, PENDING, OutboxProjectio
 from projections.effects.outbox import effects as effects_table
 from projections.effects.senders import InvalidSignatureError, new_secret, sign, verify
 from projections.effects.service import CreatedSubscription, Effects
+from projections.engine.runtime import ProjectionRuntime
 from projections.registry import all_projections
-from projections.runtime import ProjectionRuntime
 from tests.effects.conftest import (
     SmtpServer,
     WebhookReceiver,
@@ -821,7 +821,7 @@ from projections.effects.dispatcher import DispatchSettings
 from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import CreatedSubscription, Effects
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests.effects.conftest import LOCAL_TARGETS
 
 url, owner, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -934,7 +934,7 @@ from domain.ledger import OrderLedger
 from projections.effects.dispatcher import DispatchSettings
 from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests.effects.conftest import LOCAL_TARGETS
 
 url, owner, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])

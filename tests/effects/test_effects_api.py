@@ -20,11 +20,11 @@ import pytest
 from sqlalchemy import delete
 from starlette.exceptions import StarletteDeprecationWarning
 
-from api.app import create_app
+from api.http.app import create_app
 from api.settings import Settings
-from projections.database import read_model_engine
 from projections.effects.outbox import effects
 from projections.effects.senders import verify
+from projections.engine.database import read_model_engine
 from tests import LOCAL_RECEIVERS
 from tests.api import assert_problem, order_body
 from tests.api.auth_support import admin

@@ -17,11 +17,11 @@ from sqlalchemy import select
 from starlette.exceptions import StarletteDeprecationWarning
 from typer.testing import CliRunner
 
-from api.app import create_app
-from api.cli import app
+from api.cli.main import app
+from api.http.app import create_app
 from domain.ledger import OrderLedger
 from projections.effects.outbox import effects
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests import LOCAL_RECEIVERS
 from tests.api.auth_support import admin
 from tests.effects.test_effects_api import (

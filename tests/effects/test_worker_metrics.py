@@ -20,13 +20,13 @@ import pytest
 
 from domain.ledger import OrderLedger
 from projections.effects.service import Effects
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests import LOCAL_RECEIVERS
 from tests.api import order_body
 from tests.effects.conftest import LOCAL_TARGETS, WebhookReceiver
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = (sys.executable, "-m", "api.cli", "worker")
+WORKER = (sys.executable, "-m", "api.cli.main", "worker")
 ANNOUNCED = re.compile(r"metrics at (http://\S+/metrics)")
 
 

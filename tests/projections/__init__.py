@@ -13,10 +13,10 @@ from uuid import UUID
 from sqlalchemy import select
 
 from domain.ledger import OrderLedger
-from projections.catalog import BUILDING
-from projections.processor import ProcessorSettings
-from projections.runtime import ProjectionRuntime
-from projections.worker import Worker
+from projections.engine.catalog import BUILDING
+from projections.engine.processor import ProcessorSettings
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.worker import Worker
 
 PLACED = "placed"
 LINE_ADDED = "line_added"

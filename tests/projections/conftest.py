@@ -9,7 +9,7 @@ import eventsourcing.domain
 import pytest
 
 from domain.ledger import OrderLedger
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests.projections import LedgerClock, OrderMix, run_until_caught_up
 
 CatchUp = Callable[..., None]

@@ -33,11 +33,11 @@ from sqlalchemy import (
 from domain.ledger import EVENT_NAMES, OrderLedger
 from domain.order import EVENT_TYPES, Order
 from projections.base import Batch, Projection
-from projections.catalog import Generation
+from projections.engine.catalog import Generation
+from projections.engine.processor import ProcessorSettings
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.source import RecordedEvent
 from projections.order_summaries import OrderSummaryProjection
-from projections.processor import ProcessorSettings
-from projections.runtime import ProjectionRuntime
-from projections.source import RecordedEvent
 
 ALL_ORDER_EVENTS: tuple[type[Aggregate.Event], ...] = tuple(EVENT_TYPES.values())
 WAIT_TIMEOUT = 60.0

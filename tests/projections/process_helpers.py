@@ -25,8 +25,8 @@ from sqlalchemy import func, select
 
 from domain.ledger import OrderLedger
 from domain.order import EVENT_TYPES, Order
-from projections.catalog import BUILDING, SERVING, Generation
-from projections.runtime import ProjectionRuntime
+from projections.engine.catalog import BUILDING, SERVING, Generation
+from projections.engine.runtime import ProjectionRuntime
 from tests import LOCAL_RECEIVERS
 from tests.projections import checksum, table_contents
 
@@ -224,7 +224,7 @@ def cli_env(**settings: object) -> dict[str, str]:
 
 
 class CliProcesses:
-    """Starts ``python -m api.cli`` children with output in files; kills every one at the end."""
+    """Starts ``python -m api.cli.main`` children, output in files; kills every one at the end."""
 
     def __init__(self, directory: Path, env: dict[str, str]) -> None:
         self.directory = directory
@@ -236,7 +236,7 @@ class CliProcesses:
         log = self.directory / f"cli-{len(self.started)}-{args[0]}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", *args],
+                [sys.executable, "-m", "api.cli.main", *args],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=out,

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import inspect
 
 from projections.base import generation_suffix
-from projections.catalog import BUILDING, SERVING, Generation
+from projections.engine.catalog import BUILDING, SERVING, Generation
+from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import list_order_summaries
-from projections.runtime import ProjectionRuntime
 from tests.projections import checksum, run_until_caught_up, table_contents
 from tests.projections.process_helpers import (
     CliProcesses,

@@ -19,10 +19,10 @@ from eventsourcing.persistence import IntegrityError
 
 from domain.ledger import OrderLedger
 from domain.order import Order
-from projections.catalog import LeaseLostError
-from projections.processor import Outcome, Processor, ProcessorSettings
-from projections.runtime import ProjectionRuntime
-from projections.source import SharedReads
+from projections.engine.catalog import LeaseLostError
+from projections.engine.processor import Outcome, Processor, ProcessorSettings
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.source import SharedReads
 from tests.projections.engine_helpers import (
     WAIT_TIMEOUT,
     AppliedPositionsProjection,

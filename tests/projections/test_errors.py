@@ -8,11 +8,11 @@ from uuid import UUID
 from sqlalchemy import select
 
 from domain.ledger import OrderLedger
-from projections.catalog import BUILDING, SERVING
+from projections.engine.catalog import BUILDING, SERVING
+from projections.engine.processor import Outcome
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.worker import Worker
 from projections.order_summaries import OrderSummaryProjection
-from projections.processor import Outcome
-from projections.runtime import ProjectionRuntime
-from projections.worker import Worker
 from tests.projections.engine_helpers import (
     WAIT_TIMEOUT,
     AppliedPositionsProjection,

@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 
 from domain.ledger import OrderLedger
 from domain.order import Order
+from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import OrderSummaryProjection
-from projections.runtime import ProjectionRuntime
 from tests.projections.engine_helpers import (
     WAIT_TIMEOUT,
     AppliedPositionsProjection,

@@ -15,7 +15,7 @@ from domain.errors import OrderLedgerError
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
 from domain.order import MAX_QUANTITY
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from tests.projections import run_until_caught_up
 
 Command = Callable[[OrderLedger, list[UUID]], Any]

@@ -15,7 +15,7 @@ from domain.money import MAX_AMOUNT
 from projections.base import generation_suffix
 from projections.customer_stats import CustomerSpend, CustomerStats, get_customer_stats
 from projections.daily_sales import DailySales, daily_sales_between
-from projections.runtime import ProjectionRuntime
+from projections.engine.runtime import ProjectionRuntime
 from projections.sku_sales import SkuSales, top_skus
 from tests.projections import (
     CANCELLED,

@@ -10,16 +10,16 @@ import psycopg
 import pytest
 from sqlalchemy import Connection, Table, text
 
-from projections.catalog import BUILDING, SERVING, NewerVersionError
-from projections.database import write_transaction
+from projections.engine.catalog import BUILDING, SERVING, NewerVersionError
+from projections.engine.database import write_transaction
+from projections.engine.point_read import PointReader
+from projections.engine.processor import Outcome, Processor, ProcessorSettings
+from projections.engine.rebuild import RebuildFailedError, rebuild
+from projections.engine.runtime import ProjectionRuntime
+from projections.engine.status import REFUSED, projection_status
+from projections.engine.worker import Worker
 from projections.order_summaries import OrderSummaryProjection
-from projections.point_read import PointReader
-from projections.processor import Outcome, Processor, ProcessorSettings
-from projections.rebuild import RebuildFailedError, rebuild
 from projections.registry import all_projections
-from projections.runtime import ProjectionRuntime
-from projections.status import REFUSED, projection_status
-from projections.worker import Worker
 from tests.projections.engine_helpers import (
     WAIT_TIMEOUT,
     OrderSummaryProjectionV2,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from projections.catalog import SERVING
+from projections.engine.catalog import SERVING
 from tests.projections.process_helpers import (
     PROCESS_TIMEOUT,
     all_serving_at,

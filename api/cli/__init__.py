@@ -1,0 +1,1 @@
+"""The orderledger command line: one module per command group."""

@@ -1,0 +1,1 @@
+"""The HTTP API: the app, its dependencies, authorization, problems and routes."""

@@ -1,0 +1,61 @@
+"""Every router the app serves, one module per resource."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
+
+from api.http.auth import ADMIN, LEDGER, OPEN, OPERATIONS, Access
+from api.http.routes import (
+    customers,
+    effects,
+    health,
+    keys,
+    metrics,
+    order_queries,
+    orders,
+    projections,
+    readiness,
+    reports,
+    webhooks,
+)
+
+routers: tuple[APIRouter, ...] = (
+    health.router,
+    readiness.router,
+    orders.router,
+    order_queries.router,
+    projections.router,
+    customers.router,
+    reports.router,
+    webhooks.router,
+    effects.router,
+    keys.router,
+    metrics.router,
+)
+
+access: tuple[tuple[APIRouter, Access], ...] = (
+    (health.router, OPEN),
+    (readiness.router, OPEN),
+    (orders.router, LEDGER),
+    (order_queries.router, LEDGER),
+    (projections.router, OPERATIONS),
+    (customers.router, LEDGER),
+    (reports.router, LEDGER),
+    (webhooks.router, ADMIN),
+    (effects.router, ADMIN),
+    (keys.router, ADMIN),
+    (metrics.router, OPEN),  # guarded by its own metrics_guard (settings.metrics_public)
+)
+"""The roles each router needs (see api/http/auth.py); every router must have an entry."""
+
+
+def _name_operations(groups: tuple[APIRouter, ...]) -> None:
+    """OpenAPI operation ids are the route functions' names: readable, and unique by design."""
+    for router in groups:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.operation_id is None:
+                route.operation_id = route.name
+
+
+_name_operations(routers)

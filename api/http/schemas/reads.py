@@ -1,0 +1,418 @@
+"""Response models of the read side (read models, projection status, rebuilds), and its inputs."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+
+from api.http.schemas.commands import LineOut
+from domain.errors import InvalidCommandError
+from domain.order import MAX_ID_LENGTH, bounded_text
+
+
+def _identifier(value: str) -> str:
+    try:
+        return bounded_text(value, name="identifier", max_length=MAX_ID_LENGTH)
+    except InvalidCommandError as error:
+        raise ValueError(str(error)) from None
+
+
+def _iso_day(value: object) -> object:
+    """Only YYYY-MM-DD names a day: "0" or "1700000000" would otherwise parse as timestamps."""
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError("a day is written YYYY-MM-DD, e.g. 2026-01-31")
+    return value
+
+
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+IsoDay = Annotated[date, BeforeValidator(_iso_day)]
+"""A calendar day as a query parameter, in ISO 8601 form only."""
+
+# No store can hold an id the domain refuses (and PostgreSQL refuses NUL in any text),
+# so such an id in a path or query is invalid input rather than a lookup.
+IdentifierParam = Annotated[str, AfterValidator(_identifier)]
+
+
+_ORDER_ID = "0d9b1f5e-3c1a-4f55-9a7e-2b8f6f3f8a10"
+_AT = "2026-01-31T12:05:00Z"
+_CURSOR = "MjAyNi0wMS0zMVQxMjowMDowMFp8MGQ5YjFmNWU"
+_SUMMARY_EXAMPLE: dict[str, JsonValue] = {
+    "order_id": _ORDER_ID,
+    "status": "paid",
+    "customer_id": "cust-42",
+    "currency": "EUR",
+    "line_count": 1,
+    "lines": [{"sku": "SKU-1", "quantity": 2, "unit_price": 1250}],
+    "total": 2500,
+    "captured": 2500,
+    "refunded": 0,
+    "refund_due": 0,
+    "balance_due": 0,
+    "placed_at": "2026-01-31T12:00:00Z",
+    "updated_at": _AT,
+    "version": 2,
+    "last_position": 1041,
+}
+_PROJECTION_EXAMPLE: dict[str, JsonValue] = {
+    "name": "order_summaries",
+    "version": 1,
+    "serving_generation": 1,
+    "serving_version": 1,
+    "position": 1041,
+    "head": 1041,
+    "lag_events": 0,
+    "lag_seconds": 0.0,
+    "state": "live",
+    "last_error": None,
+    "lease_owner": "worker-1",
+    "updated_at": _AT,
+    "rebuild": None,
+    "pending_drops": [],
+    "refused": None,
+}
+_DAY_EXAMPLE: dict[str, JsonValue] = {
+    "day": "2026-01-31",
+    "currency": "EUR",
+    "orders_placed": 3,
+    "gross": 7500,
+    "captured": 5000,
+    "refunded": 1250,
+    "net": 3750,
+    "cancellations": 1,
+}
+_CUSTOMER_EXAMPLE: dict[str, JsonValue] = {
+    "customer_id": "cust-42",
+    "orders": 3,
+    "first_order_at": "2026-01-02T09:30:00Z",
+    "last_order_at": _AT,
+    "spend": [{"currency": "EUR", "captured": 5000, "refunded": 1250, "net": 3750}],
+}
+_SKU_EXAMPLE: dict[str, JsonValue] = {
+    "sku": "SKU-1",
+    "currency": "EUR",
+    "units_ordered": 12,
+    "units_cancelled": 2,
+    "net_units": 10,
+    "revenue": 12500,
+}
+_WEBHOOK_EXAMPLE: dict[str, JsonValue] = {
+    "id": "5f0c9d6e-8a4b-4c1d-9e2f-3a7b6c5d4e3f",
+    "url": "https://example.com/hooks",
+    "event_types": ["OrderPlaced", "OrderShipped"],
+    "active": True,
+    "created_at": _AT,
+}
+_EFFECT_EXAMPLE: dict[str, JsonValue] = {
+    "id": "99602fdb-39c5-513b-b5c8-4a02d4685120",
+    "effect": "webhook:5f0c9d6e-8a4b-4c1d-9e2f-3a7b6c5d4e3f",
+    "kind": "webhook",
+    "order_id": _ORDER_ID,
+    "position": 1041,
+    "event_type": "PaymentCaptured",
+    "target": "https://example.com/hooks",
+    "status": "dead",
+    "attempts": 8,
+    "total_attempts": 8,
+    "next_attempt_at": _AT,
+    "created_at": _AT,
+    "delivered_at": None,
+    "last_error": "HTTP 500 from the receiver",
+}
+_ATTEMPT_EXAMPLE: dict[str, JsonValue] = {
+    "attempt": 8,
+    "started_at": _AT,
+    "duration_ms": 41.7,
+    "outcome": "dead",
+    "status_code": 500,
+    "error": "HTTP 500 from the receiver",
+}
+_READINESS_EXAMPLE: dict[str, JsonValue] = {"status": "ready"}
+
+
+class OrderSummaryPublic(BaseModel):
+    """An order as the order_summaries read model shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_SUMMARY_EXAMPLE]})
+
+    order_id: str
+    status: Literal[
+        "pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"
+    ]
+    customer_id: str
+    currency: str
+    line_count: int
+    lines: list[LineOut]
+    total: int
+    captured: int
+    refunded: int
+    refund_due: int
+    balance_due: int
+    placed_at: datetime
+    updated_at: datetime
+    version: int
+    last_position: int = Field(description="Global position of the order's newest event.")
+
+
+class OrderSummariesPublic(BaseModel):
+    """One page of orders, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [_SUMMARY_EXAMPLE],
+                    "next_cursor": _CURSOR,
+                    "next": "/orders?limit=1&cursor=" + _CURSOR,
+                }
+            ]
+        }
+    )
+
+    data: list[OrderSummaryPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+    next: str | None = Field(description="Link to the next page, if there is one.")
+
+
+class ProjectionErrorPublic(BaseModel):
+    """Why a projection (or a rebuild) stopped, and where."""
+
+    position: int
+    event_id: str | None
+    event_type: str | None
+    message: str | None
+    at: datetime | None
+
+
+class RebuildPublic(BaseModel):
+    """A new generation being built from event zero while the current one serves."""
+
+    generation: int
+    version: int
+    position: int
+    head: int
+    fraction: float
+    started_at: datetime
+    failed: bool
+    error: ProjectionErrorPublic | None
+
+
+class ProjectionPublic(BaseModel):
+    """One projection's progress and health."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_PROJECTION_EXAMPLE]})
+
+    name: str
+    version: int
+    serving_generation: int | None
+    serving_version: int | None
+    position: int
+    head: int
+    lag_events: int
+    lag_seconds: float
+    state: Literal[
+        "live", "catching_up", "rebuilding", "failed", "stalled", "not_started", "refused"
+    ]
+    last_error: ProjectionErrorPublic | None
+    lease_owner: str | None
+    updated_at: datetime | None
+    rebuild: RebuildPublic | None
+    pending_drops: list[int]
+    """Retired generations whose tables a reader still holds; dropped on a later pass."""
+    refused: str | None
+    """Why this version of the code leaves the projection alone (the store holds a newer one)."""
+
+
+class ProjectionsPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_PROJECTION_EXAMPLE]}]})
+    data: list[ProjectionPublic]
+
+
+class RebuildAccepted(BaseModel):
+    """A rebuild was started (or one in progress was found)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "order_summaries",
+                    "generation": 2,
+                    "status_url": "/projections/order_summaries",
+                }
+            ]
+        }
+    )
+
+    name: str
+    generation: int
+    status_url: str
+
+
+class DaySalesPublic(BaseModel):
+    """One day's sales in one currency, in minor units; net is captured minus refunded."""
+
+    day: date
+    currency: str
+    orders_placed: int
+    gross: int
+    captured: int
+    refunded: int
+    net: int
+    cancellations: int
+
+
+class DailySalesPublic(BaseModel):
+    """Sales per day and currency over a range of days, oldest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_DAY_EXAMPLE]}]})
+
+    data: list[DaySalesPublic]
+
+
+class CustomerSpendPublic(BaseModel):
+    """What a customer paid in one currency, in minor units."""
+
+    currency: str
+    captured: int
+    refunded: int
+    net: int = Field(description="Captured minus refunded.")
+
+
+class CustomerStatsPublic(BaseModel):
+    """A customer's orders and spend as the customer_stats read model shows them."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_CUSTOMER_EXAMPLE]})
+
+    customer_id: str
+    orders: int
+    first_order_at: datetime
+    last_order_at: datetime
+    spend: list[CustomerSpendPublic] = Field(description="One entry per currency ordered in.")
+
+
+class SkuSalesPublic(BaseModel):
+    """One SKU's sales in one currency; revenue in minor units, net of cancellations."""
+
+    sku: str
+    currency: str
+    units_ordered: int
+    units_cancelled: int
+    net_units: int = Field(description="Units ordered minus units cancelled.")
+    revenue: int
+
+
+class TopSkusPublic(BaseModel):
+    """The best-selling SKUs by net units, most first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_SKU_EXAMPLE]}]})
+
+    data: list[SkuSalesPublic]
+
+
+# -- side effects ---------------------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    """A URL to POST events to, and the event types it wants (``*`` for every type)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"url": "https://example.com/hooks", "event_types": ["OrderPlaced", "OrderShipped"]}
+            ]
+        },
+    )
+
+    url: str = Field(min_length=1, max_length=2048, examples=["https://example.com/hooks"])
+    event_types: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["*"], max_length=32, examples=[["OrderPlaced", "OrderShipped"]]
+    )
+
+
+class WebhookPublic(BaseModel):
+    """A webhook subscription; its signing secret is never shown again after creation."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    active: bool
+    created_at: datetime
+
+
+class WebhookCreated(WebhookPublic):
+    """A new subscription, with its signing secret: shown this once, store it now."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_WEBHOOK_EXAMPLE, "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]
+        }
+    )
+
+    secret: str = Field(description="Standard Webhooks signing secret (whsec_...).")
+
+
+class WebhooksPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_WEBHOOK_EXAMPLE]}]})
+    data: list[WebhookPublic]
+
+
+EffectStatus = Literal["pending", "delivered", "dead"]
+
+
+class EffectPublic(BaseModel):
+    """One side effect in the outbox: a webhook delivery or a customer email."""
+
+    id: str = Field(description="Stable across retries; receivers use it to drop duplicates.")
+    effect: str
+    kind: Literal["webhook", "email"]
+    order_id: str
+    position: int = Field(description="Global position of the event that triggered it.")
+    event_type: str
+    target: str
+    status: EffectStatus
+    attempts: int = Field(description="Attempts since it was recorded or last retried.")
+    total_attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+    last_error: str | None
+
+
+class EffectsPublic(BaseModel):
+    """Effects in position order."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_EFFECT_EXAMPLE]}]})
+
+    data: list[EffectPublic]
+
+
+class AttemptPublic(BaseModel):
+    """One delivery attempt."""
+
+    attempt: int
+    started_at: datetime
+    duration_ms: float
+    outcome: Literal["delivered", "failed", "dead"]
+    status_code: int | None
+    error: str | None
+
+
+class EffectDetailPublic(EffectPublic):
+    """An effect with every attempt made at it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**_EFFECT_EXAMPLE, "history": [_ATTEMPT_EXAMPLE]}]}
+    )
+
+    history: list[AttemptPublic]
+
+
+class Readiness(BaseModel):
+    """Whether this process can serve: its databases answer."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_READINESS_EXAMPLE]})
+
+    status: Literal["ready", "not_ready"]

@@ -1,0 +1,1 @@
+"""The projection engine: sources, processors, workers, the catalog, rebuilds and status."""
