@@ -27,6 +27,9 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import func, select
 
+from api import bootstrap
+from api.bootstrap import build_dispatcher
+from api.settings import Settings
 from benchmarks.common import (
     STORES,
     Timing,
@@ -48,7 +51,6 @@ from domain.order import Order
 from projections.base import Projection
 from projections.effects.dispatcher import DispatchSettings
 from projections.effects.outbox import OutboxProjection, effects
-from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import Effects
 from projections.effects.targets import TargetPolicy, parse_networks
@@ -133,15 +135,9 @@ def projections_named(names: Sequence[str]) -> list[Projection]:
 
 @contextmanager
 def opened(url: str, names: Sequence[str]) -> Iterator[tuple[OrderLedger, ProjectionRuntime]]:
-    ledger = OrderLedger.from_url(url)
-    try:
-        runtime = ProjectionRuntime.open(ledger, url, projections=projections_named(names))
-        try:
-            yield ledger, runtime
-        finally:
-            runtime.close()
-    finally:
-        ledger.close()
+    settings = Settings(database_url=url)
+    with bootstrap.opened(settings, projections=projections_named(names)) as system:
+        yield system.ledger, system.runtime
 
 
 def seeded_store(url: str, events: int, *, receiver: str, with_email: bool) -> int:
@@ -355,12 +351,11 @@ def receiver_ceiling(url: str, posts: int, concurrency: int) -> Delivery:
 
 def deliver_all(url: str, target: str, concurrency: int) -> Delivery:
     """Time the Dispatcher draining every pending effect of a store copy."""
-    with opened(url, ["outbox"]) as (ledger, runtime):
+    with opened(url, ["outbox"]) as (_ledger, runtime):
         service = Effects(runtime.engine, runtime.source, LOCAL)
         pending = service.counts()["pending"]
         dispatcher = build_dispatcher(
             runtime,
-            ledger,
             dispatch=DispatchSettings(concurrency=concurrency, per_target=concurrency),
             smtp=SmtpSettings(),
             timeout=10.0,

@@ -15,7 +15,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.supervisors import Multiprocess
 
-from api.cli.main import labelled_tcp
+from api.cli.serve import labelled_tcp
 
 BODY = orjson.dumps(
     {

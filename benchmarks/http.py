@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Table, func, select
 
-from api.http.read_models import open_projection_runtime
+from api.bootstrap import open_read_models
 from api.http.routes.order_queries import public_json
 from api.settings import Settings
 from benchmarks.common import (
@@ -373,7 +373,7 @@ def direct_child(url: str) -> None:
     """
     settings = Settings(database_url=url)
     ledger = OrderLedger.from_url(url)
-    runtime = open_projection_runtime(settings, ledger)
+    runtime = open_read_models(settings, ledger)
     worker = runtime.worker(idle_wait=settings.projection_idle_wait)
     worker.start()
     print("ready", flush=True)

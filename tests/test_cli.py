@@ -18,7 +18,8 @@ from click.testing import Result
 from eventsourcing.utils import get_topic
 from typer.testing import CliRunner
 
-from api.cli.main import app, format_money
+from api.cli.main import app
+from api.cli.orders import format_money
 from api.key_store import Role
 from domain.ledger import OrderLedger
 from domain.order import Order, OrderStatus

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from api.cli.main import labelled_tcp
+from api.cli.serve import labelled_tcp
 
 
 def unlabelled_listener() -> socket.socket:

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from sqlalchemy.exc import SQLAlchemyError
 
+from api.cli.common import EXIT_USAGE, DatabaseUrlOption, fail, key_store
 from api.cli.tables import Column, JsonOption, Listing, show
-from api.cli.webhooks import EXIT_FAILURE, EXIT_USAGE, DatabaseOption, _fail, configured
-from api.key_store import ApiKeyStore, IssuedKey, KeyNotFoundError, Role
+from api.key_store import IssuedKey, KeyNotFoundError, Role
 from api.settings import Settings
 
 keys_app = typer.Typer(
     help="API keys: create, list, revoke; bootstrap the first admin key.", no_args_is_help=True
 )
-
-
-@contextmanager
-def _keys(database_url: str | None) -> Iterator[tuple[ApiKeyStore, Settings]]:
-    """The key store of the configured event store, with expected failures as one line."""
-    settings = configured(database_url)
-    try:
-        store = ApiKeyStore.from_url(settings.database_url)
-    except ValueError as error:
-        _fail(f"bad database URL: {error}", EXIT_USAGE)
-    except (SQLAlchemyError, OSError) as error:
-        _fail(f"cannot open the key store: {type(error).__name__}: {error}", EXIT_FAILURE)
-    try:
-        yield store, settings
-    except SQLAlchemyError as error:
-        _fail(f"the database failed: {type(error).__name__}")
-    finally:
-        store.close()
 
 
 def _time(moment: datetime | None) -> str:
@@ -67,14 +46,14 @@ def create_key(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print the token alone, for scripts.")
     ] = False,
-    database_url: DatabaseOption = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Create a key with a role; its token is printed once and never stored."""
-    with _keys(database_url) as (store, settings):
+    with key_store(database_url) as (store, settings):
         try:
             issued = store.create(role, name)
         except ValueError as error:
-            _fail(str(error), EXIT_USAGE)
+            fail(str(error), EXIT_USAGE)
     if quiet:
         typer.echo(issued.token)
         return
@@ -82,9 +61,9 @@ def create_key(
 
 
 @keys_app.command("list")
-def list_keys(database_url: DatabaseOption = None, as_json: JsonOption = False) -> None:
+def list_keys(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) -> None:
     """List every key, active and revoked (never a token)."""
-    with _keys(database_url) as (store, _settings):
+    with key_store(database_url) as (store, _settings):
         keys = store.list()
     rows = [
         {
@@ -122,14 +101,14 @@ def revoke_key(
     key_id: Annotated[
         str, typer.Argument(help="The key's id, from `keys list`.", show_default=False)
     ],
-    database_url: DatabaseOption = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Revoke a key: every API process refuses it within ORDERLEDGER_KEY_CACHE_TTL (1 s)."""
-    with _keys(database_url) as (store, settings):
+    with key_store(database_url) as (store, settings):
         try:
             key = store.revoke(key_id)
         except KeyNotFoundError as error:
-            _fail(str(error))
+            fail(str(error))
     Console(highlight=False).print(
         f"Revoked key {key.key_id} ({key.name}, {key.role}); API processes refuse it within "
         f"{settings.key_cache_ttl:g} s.",
@@ -138,9 +117,9 @@ def revoke_key(
 
 
 @keys_app.command("bootstrap")
-def bootstrap(database_url: DatabaseOption = None) -> None:
+def bootstrap(database_url: DatabaseUrlOption = None) -> None:
     """Create an admin key if the store has none yet, and print it with a curl example."""
-    with _keys(database_url) as (store, settings):
+    with key_store(database_url) as (store, settings):
         issued = store.create_first_admin()
     if issued is None:
         Console(highlight=False).print(

@@ -1,11 +1,9 @@
-"""CLI commands for projections: worker, rebuild and status."""
+"""orderledger worker, rebuild and status: run and watch the projections and the outbox."""
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -21,55 +19,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from api.bootstrap import dispatcher_for
+from api.bootstrap import background, effects_of
+from api.cli.common import EXIT_USAGE, DatabaseUrlOption, fail, opened
 from api.cli.tables import Column, JsonOption, Listing, show
-from api.cli.webhooks import Reconciler
-from api.settings import Settings
-from domain.ledger import OrderLedger
 from projections.effects.outbox import DEAD, DELIVERED, PENDING
-from projections.effects.service import Effects
-from projections.engine.processor import ProcessorSettings
 from projections.engine.rebuild import Progress as RebuildProgress
 from projections.engine.rebuild import RebuildFailedError, rebuild
-from projections.engine.runtime import ProjectionRuntime, UnknownProjectionError
+from projections.engine.runtime import UnknownProjectionError
 from projections.engine.status import ProjectionStatus, all_statuses
+from projections.engine.worker import worker_id
 
 console = Console()
-errors = Console(stderr=True)
-
-
-def processor_settings(settings: Settings) -> ProcessorSettings:
-    return ProcessorSettings(
-        batch_size=settings.projection_batch_size, lease_ttl=settings.projection_lease_ttl
-    )
-
-
-def open_runtime(settings: Settings, ledger: OrderLedger) -> ProjectionRuntime:
-    """The projection runtime on the configured store."""
-    return ProjectionRuntime.open(
-        ledger,
-        settings.read_model_url,
-        poll_interval=settings.projection_poll_interval,
-        settings=processor_settings(settings),
-    )
-
-
-@contextmanager
-def _runtime(database_url: str | None) -> Iterator[tuple[Settings, ProjectionRuntime]]:
-    settings = Settings() if database_url is None else Settings(database_url=database_url)
-    ledger = OrderLedger.from_url(settings.database_url)
-    runtime = open_runtime(settings, ledger)
-    try:
-        yield settings, runtime
-    finally:
-        runtime.close()
-        ledger.close()
-
-
-DatabaseOption = Annotated[
-    str | None,
-    typer.Option("--database-url", help="Overrides ORDERLEDGER_DATABASE_URL.", show_default=False),
-]
 
 
 def worker(
@@ -97,49 +57,35 @@ def worker(
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="Interface for --metrics-port.")
     ] = "127.0.0.1",
-    database_url: DatabaseOption = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Run projection workers and the effect dispatcher until interrupted (SIGINT or SIGTERM)."""
     # Loaded here: they pull in the HTTP stack, which the other commands do without.
     from api.logs import configure_logging  # noqa: PLC0415
     from api.metrics import serve_worker_metrics  # noqa: PLC0415
 
-    with _runtime(database_url) as (settings, runtime):
+    with opened(database_url) as system:
+        settings, runtime = system.settings, system.runtime
         configure_logging(settings.log_format, settings.log_level)
         if metrics_port is not None:
             host, port = serve_worker_metrics(runtime, settings, metrics_host, metrics_port)
             console.print(f"metrics at http://{host}:{port}/metrics")
         try:
-            projection_worker = runtime.worker(only, idle_wait=settings.projection_idle_wait)
+            running = background(
+                settings, runtime, only=only, projections=projections, effects=effects
+            )
         except UnknownProjectionError as error:
-            errors.print(f"[red]error:[/] {error}")
-            raise typer.Exit(2) from None
+            fail(str(error), EXIT_USAGE)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        dispatcher = None
-        reconciler = None
-        if effects and settings.run_effects:
-            dispatcher = dispatcher_for(settings, runtime, runtime.ledger)
-            dispatcher.start()
-            reconciler = Reconciler(
-                Effects(runtime.engine, runtime.source), settings.effect_reconcile_interval
-            )
-            reconciler.start()
-        if projections:
-            projection_worker.start()
-        names = ", ".join(p.name for p in projection_worker.projections) if projections else "-"
-        console.print(
-            f"worker {projection_worker.owner} running: {names}"
-            f"{'; delivering effects' if dispatcher else ''}"
-        )
+        running.start()
+        names = ", ".join(p.name for p in running.worker.projections) if running.worker else "-"
+        owner = running.worker.owner if running.worker else worker_id()
+        delivering = "; delivering effects" if running.dispatcher else ""
+        console.print(f"worker {owner} running: {names}{delivering}")
         stop.wait()
-        if projections:
-            projection_worker.stop()
-        if reconciler is not None:
-            reconciler.stop()
-        if dispatcher is not None:
-            dispatcher.stop()
+        running.stop()
 
 
 def rebuild_command(
@@ -150,20 +96,19 @@ def rebuild_command(
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard a rebuild in progress and start over.")
     ] = False,
-    database_url: DatabaseOption = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Rebuild projections from event zero while the current tables keep serving."""
     if (name is None) == (not all_projections):
-        errors.print("[red]error:[/] give a projection NAME or --all (not both)")
-        raise typer.Exit(2)
-    with _runtime(database_url) as (settings, runtime):
+        fail("give a projection NAME or --all (not both)", EXIT_USAGE)
+    with opened(database_url) as system:
+        settings, runtime = system.settings, system.runtime
         try:
             names = (
                 [runtime.projection(name).name] if name else [p.name for p in runtime.projections]
             )
         except UnknownProjectionError as error:
-            errors.print(f"[red]error:[/] {error}")
-            raise typer.Exit(2) from None
+            fail(str(error), EXIT_USAGE)
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -195,21 +140,21 @@ def rebuild_command(
                         on_progress=show,
                     )
                 except RebuildFailedError as error:
-                    errors.print(f"[red]rebuild failed:[/] {error}")
-                    raise typer.Exit(1) from None
+                    fail(f"rebuild failed: {error}")
                 bar.console.print(
                     f"{projection_name}: generation {row.generation} serving at position "
                     f"{row.position}"
                 )
 
 
-def status(database_url: DatabaseOption = None, as_json: JsonOption = False) -> None:
+def status(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) -> None:
     """Show each projection's position, head, lag, state and last error, and the effects."""
-    with _runtime(database_url) as (settings, runtime):
+    with opened(database_url) as system:
+        settings, runtime = system.settings, system.runtime
         statuses = all_statuses(
             runtime.catalog, runtime.source, stalled_after=settings.projection_stalled_after
         )
-        counts = Effects(runtime.engine, runtime.source).counts()
+        counts = effects_of(settings, runtime).counts()
     rows = [
         {
             "name": item.name,

@@ -12,6 +12,7 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bootstrap import open_ledger
 from api.http.auth import Access, keys_resource
 from api.http.problems import install_problem_handlers
 from api.http.read_models import projections_resource
@@ -100,7 +101,7 @@ def ledger_resource(settings: Settings, ledger: OrderLedger | None) -> LifespanR
             app.state.ledger = ledger
             yield
             return
-        opened = OrderLedger.from_url(settings.database_url)
+        opened = open_ledger(settings)
         app.state.ledger = opened
         try:
             yield

@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from api.bootstrap import open_key_store
 from api.http.problems import problem_responses
 from api.key_store import ApiKeyStore, Principal, Role
 from api.settings import Settings
@@ -101,7 +102,7 @@ def keys_resource(settings: Settings) -> Callable[[FastAPI], Any]:
 
     @asynccontextmanager
     async def hold_keys(app: FastAPI) -> AsyncIterator[None]:
-        store = ApiKeyStore.from_url(settings.database_url, cache_ttl=settings.key_cache_ttl)
+        store = open_key_store(settings)
         app.state.keys = store
         try:
             yield

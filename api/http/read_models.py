@@ -1,4 +1,4 @@
-"""The projection runtime inside the HTTP app: read models, read-your-writes and the worker."""
+"""The read models inside the HTTP app: held for its lifetime, read with read-your-writes."""
 
 from __future__ import annotations
 
@@ -12,35 +12,19 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from sqlalchemy import Connection, Table
 from starlette.concurrency import run_in_threadpool
 
-from api.bootstrap import dispatcher_for
-from api.cli.webhooks import Reconciler
+from api.bootstrap import Background, background, open_read_models
 from api.settings import Settings
-from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
-from projections.effects.service import Effects
 from projections.engine.point_read import PointReader
-from projections.engine.processor import ProcessorSettings
 from projections.engine.runtime import ProjectionRuntime
 
 T = TypeVar("T")
 
 
-def open_projection_runtime(settings: Settings, ledger: OrderLedger) -> ProjectionRuntime:
-    """The projection runtime on the configured read-model database."""
-    return ProjectionRuntime.open(
-        ledger,
-        settings.read_model_url,
-        poll_interval=settings.projection_poll_interval,
-        settings=ProcessorSettings(
-            batch_size=settings.projection_batch_size, lease_ttl=settings.projection_lease_ttl
-        ),
-    )
-
-
 def projections_resource(
     settings: Settings, runtime: ProjectionRuntime | None = None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Hold the projection runtime for the app's lifetime; run the worker in the embedded mode."""
+    """Hold the read models for the app's lifetime; run the background parts in embedded mode."""
 
     @asynccontextmanager
     async def hold_projections(app: FastAPI) -> AsyncIterator[None]:
@@ -48,34 +32,18 @@ def projections_resource(
         held = (
             runtime
             if runtime is not None
-            else await run_in_threadpool(open_projection_runtime, settings, app.state.ledger)
+            else await run_in_threadpool(open_read_models, settings, app.state.ledger)
         )
         app.state.projections = held
         app.state.order_reader = PointReader(
             held.engine, held.catalog, "order_summaries", "order_summaries"
         )
-        worker = None
-        dispatcher = None
-        reconciler = None
-        if settings.run_projections:
-            worker = held.worker(idle_wait=settings.projection_idle_wait)
-            await run_in_threadpool(worker.start)
-            if settings.run_effects:
-                dispatcher = dispatcher_for(settings, held, app.state.ledger)
-                dispatcher.start()
-                reconciler = Reconciler(
-                    Effects(held.engine, held.source), settings.effect_reconcile_interval
-                )
-                reconciler.start()
+        running = background(settings, held) if settings.run_projections else Background()
+        await run_in_threadpool(running.start)
         try:
             yield
         finally:
-            if reconciler is not None:
-                await run_in_threadpool(reconciler.stop)
-            if dispatcher is not None:
-                await run_in_threadpool(dispatcher.stop)
-            if worker is not None:
-                await run_in_threadpool(worker.stop)
+            await run_in_threadpool(running.stop)
             app.state.order_reader.close()
             if owned:
                 held.close()

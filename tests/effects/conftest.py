@@ -22,10 +22,11 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import Engine, select
 
+from api.bootstrap import build_dispatcher, open_ledger, open_read_models
+from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.outbox import PENDING, attempts, effects
-from projections.effects.runtime import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import Effects
 from projections.effects.targets import TargetPolicy, parse_networks
@@ -361,7 +362,7 @@ def pay_and_ship(ledger: OrderLedger, order_id: UUID) -> None:
 @pytest.fixture
 def ledger(store_url: str) -> Iterator[OrderLedger]:
     """The order ledger on a fresh SQLite file or PostgreSQL database."""
-    ledger = OrderLedger.from_url(store_url)
+    ledger = open_ledger(Settings(database_url=store_url))
     yield ledger
     ledger.close()
 
@@ -369,7 +370,9 @@ def ledger(store_url: str) -> Iterator[OrderLedger]:
 @pytest.fixture
 def runtime(ledger: OrderLedger, store_url: str) -> Iterator[ProjectionRuntime]:
     """Every projection with the outbox installed on the empty store: every event counts."""
-    runtime = ProjectionRuntime.open(ledger, store_url, poll_interval=0.02)
+    runtime = open_read_models(
+        Settings(database_url=store_url, projection_poll_interval=0.02), ledger
+    )
     yield runtime
     runtime.close()
 
@@ -425,7 +428,6 @@ def make_dispatcher(
     ) -> Dispatcher:
         dispatcher = build_dispatcher(
             runtime,
-            ledger,
             dispatch=settings,
             smtp=smtp or SmtpSettings(host="127.0.0.1", port=unused),
             timeout=timeout,

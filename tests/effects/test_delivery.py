@@ -818,7 +818,7 @@ import sys, time
 from pathlib import Path
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import DispatchSettings
-from projections.effects.runtime import build_dispatcher
+from api.bootstrap import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.effects.service import CreatedSubscription, Effects
 from projections.engine.runtime import ProjectionRuntime
@@ -828,7 +828,7 @@ url, owner, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 ledger = OrderLedger.from_url(url)
 runtime = ProjectionRuntime.open(ledger, url)
 dispatcher = build_dispatcher(
-    runtime, ledger, dispatch=DispatchSettings(batch_size=4, concurrency=4),
+    runtime, dispatch=DispatchSettings(batch_size=4, concurrency=4),
     smtp=SmtpSettings(), timeout=5.0, owner=owner, targets=LOCAL_TARGETS,
 )
 service = Effects(runtime.engine, runtime.source, LOCAL_TARGETS)
@@ -932,7 +932,7 @@ import sys, time
 from pathlib import Path
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import DispatchSettings
-from projections.effects.runtime import build_dispatcher
+from api.bootstrap import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.engine.runtime import ProjectionRuntime
 from tests.effects.conftest import LOCAL_TARGETS
@@ -944,7 +944,7 @@ settings = DispatchSettings(
     concurrency=4, per_target={_SLOW_PER_TARGET}, claim_ttl=1.0, idle_wait=0.02
 )
 dispatcher = build_dispatcher(
-    runtime, ledger, dispatch=settings, smtp=SmtpSettings(), timeout=30.0, owner=owner,
+    runtime, dispatch=settings, smtp=SmtpSettings(), timeout=30.0, owner=owner,
     targets=LOCAL_TARGETS,
 )
 (folder / f"{{owner}}.ready").touch()

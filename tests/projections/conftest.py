@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 import eventsourcing.domain
 import pytest
 
+from api.bootstrap import open_ledger, open_read_models
+from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.engine.runtime import ProjectionRuntime
 from tests.projections import LedgerClock, OrderMix, run_until_caught_up
@@ -18,7 +20,7 @@ CatchUp = Callable[..., None]
 @pytest.fixture
 def ledger(store_url: str) -> Iterator[OrderLedger]:
     """The order ledger on a fresh SQLite file or PostgreSQL database."""
-    ledger = OrderLedger.from_url(store_url)
+    ledger = open_ledger(Settings(database_url=store_url))
     yield ledger
     ledger.close()
 
@@ -26,7 +28,9 @@ def ledger(store_url: str) -> Iterator[OrderLedger]:
 @pytest.fixture
 def runtime(ledger: OrderLedger, store_url: str) -> Iterator[ProjectionRuntime]:
     """Every registered projection, its catalog installed, on the ledger's database."""
-    runtime = ProjectionRuntime.open(ledger, store_url, poll_interval=0.02)
+    runtime = open_read_models(
+        Settings(database_url=store_url, projection_poll_interval=0.02), ledger
+    )
     yield runtime
     runtime.close()
 

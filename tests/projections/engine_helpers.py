@@ -30,11 +30,12 @@ from sqlalchemy import (
     select,
 )
 
+from api import bootstrap
+from api.settings import Settings
 from domain.ledger import EVENT_NAMES, OrderLedger
 from domain.order import EVENT_TYPES, Order
 from projections.base import Batch, Projection
 from projections.engine.catalog import Generation
-from projections.engine.processor import ProcessorSettings
 from projections.engine.runtime import ProjectionRuntime
 from projections.engine.source import RecordedEvent
 from projections.order_summaries import OrderSummaryProjection
@@ -190,19 +191,14 @@ def opened(
     lease_ttl: float = 10.0,
 ) -> Iterator[tuple[OrderLedger, ProjectionRuntime]]:
     """A ledger and a projection runtime on one store, closed afterwards."""
-    ledger = OrderLedger.from_url(url)
-    runtime = ProjectionRuntime.open(
-        ledger,
-        url,
-        projections=projections,
-        settings=ProcessorSettings(batch_size=batch_size, lease_ttl=lease_ttl),
-        poll_interval=0.01,
+    settings = Settings(
+        database_url=url,
+        projection_batch_size=batch_size,
+        projection_lease_ttl=lease_ttl,
+        projection_poll_interval=0.01,
     )
-    try:
-        yield ledger, runtime
-    finally:
-        runtime.close()
-        ledger.close()
+    with bootstrap.opened(settings, projections=projections) as system:
+        yield system.ledger, system.runtime
 
 
 def place_and_pay(

@@ -23,6 +23,8 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 from sqlalchemy import func, select
 
+from api.bootstrap import opened
+from api.settings import Settings
 from domain.ledger import OrderLedger
 from domain.order import EVENT_TYPES, Order
 from projections.engine.catalog import BUILDING, SERVING, Generation
@@ -310,10 +312,5 @@ def cli_processes(directory: Path, **settings: object) -> Iterator[CliProcesses]
 @contextmanager
 def opened_store(url: str) -> Iterator[tuple[OrderLedger, ProjectionRuntime]]:
     """This process's own ledger and projection runtime on the store, closed afterwards."""
-    ledger = OrderLedger.from_url(url)
-    runtime = ProjectionRuntime.open(ledger, url)
-    try:
-        yield ledger, runtime
-    finally:
-        runtime.close()
-        ledger.close()
+    with opened(Settings(database_url=url)) as system:
+        yield system.ledger, system.runtime
