@@ -4,7 +4,7 @@ Reading one order (``GET /orders/{id}``) and placing one (``POST /orders``) domi
 service's traffic, and for them FastAPI's dependency resolution, routing and thread hand-offs
 cost several times the work itself (docs/benchmarks.md, "HTTP API"). These shortcuts answer
 the plain, valid case of each with the status, body and headers the route gives
-(``tests/api/test_shortcuts.py`` compares them):
+(``tests/integration/api/test_shortcuts.py`` compares them):
 
 - a key this process accepted within its cache time, with the route's role;
 - GET: an order id in canonical form, no other query than ``min_position`` (already reached),

@@ -6,8 +6,8 @@ import threading
 import time
 
 from api.key_store import DEFAULT_CACHE_TTL
-from tests.api import assert_problem, order_body
-from tests.e2e.processes import Deployment
+from tests.support.http import assert_problem, order_body
+from tests.support.servers import Deployment
 
 
 class TestRolesOverTheWire:

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.api import assert_problem, head_position, order_body
-from tests.e2e.processes import Server
-from tests.e2e.shop import Shop
+from tests.support.http import assert_problem, head_position, order_body
+from tests.support.servers import Server
+from tests.support.shop import Shop
 
 
 def history_types(http: httpx.Client, order_id: str) -> list[str]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tests.api import order_body
-from tests.e2e.processes import Server
-from tests.e2e.shop import MIN_POSITION, Shop
+from tests.support.http import order_body
+from tests.support.servers import Server
+from tests.support.shop import MIN_POSITION, Shop
 
 SHIP = ("POST", "/shipment", {"carrier": "DHL", "tracking_number": "JD0146000"})
 

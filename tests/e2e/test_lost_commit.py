@@ -15,10 +15,10 @@ import httpx
 import psycopg
 import pytest
 
-from tests.api import order_body
 from tests.e2e.conftest import Deploy
-from tests.e2e.postgres_proxy import CommitAckDroppingProxy, commit_ack_dropping_proxy
-from tests.e2e.processes import Server
+from tests.support.http import order_body
+from tests.support.postgres_proxy import CommitAckDroppingProxy, commit_ack_dropping_proxy
+from tests.support.servers import Server
 
 pytestmark = pytest.mark.postgres
 

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api import assert_problem, order_body
-from tests.e2e.processes import ORDERLEDGER, Deployment, Server
-from tests.e2e.shop import Shop
-from tests.projections.process_helpers import wait_for
+from tests.support.http import assert_problem, order_body
+from tests.support.servers import ORDERLEDGER, Deployment, Server
+from tests.support.shop import Shop
+from tests.support.waiting import wait_for
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.processes import Deployment, Process, Server
-from tests.e2e.shop import MIN_POSITION, Shop
+from tests.support.servers import Deployment, Process, Server
+from tests.support.shop import MIN_POSITION, Shop
 
 LEASE_TTL = 2
 """Seconds before a SIGKILLed worker's leases may be taken over (kept short for the test)."""

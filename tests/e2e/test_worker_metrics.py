@@ -1,0 +1,136 @@
+"""`orderledger worker --metrics-port`: a worker process's delivery counters and lag, scraped.
+
+The worker runs as its own process, as on a worker machine; a real receiver on loopback takes
+the webhooks, and Prometheus text is read over HTTP from the port the worker reports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from domain.ledger import OrderLedger
+from projections.effects.service import Effects
+from projections.engine.runtime import ProjectionRuntime
+from tests import LOCAL_RECEIVERS, REPO_ROOT
+from tests.support.http import order_body
+from tests.support.receivers import LOCAL_TARGETS, WebhookReceiver
+
+REPO = REPO_ROOT
+WORKER = (sys.executable, "-m", "api.cli.main", "worker")
+ANNOUNCED = re.compile(r"metrics at (http://\S+/metrics)")
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text, or None when it is absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        base, _, label_text = metric.partition("{")
+        have = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+        if base == name and have == wanted:
+            return float(value)
+    return None
+
+
+@pytest.fixture
+def worker(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`orderledger worker --metrics-port 0` on the store; yields the process and its URL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
+    env.update(
+        ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS=LOCAL_RECEIVERS,
+        ORDERLEDGER_EFFECT_BACKOFF_BASE="0.01",
+        ORDERLEDGER_EFFECT_BACKOFF_CAP="0.05",
+        ORDERLEDGER_EFFECT_MAX_ATTEMPTS="2",
+        ORDERLEDGER_PROJECTION_POLL_INTERVAL="0.01",
+        ORDERLEDGER_PROJECTION_IDLE_WAIT="0.05",
+    )
+    stderr = (tmp_path / "worker.err").open("w")
+    process = subprocess.Popen(
+        [*WORKER, "--metrics-port", "0", "--database-url", sqlite_url],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = None
+        for line in process.stdout:
+            found = ANNOUNCED.search(line)
+            if found:
+                url = found.group(1)
+                break
+        assert url is not None, (tmp_path / "worker.err").read_text()
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        stderr.close()
+
+
+def scrape_until(url: str, ready: Callable[[str], bool], timeout: float = 30) -> str:
+    """The worker's metrics once ``ready`` accepts them."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=5).text
+        if ready(text):
+            return text
+        time.sleep(0.1)
+    pytest.fail(f"metrics never showed the expected values:\n{text}")
+
+
+def test_a_worker_exposes_its_delivery_counters_and_projection_lag(
+    sqlite_url: str,
+    receiver: WebhookReceiver,
+    worker: tuple[subprocess.Popen[str], str],
+) -> None:
+    process, url = worker
+    ledger = OrderLedger.from_url(sqlite_url)
+    runtime = ProjectionRuntime.open(ledger, sqlite_url)
+    try:
+        Effects(runtime.engine, runtime.source, LOCAL_TARGETS).add_subscription(
+            receiver.url, ["OrderPlaced"]
+        )
+        for _ in range(3):
+            ledger.place_order(**order_body())
+        head = ledger.head_position()
+    finally:
+        runtime.close()
+        ledger.close()
+
+    def delivered_all(text: str) -> bool:
+        """Every webhook sent by this process, and the store read after the last delivery."""
+        attempts = sample(
+            text, "orderledger_effect_attempts_total", kind="webhook", outcome="delivered"
+        )
+        outbox = sample(text, "orderledger_outbox_effects", status="delivered")
+        return attempts == 3 and outbox == 3
+
+    text = scrape_until(url, delivered_all)
+    assert sample(text, "orderledger_store_up") == 1
+    for projection in ("order_summaries", "outbox"):
+        assert sample(text, "orderledger_projection_head", projection=projection) == head
+        assert sample(text, "orderledger_projection_position", projection=projection) == head
+        assert sample(text, "orderledger_projection_lag_events", projection=projection) == 0
+    assert len(receiver.accepted_ids()) == 3
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0

@@ -1,1 +1,0 @@
-"""Side-effect tests: the outbox, its dispatcher, signed webhooks and email."""
