@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_ORDERS ?= 200
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit and integration tiers, slow tests left out, four workers: the edit loop.
+test-fast: install
+	$(BIN)/python -m pytest tests/unit tests/integration -m "not slow" -n 4 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

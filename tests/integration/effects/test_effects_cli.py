@@ -273,7 +273,8 @@ class TestReconcileCommand:
             def recorded() -> list[tuple[int, str]]:
                 with runtime.engine.connect() as conn:
                     query = select(effects.c.position, effects.c.event_type)
-                    return list(conn.execute(query.order_by(effects.c.position)).tuples())
+                    rows = conn.execute(query.order_by(effects.c.position))
+                    return [(row.position, row.event_type) for row in rows]
 
             by_outbox = recorded()
             assert [event_type for _, event_type in by_outbox] == ["OrderPlaced"] * 2
