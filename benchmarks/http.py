@@ -628,7 +628,9 @@ def direct_rate(rows: list[Row], row: Row) -> float | None:
 
 
 def operation_label(spec: LoadSpec) -> str:
-    label = {"get": "get-order", "place": "place-order"}[spec.operation]
+    label = {"get": "get-order", "get-route": "get-order route", "place": "place-order"}[
+        spec.operation
+    ]
     return f"{label} @{spec.rate:,.0f}/s" if spec.rate else label
 
 
@@ -716,8 +718,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--operations",
         type=_name_list(OPERATIONS),
-        default=list(OPERATIONS),
-        help="comma-separated: get,place",
+        default=["get", "place"],
+        help="comma-separated: get,place,get-route (get-order through the FastAPI route)",
     )
     parser.add_argument(
         "--api-processes",

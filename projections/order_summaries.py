@@ -300,15 +300,6 @@ def summary_from(values: Mapping[Any, Any]) -> OrderSummary:
     )
 
 
-def get_order_summary(
-    conn: Connection, tables: dict[str, Table], order_id: str
-) -> OrderSummary | None:
-    """One order's summary, or None."""
-    table = tables["order_summaries"]
-    row = conn.execute(select(table).where(table.c.order_id == order_id)).first()
-    return summary_from(row._mapping) if row else None
-
-
 class InvalidCursorError(ValueError):
     """The pagination cursor was not one this service issued."""
 

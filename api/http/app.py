@@ -17,7 +17,7 @@ from api.http.auth import Access, keys_resource
 from api.http.problems import install_problem_handlers
 from api.http.read_models import projections_resource
 from api.http.routes import access, routers
-from api.http.shortcuts import OrderReadShortcut, PlaceOrderShortcut
+from api.http.shortcuts import OrderReadShortcut
 from api.logs import RequestLogMiddleware, lean_log_records
 from api.metrics import HttpMetricsMiddleware, metrics_resource
 from api.settings import Settings
@@ -59,8 +59,6 @@ def create_app(
     # It would bypass OpenTelemetry's middleware: with telemetry on, reads take the route.
     app.order_read = None if settings.opentelemetry else OrderReadShortcut()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
-    # Inside the log and metrics, so what it answers is logged and counted as the route's.
-    app.add_middleware(PlaceOrderShortcut, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestLogMiddleware)  # outermost: its request id reaches every response
     install_problem_handlers(app)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from api.bootstrap import open_key_store
@@ -48,6 +49,12 @@ bearer = HTTPBearer(
     "sent as `Authorization: Bearer <key>`.",
 )
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The API key in an Authorization header, read as ``bearer`` (HTTPBearer) reads it."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    return credentials if scheme.lower() == "bearer" and credentials else None
 
 
 @dataclass(frozen=True)

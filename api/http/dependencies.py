@@ -11,11 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.http.read_models import MinPositionDep
 from domain.errors import InvalidCommandError
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
@@ -152,15 +151,33 @@ async def command_options(
 CommandOptionsDep = Annotated[CommandOptions, Depends(command_options)]
 
 
-async def reachable_min_position(ledger: LedgerDep, position: MinPositionDep) -> int | None:
-    """The read-your-writes position, refused if the store has not recorded it yet.
+async def reachable_min_position(
+    request: Request,
+    min_position: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_AMOUNT,
+            description="Wait until the read model has applied this global position "
+            "(a command's `position`), or answer 503.",
+        ),
+    ] = None,
+    header: Annotated[
+        int | None,
+        Header(alias="Orderledger-Min-Position", ge=0, le=MAX_AMOUNT),
+    ] = None,
+) -> int | None:
+    """The position a read must reflect (query string or header, the higher), refused if the
+    store has not recorded it yet.
 
     Positions come from command responses, so one beyond the newest event is a client error:
     waiting for it would only end in a 503 after the read timeout.
     """
+    values = [value for value in (min_position, header) if value is not None]
+    position = max(values) if values else None
     if position is None:
         return None
-    head = await run_in_threadpool(ledger.head_position)
+    head = await run_in_threadpool(get_ledger(request).head_position)
     if position > head:
         raise RequestValidationError(
             [

@@ -6,15 +6,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy import Connection, Table
 from starlette.concurrency import run_in_threadpool
 
 from api.bootstrap import Background, background, open_read_models
 from api.settings import Settings
-from domain.money import MAX_AMOUNT
 from projections.engine.point_read import PointReader
 from projections.engine.runtime import ProjectionRuntime
 
@@ -63,29 +62,6 @@ async def _projections(request: Request) -> ProjectionRuntime:
 ProjectionsDep = Annotated[ProjectionRuntime, Depends(_projections)]
 
 
-async def min_position(
-    min_position: Annotated[
-        int | None,
-        Query(
-            ge=0,
-            le=MAX_AMOUNT,
-            description="Wait until the read model has applied this global position "
-            "(a command's `position`), or answer 503.",
-        ),
-    ] = None,
-    header: Annotated[
-        int | None,
-        Header(alias="Orderledger-Min-Position", ge=0, le=MAX_AMOUNT),
-    ] = None,
-) -> int | None:
-    """The position a read must reflect, from the query string or the header."""
-    values = [value for value in (min_position, header) if value is not None]
-    return max(values) if values else None
-
-
-MinPositionDep = Annotated[int | None, Depends(min_position)]
-
-
 async def wait_for_position(
     runtime: ProjectionRuntime, settings: Settings, name: str, position: int | None
 ) -> None:
@@ -123,8 +99,32 @@ async def read_model(
         if await run_in_threadpool(runtime.catalog.serving, name) is not None:
             raise
         # No worker has created the read model yet (one is not run in this process).
-        raise HTTPException(
-            status_code=503,
-            detail=f"the {name} read model has not been built yet; retry shortly",
-            headers={"Retry-After": "1"},
-        ) from None
+        raise _not_built(name) from None
+
+
+async def point_read(
+    request: Request, reader: PointReader, key: str, min_position: int | None
+) -> dict[str, Any] | None:
+    """One row of a read model by its key (None if there is none), once the read model has
+    applied ``min_position``: one statement on the event loop, no thread hand-off."""
+    found = await reader.aget(key)
+    if found is None or found.position < (min_position or 0):
+        runtime = get_projections(request)
+        await wait_for_position(runtime, request.app.state.settings, reader.name, min_position)
+        found = await reader.aget(key)
+        if found is None:
+            raise _not_built(reader.name)
+    return found.row
+
+
+def order_reader(request: Request) -> PointReader:
+    """The point reader of order_summaries the app opened at start-up."""
+    return cast(PointReader, request.app.state.order_reader)
+
+
+def _not_built(name: str) -> HTTPException:
+    return HTTPException(
+        status_code=503,
+        detail=f"the {name} read model has not been built yet; retry shortly",
+        headers={"Retry-After": "1"},
+    )

@@ -21,9 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from api.http.app import MAX_BODY_BYTES, create_app
+from api.http import shortcuts
+from api.http.app import create_app
 from api.http.routes import order_queries as orders
-from api.http.shortcuts import PlaceOrderShortcut
 from api.key_store import ApiKeyStore, Role
 from api.settings import Settings
 from domain.ledger import OrderLedger
@@ -38,41 +38,23 @@ LONG_WAIT = 60.0
 
 
 class CountingReader:
-    """Counts the point reads the shortcut makes (each answered request makes one)."""
+    """Counts the point reads the shortcut makes: one for each request it takes up."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        original = PointReader.aget
+        original = shortcuts._plain_read
 
-        async def counted(reader: PointReader, key: str) -> Any:
-            self.calls += 1
-            return await original(reader, key)
+        def counted(scope: Any, keys: Any) -> Any:
+            taken = original(scope, keys)
+            self.calls += taken is not None
+            return taken
 
-        monkeypatch.setattr(PointReader, "aget", counted)
+        monkeypatch.setattr(shortcuts, "_plain_read", counted)
 
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> CountingReader:
     return CountingReader(monkeypatch)
-
-
-class CountingPlacements:
-    """Counts the orders the placement shortcut places (the route places the others)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = 0
-        original = PlaceOrderShortcut._place
-
-        async def counted(shortcut: PlaceOrderShortcut, *args: Any) -> None:
-            self.calls += 1
-            await original(shortcut, *args)
-
-        monkeypatch.setattr(PlaceOrderShortcut, "_place", counted)
-
-
-@pytest.fixture
-def placements(monkeypatch: pytest.MonkeyPatch) -> CountingPlacements:
-    return CountingPlacements(monkeypatch)
 
 
 def patient_settings(store_url: str, **overrides: Any) -> Settings:
@@ -309,10 +291,16 @@ class TestObservedAsTheRoute:
         at = {"min_position": position}
         expected = answer(shop.get(f"/orders/{order_id}", params=at))
 
-        def broken(row: Any) -> bytes:
-            raise RuntimeError("cannot write this order")
+        original = PointReader.aget
+        failed: list[str] = []
 
-        monkeypatch.setattr(orders, "public_json", broken)
+        async def fails_once(reader: PointReader, key: str) -> Any:
+            if not failed:
+                failed.append(key)
+                raise RuntimeError("cannot read this order")
+            return await original(reader, key)
+
+        monkeypatch.setattr(PointReader, "aget", fails_once)
         before = reads.calls
         with caplog.at_level(logging.WARNING, logger="orderledger.http"):
             routed = shop.get(f"/orders/{order_id}", params=at)
@@ -525,197 +513,3 @@ ODD_MEDIA_TYPES = [
 
 ROUTED = "/orders?via=route"
 """A query the route ignores and the shortcut does not take: the same request, by the route."""
-
-
-def comparable(response: httpx.Response) -> tuple[int, set[str], Any]:
-    """Status, header names and body of a placement, with what differs per order taken out."""
-    body = response.json()
-    for field in ("order_id", "position", "instance"):
-        if isinstance(body, dict):
-            body.pop(field, None)
-    names = {k.lower() for k in response.headers}
-    return response.status_code, names, body
-
-
-class TestPlacement:
-    def test_the_shortcut_places_as_the_route_does(
-        self, shop: TestClient, placements: CountingPlacements
-    ) -> None:
-        place(shop)  # the key is now accepted and cached
-        before = placements.calls
-        shortcut = shop.post("/orders", json=order_body(customer_id="by-shortcut"))
-        assert placements.calls == before + 1
-        routed = shop.post(ROUTED, json=order_body(customer_id="by-route"))
-        assert placements.calls == before + 1
-        assert comparable(shortcut) == comparable(routed)
-        for response in (shortcut, routed):
-            assert response.status_code == 201
-            body = response.json()
-            assert response.headers["Location"] == f"/orders/{body['order_id']}"
-            assert response.headers["ETag"] == '"1"'
-            assert response.headers["Orderledger-Position"] == str(body["position"])
-            stored = shop.get(
-                response.headers["Location"], params={"min_position": body["position"]}
-            )
-            assert stored.status_code == 200
-        customers = {
-            shop.get(r.headers["Location"]).json()["customer_id"] for r in (shortcut, routed)
-        }
-        assert customers == {"by-shortcut", "by-route"}
-
-    def test_an_idempotent_retry_replays_and_a_changed_body_is_the_routes_422(
-        self, shop: TestClient, placements: CountingPlacements
-    ) -> None:
-        place(shop)
-        answers = {}
-        for path, key in (("/orders", "shortcut-key"), (ROUTED, "route-key")):
-            headers = {"Idempotency-Key": key}
-            first = shop.post(path, json=order_body(customer_id="same"), headers=headers)
-            again = shop.post(path, json=order_body(customer_id="same"), headers=headers)
-            changed = shop.post(path, json=order_body(customer_id="other"), headers=headers)
-            assert first.status_code == again.status_code == 201
-            assert again.json() == first.json()
-            assert again.headers["Idempotent-Replayed"] == "true"
-            assert changed.status_code == 422
-            assert key in changed.json()["detail"]
-            changed_body = changed.json()
-            changed_body["detail"] = changed_body["detail"].replace(key, "KEY")
-            answers[path] = (comparable(again), changed.status_code, changed_body)
-        assert answers["/orders"] == answers[ROUTED]
-        assert placements.calls >= 3
-
-    def test_a_refusal_by_the_domain_is_the_routes_problem(
-        self, shop: TestClient, placements: CountingPlacements
-    ) -> None:
-        place(shop)
-        line = {"sku": "SKU-1", "quantity": 1, "unit_price": 100}
-        duplicated = order_body(lines=[line, line])
-        before = placements.calls
-        shortcut = shop.post("/orders", json=duplicated)
-        assert placements.calls == before + 1
-        routed = shop.post(ROUTED, json=duplicated)
-        assert shortcut.status_code == routed.status_code
-        assert shortcut.status_code in (409, 422)
-        assert shortcut.headers["content-type"] == "application/problem+json"
-        assert comparable(shortcut) == comparable(routed)
-
-    @pytest.mark.parametrize(
-        ("body", "headers", "status"),
-        [
-            ('{"customer_id": "c", "currency": "EUR"}', {}, 422),  # no lines: the route says so
-            ('{"customer_id": ', {}, 422),  # malformed JSON
-            (json.dumps(order_body(extra=1)), {}, 422),  # unknown field
-            (json.dumps(order_body()), {"Content-Type": "text/plain"}, 415),
-            (json.dumps(order_body()), {"Idempotency-Key": "no spaces allowed"}, 422),
-            ("x" * 70_000, {}, 413),
-        ],
-    )
-    def test_what_the_route_refuses_reaches_the_route_with_its_body(
-        self,
-        shop: TestClient,
-        placements: CountingPlacements,
-        body: str,
-        headers: dict[str, str],
-        status: int,
-    ) -> None:
-        place(shop)
-        before = placements.calls
-        sent = {"Content-Type": "application/json", **headers}
-        response = shop.post("/orders", content=body.encode(), headers=sent)
-        assert placements.calls == before
-        assert response.status_code == status, response.text
-        assert response.headers["content-type"] == "application/problem+json"
-        if status == 422 and "lines" not in body:
-            return
-        if status == 422 and body.startswith('{"customer_id": "c"'):
-            fields = [e["loc"] for e in response.json()["errors"]]
-            assert ["body", "lines"] in fields  # the route validated the body it was handed
-
-    @pytest.mark.parametrize(
-        "headers",
-        [
-            pytest.param([("Content-Type", value)], id=f"content-type={value!r}")
-            for value in ODD_MEDIA_TYPES
-        ]
-        + [
-            pytest.param([], id="no-content-type"),
-            pytest.param(
-                [("Content-Type", "application/json"), ("Content-Type", "text/plain")],
-                id="two-content-types-json-first",
-            ),
-            pytest.param(
-                [("Content-Type", "text/plain"), ("Content-Type", "application/json")],
-                id="two-content-types-text-first",
-            ),
-            pytest.param(
-                [
-                    ("Content-Type", "application/json"),
-                    ("Idempotency-Key", "a"),
-                    ("Idempotency-Key", "b"),
-                ],
-                id="two-idempotency-keys",
-            ),
-            pytest.param(
-                [("Content-Type", "application/json"), ("Authorization", "Bearer olk_nonsense")],
-                id="a-second-authorization",
-            ),
-        ],
-    )
-    def test_odd_headers_get_the_routes_answer(
-        self, shop: TestClient, headers: list[tuple[str, str]]
-    ) -> None:
-        """The same request by the shortcut's path and by the route: the same answer."""
-        place(shop)  # the key is accepted and cached: the shortcut may answer
-        answers = []
-        for n, path in enumerate(("/orders", ROUTED)):
-            # Keys of their own, or the second request would be a replay of the first.
-            sent = [(k, f"{v}-{n}" if k == "Idempotency-Key" else v) for k, v in headers]
-            answers.append(
-                comparable(shop.post(path, content=json.dumps(order_body()), headers=sent))
-            )
-        assert answers[0] == answers[1]
-
-    @pytest.mark.parametrize(
-        "size", [MAX_BODY_BYTES - 1, MAX_BODY_BYTES, MAX_BODY_BYTES + 1, 0], ids=str
-    )
-    def test_bodies_around_the_size_limit_get_the_routes_answer(
-        self, shop: TestClient, size: int
-    ) -> None:
-        """Padded with spaces (still valid JSON) up to, at and past the limit, or empty."""
-        place(shop)
-        compact = json.dumps(order_body()).encode()
-        body = compact + b" " * (size - len(compact)) if size else b""
-        answers = [
-            comparable(shop.post(path, content=body, headers={"Content-Type": "application/json"}))
-            for path in ("/orders", ROUTED)
-        ]
-        assert answers[0] == answers[1]
-        assert answers[0][0] == (413 if size > MAX_BODY_BYTES else 422 if size == 0 else 201)
-
-    def test_a_reader_is_refused_and_nothing_is_placed(
-        self, shop: TestClient, store_url: str, placements: CountingPlacements
-    ) -> None:
-        reader = bearer(issue_key(store_url, Role.reader, "reader"))
-        shop.get("/orders", headers=reader)  # the reader key is now accepted and cached
-        before = placements.calls
-        refused = shop.post("/orders", json=order_body(), headers=reader)
-        assert refused.status_code == 403
-        assert placements.calls == before
-
-    def test_counted_and_logged_as_the_route(
-        self, shop: TestClient, placements: CountingPlacements, caplog: pytest.LogCaptureFixture
-    ) -> None:
-        place(shop)
-        labels = {"route": "/orders", "method": "POST", "status": "201"}
-        counted = REGISTRY.get_sample_value("orderledger_http_requests_total", labels) or 0.0
-        commands = {"command": "place_order", "outcome": "ok"}
-        placed = REGISTRY.get_sample_value("orderledger_commands_total", commands) or 0.0
-        before = placements.calls
-        with caplog.at_level(logging.INFO, logger="orderledger.http"):
-            shop.post("/orders", json=order_body(), headers={"X-Request-ID": "hot-place-1"})
-        assert placements.calls == before + 1
-        assert REGISTRY.get_sample_value("orderledger_http_requests_total", labels) == counted + 1
-        assert REGISTRY.get_sample_value("orderledger_commands_total", commands) == placed + 1
-        (line,) = [r for r in caplog.records if getattr(r, "request_id", None) == "hot-place-1"]
-        assert line.route == "/orders"  # type: ignore[attr-defined]
-        assert line.status == 201  # type: ignore[attr-defined]
