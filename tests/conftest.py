@@ -10,6 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from tests.support.receivers import SmtpServer, WebhookReceiver
+
 POSTGRES_URL_VAR = "ORDERLEDGER_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VAR = "ORDERLEDGER_REQUIRE_POSTGRES"
 
@@ -78,3 +80,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             f"{_postgres_outcomes['skipped']} skipped"
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A webhook endpoint on loopback, up and answering 204."""
+    receiver = WebhookReceiver()
+    receiver.come_up()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """An SMTP server on loopback, up and accepting every message."""
+    server = SmtpServer()
+    server.come_up()
+    yield server
+    server.close()

@@ -6,26 +6,15 @@ sums both processes' counters, and no child outlives serve, whether it is stoppe
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.key_store import Role
-from tests.support.auth import bearer, issue_key
-from tests.support.cli_processes import REPO_ROOT, cli_env
-from tests.support.ports import free_port
+from tests.e2e.conftest import Deploy
+from tests.support.servers import Server
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -66,98 +55,28 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _json_line(line: str) -> dict[str, Any]:
-    try:
-        parsed: dict[str, Any] = json.loads(line)
-    except json.JSONDecodeError:
-        pytest.fail(f"a log line is not JSON: {line!r}")
-    return parsed
-
-
-@dataclass
-class Serving:
-    """A running `serve --workers 2` with an admin key, its stderr in a file."""
-
-    process: subprocess.Popen[bytes]
-    base_url: str
-    token: str
-    stderr_path: Path
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers=bearer(self.token), timeout=30)
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """Every stderr line, each of which must be one JSON object."""
-        text = self.stderr_path.read_text(errors="replace")
-        complete = text.split("\n")[:-1]  # the last piece may be a line still being written
-        return [_json_line(line) for line in complete if line.strip()]
-
-    def requests_logged(self, route: str, method: str) -> list[dict[str, Any]]:
-        return [
-            line
-            for line in self.log_lines()
-            if line["logger"] == "orderledger.http"
-            and line.get("route") == route
-            and line.get("method") == method
-        ]
-
-
-@contextmanager
-def serve(store_url: str, tmp_path: Path, *args: str) -> Iterator[Serving]:
-    """`orderledger serve ARGS` on the store, answering /healthz; killed at the end if still up."""
-    token = issue_key(store_url, Role.admin, "serve-workers")
-    port = free_port()
-    env = cli_env(
-        database_url=store_url,
-        host="127.0.0.1",
-        port=port,
-        projection_poll_interval=0.01,
-        projection_idle_wait=0.05,
-    )
-    stderr_path = tmp_path / "serve.stderr.log"
-    with stderr_path.open("wb") as err, (tmp_path / "serve.stdout.log").open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli.main", "serve", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=err,
-        )
-    served = Serving(process, f"http://127.0.0.1:{port}", token, stderr_path)
-    children: set[int] = set()
-    try:
-
-        def healthy() -> bool:
-            assert process.poll() is None, stderr_path.read_text()
-            try:
-                return httpx.get(f"{served.base_url}/healthz", timeout=5).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, "serve to answer /healthz", timeout=START_TIMEOUT)
-        children = descendants(process.pid)
-        yield served
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
-        for pid in children | descendants(process.pid):
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture
-def serving(store_url: str, tmp_path: Path) -> Iterator[Serving]:
-    """`orderledger serve --workers 2` on the store."""
-    with serve(store_url, tmp_path, "--workers", "2") as served:
-        yield served
+def serving(store_url: str, deploy: Deploy) -> Server:
+    """`orderledger serve --workers 2` on the store, with an admin key."""
+    deployment = deploy(store_url, projection_poll_interval=0.01, projection_idle_wait=0.05)
+    return deployment.serve("serve", "--workers", "2")
 
 
-def started_children(serving: Serving) -> set[int]:
+def requests_logged(server: Server, route: str, method: str) -> list[dict[str, Any]]:
+    return [
+        line
+        for line in server.log_records()
+        if line["logger"] == "orderledger.http"
+        and line.get("route") == route
+        and line.get("method") == method
+    ]
+
+
+def started_children(serving: Server) -> set[int]:
     """Serve's children once the two API processes and the projection worker have started."""
 
     def found() -> set[int] | None:
-        children = descendants(serving.process.pid)
+        children = descendants(serving.pid)
         return children if len(children) >= 3 else None
 
     children: set[int] = wait_for(
@@ -165,7 +84,7 @@ def started_children(serving: Serving) -> set[int]:
     )
 
     def both_started() -> bool:
-        lines = serving.log_lines()
+        lines = serving.log_records()
         started = {
             line["pid"] for line in lines if line["message"] == "Application startup complete."
         }
@@ -175,7 +94,7 @@ def started_children(serving: Serving) -> set[int]:
     return children
 
 
-def place_orders(serving: Serving, count: int) -> list[tuple[str, int]]:
+def place_orders(serving: Server, count: int) -> list[tuple[str, int]]:
     """Place orders from 8 threads, each on a fresh connection so both processes get some."""
 
     def place(_: int) -> tuple[str, int]:
@@ -200,7 +119,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 class TestServeWorkers:
     def test_two_api_processes_one_projection_worker_and_summed_metrics(
-        self, serving: Serving
+        self, serving: Server
     ) -> None:
         """Both processes answer, reads see their writes, /metrics counts both, SIGTERM ends all."""
         children = started_children(serving)
@@ -209,7 +128,7 @@ class TestServeWorkers:
         placed: list[tuple[str, int]] = []
         while len(placed) < 200:
             placed += place_orders(serving, 16)
-            api_pids = {line["pid"] for line in serving.requests_logged("/orders", "POST")}
+            api_pids = {line["pid"] for line in requests_logged(serving, "/orders", "POST")}
             if len(api_pids) == 2:
                 break
         assert len(api_pids) == 2, f"only {api_pids} answered {len(placed)} orders"
@@ -247,12 +166,11 @@ class TestServeWorkers:
                 assert placed_ok == len(placed)
 
         # Every line on stderr is JSON; uvicorn's access log is off, its own lines are JSON too.
-        lines = serving.log_lines()
+        lines = serving.log_records()
         assert not [line for line in lines if line["logger"] == "uvicorn.access"]
         assert any(line["logger"] == "uvicorn.error" for line in lines)
 
-        serving.process.send_signal(signal.SIGTERM)
-        assert serving.process.wait(STOP_TIMEOUT) == 0
+        assert serving.terminate() == 0
         wait_for(
             lambda: not [pid for pid in children if running(pid)],
             "every child to exit with serve",
@@ -261,24 +179,22 @@ class TestServeWorkers:
 
 
 class TestSingleProcess:
-    def test_sigterm_ends_serve_with_exit_code_zero(self, sqlite_url: str, tmp_path: Path) -> None:
+    def test_sigterm_ends_serve_with_exit_code_zero(self, sqlite_url: str, deploy: Deploy) -> None:
         """One process: a graceful shutdown, then a normal exit rather than death by signal."""
-        with serve(sqlite_url, tmp_path) as served:
-            with served.client() as http:
-                assert http.post("/orders", json=ORDER).status_code == 201
-            served.process.send_signal(signal.SIGTERM)
-            assert served.process.wait(STOP_TIMEOUT) == 0
-        messages = [line["message"] for line in served.log_lines()]
+        served = deploy(sqlite_url).serve()
+        with served.client() as http:
+            assert http.post("/orders", json=ORDER).status_code == 201
+        assert served.terminate() == 0
+        messages = [line["message"] for line in served.log_records()]
         assert "Application shutdown complete." in messages
 
 
 class TestOrphans:
     @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
-    def test_a_sigkilled_serve_leaves_no_child_running(self, serving: Serving) -> None:
+    def test_a_sigkilled_serve_leaves_no_child_running(self, serving: Server) -> None:
         """The API processes and the projection worker notice their parent is gone and exit."""
         children = started_children(serving)
-        serving.process.send_signal(signal.SIGKILL)
-        serving.process.wait(STOP_TIMEOUT)
+        serving.kill()
         wait_for(
             lambda: not [pid for pid in children if running(pid)],
             "every orphaned child to exit",

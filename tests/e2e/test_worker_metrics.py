@@ -6,14 +6,9 @@ the webhooks, and Prometheus text is read over HTTP from the port the worker rep
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -21,12 +16,11 @@ import pytest
 from domain.ledger import OrderLedger
 from projections.effects.service import Effects
 from projections.engine.runtime import ProjectionRuntime
-from tests import LOCAL_RECEIVERS, REPO_ROOT
+from tests.e2e.conftest import Deploy
 from tests.support.http import order_body
 from tests.support.receivers import LOCAL_TARGETS, WebhookReceiver
+from tests.support.servers import Process
 
-REPO = REPO_ROOT
-WORKER = (sys.executable, "-m", "api.cli.main", "worker")
 ANNOUNCED = re.compile(r"metrics at (http://\S+/metrics)")
 
 
@@ -45,45 +39,20 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture
-def worker(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`orderledger worker --metrics-port 0` on the store; yields the process and its URL."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
-    env.update(
-        ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS=LOCAL_RECEIVERS,
-        ORDERLEDGER_EFFECT_BACKOFF_BASE="0.01",
-        ORDERLEDGER_EFFECT_BACKOFF_CAP="0.05",
-        ORDERLEDGER_EFFECT_MAX_ATTEMPTS="2",
-        ORDERLEDGER_PROJECTION_POLL_INTERVAL="0.01",
-        ORDERLEDGER_PROJECTION_IDLE_WAIT="0.05",
+def worker(sqlite_url: str, deploy: Deploy) -> tuple[Process, str]:
+    """`orderledger worker --metrics-port 0` on the store; the process and its metrics URL."""
+    deployment = deploy(
+        sqlite_url,
+        effect_backoff_base=0.01,
+        effect_backoff_cap=0.05,
+        effect_max_attempts=2,
+        projection_poll_interval=0.01,
+        projection_idle_wait=0.05,
     )
-    stderr = (tmp_path / "worker.err").open("w")
-    process = subprocess.Popen(
-        [*WORKER, "--metrics-port", "0", "--database-url", sqlite_url],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        url = None
-        for line in process.stdout:
-            found = ANNOUNCED.search(line)
-            if found:
-                url = found.group(1)
-                break
-        assert url is not None, (tmp_path / "worker.err").read_text()
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        stderr.close()
+    process = deployment.worker("worker", "--metrics-port", "0")
+    found = ANNOUNCED.search(process.output())
+    assert found is not None, process.output()
+    return process, found.group(1)
 
 
 def scrape_until(url: str, ready: Callable[[str], bool], timeout: float = 30) -> str:
@@ -101,7 +70,7 @@ def scrape_until(url: str, ready: Callable[[str], bool], timeout: float = 30) ->
 def test_a_worker_exposes_its_delivery_counters_and_projection_lag(
     sqlite_url: str,
     receiver: WebhookReceiver,
-    worker: tuple[subprocess.Popen[str], str],
+    worker: tuple[Process, str],
 ) -> None:
     process, url = worker
     ledger = OrderLedger.from_url(sqlite_url)
@@ -132,5 +101,4 @@ def test_a_worker_exposes_its_delivery_counters_and_projection_lag(
         assert sample(text, "orderledger_projection_position", projection=projection) == head
         assert sample(text, "orderledger_projection_lag_events", projection=projection) == 0
     assert len(receiver.accepted_ids()) == 3
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=20) == 0
+    assert process.terminate() == 0

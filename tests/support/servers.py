@@ -60,9 +60,12 @@ class Process:
         return self.stderr_path.read_text(errors="replace")
 
     def log_records(self) -> list[dict[str, Any]]:
-        """Every line on stderr, each of which must be one JSON object (the log format)."""
+        """Every complete line on stderr, each of which must be one JSON object (the log
+        format); the last piece may be a line still being written."""
         records = []
-        for line in self.stderr().splitlines():
+        for line in self.stderr().split("\n")[:-1]:
+            if not line.strip():
+                continue
             record = json.loads(line)
             assert isinstance(record, dict), f"{self.name} logged {line!r}"
             records.append(record)

@@ -18,7 +18,7 @@ from projections.engine.runtime import ProjectionRuntime
 from tests.support.effects import FAST
 from tests.support.ports import free_port
 from tests.support.projections import run_until_caught_up
-from tests.support.receivers import LOCAL_TARGETS, SmtpServer, WebhookReceiver
+from tests.support.receivers import LOCAL_TARGETS
 
 # -- fixtures ----------------------------------------------------------------------------------
 
@@ -55,24 +55,6 @@ def catch_up(runtime: ProjectionRuntime) -> Callable[..., None]:
         run_until_caught_up(runtime, list(only))
 
     return run
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    """A webhook endpoint on loopback, up and answering 204."""
-    receiver = WebhookReceiver()
-    receiver.come_up()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[SmtpServer]:
-    """An SMTP server on loopback, up and accepting every message."""
-    server = SmtpServer()
-    server.come_up()
-    yield server
-    server.close()
 
 
 @pytest.fixture
