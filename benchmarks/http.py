@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Table, func, select
 
-from api.bootstrap import open_read_models
+from api.bootstrap import open_ledger, open_read_models, opened
 from api.http.routes.order_queries import public_json
 from api.settings import Settings
 from benchmarks.common import (
@@ -87,13 +87,15 @@ def _cache_key(orders: int) -> str:
 def generate(url: str, orders: int) -> None:
     """Record ``orders`` placed orders, many per transaction, then catch every read model up."""
     started = time.perf_counter()
-    ledger = OrderLedger.from_url(url)
+    settings = Settings(database_url=url)
+    ledger = open_ledger(settings)
     try:
         for first in range(0, orders, SAVE_CHUNK):
             chunk = range(first, min(orders, first + SAVE_CHUNK))
             ledger.save(*(Order.place(**place_order_body(n)) for n in chunk))
         saved = time.perf_counter()
-        runtime = ProjectionRuntime.open(ledger, url)
+        # Opened after the orders are saved: the outbox, installed now, sends nothing for them.
+        runtime = open_read_models(settings, ledger)
         try:
             runtime.worker().run_until_caught_up(timeout=3 * 3600)
         finally:
@@ -117,19 +119,14 @@ def order_store(store: str, orders: int, postgres_admin: str) -> Iterator[str]:
 
 def sample_order_ids(url: str, count: int, path: Path) -> int:
     """Write ``count`` random order ids of the store to ``path``, one a line; how many."""
-    ledger = OrderLedger.from_url(url)
-    runtime = ProjectionRuntime.open(ledger, url)
-    try:
 
-        def random_ids(conn: Connection, tables: dict[str, Table]) -> list[str]:
-            table = tables["order_summaries"]
-            query = select(table.c.order_id).order_by(func.random()).limit(count)
-            return [str(row[0]) for row in conn.execute(query)]
+    def random_ids(conn: Connection, tables: dict[str, Table]) -> list[str]:
+        table = tables["order_summaries"]
+        query = select(table.c.order_id).order_by(func.random()).limit(count)
+        return [str(row[0]) for row in conn.execute(query)]
 
-        ids = runtime.read("order_summaries", random_ids)
-    finally:
-        runtime.close()
-        ledger.close()
+    with opened(Settings(database_url=url)) as system:
+        ids = system.runtime.read("order_summaries", random_ids)
     path.write_text("".join(f"{order_id}\n" for order_id in ids), encoding="ascii")
     return len(ids)
 
@@ -372,7 +369,7 @@ def direct_child(url: str) -> None:
     HTTP leaves out only the HTTP layer.
     """
     settings = Settings(database_url=url)
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger(settings)
     runtime = open_read_models(settings, ledger)
     worker = runtime.worker(idle_wait=settings.projection_idle_wait)
     worker.start()

@@ -33,6 +33,8 @@ from eventsourcing.sqlite import SQLiteTrackingRecorder
 from psycopg.sql import SQL
 from sqlalchemy import bindparam, func, select
 
+from api.bootstrap import open_ledger, open_read_models, opened
+from api.settings import Settings
 from benchmarks.common import (
     STORES,
     cached_store_copy,
@@ -51,7 +53,6 @@ from domain.order import Order
 from domain.summary import balance_due, order_status, refund_due
 from projections.base import Projection
 from projections.engine.processor import ProcessorSettings
-from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import OrderSummaryProjection
 from projections.registry import all_projections
 
@@ -139,7 +140,7 @@ def event_store(store: str, events: int, postgres_admin: str) -> Iterator[tuple[
 
 def _generate(url: str, events: int) -> None:
     started = time.perf_counter()
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger(Settings(database_url=url))
     try:
         recorded = fill_store(ledger, events)
     finally:
@@ -149,7 +150,7 @@ def _generate(url: str, events: int) -> None:
 
 
 def _count(url: str) -> int:
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger(Settings(database_url=url))
     try:
         return ledger.head_position()
     finally:
@@ -357,14 +358,9 @@ def projection_named(name: str) -> Projection:
 
 def our_catch_up(url: str, name: str, batch_size: int) -> tuple[float, float, int]:
     """Wall and CPU seconds our Worker takes to build one projection from position zero."""
-    ledger = OrderLedger.from_url(url)
-    runtime = ProjectionRuntime.open(
-        ledger,
-        url,
-        projections=[projection_named(name)],
-        settings=ProcessorSettings(batch_size=batch_size),
-    )
-    try:
+    settings = Settings(database_url=url, projection_batch_size=batch_size)
+    with opened(settings, projections=[projection_named(name)]) as system:
+        runtime = system.runtime
         worker = runtime.worker()
         worker.prepare()
         started, started_cpu = time.perf_counter(), time.process_time()
@@ -376,9 +372,6 @@ def our_catch_up(url: str, name: str, batch_size: int) -> tuple[float, float, in
                 for table in tables.values()
             )
         return seconds, cpu, rows
-    finally:
-        runtime.close()
-        ledger.close()
 
 
 # -- memory while rebuilding -------------------------------------------------------------------
@@ -386,9 +379,7 @@ def our_catch_up(url: str, name: str, batch_size: int) -> tuple[float, float, in
 
 def rss_child(url: str, name: str, batch_size: int) -> None:
     """Run in a fresh process: rebuild one projection, print peak RSS (MB) as JSON."""
-    ledger = OrderLedger.from_url(url)
-    head = ledger.head_position()
-    ledger.close()
+    head = _count(url)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     seconds, _, _ = our_catch_up(url, name, batch_size)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -450,8 +441,9 @@ WRITER_THREADS = 4
 
 def run_live_worker(url: str) -> None:
     """Run in a child process: a Worker for order_summaries until standard input closes."""
-    ledger = OrderLedger.from_url(url)
-    runtime = ProjectionRuntime.open(ledger, url, projections=[OrderSummaryProjection()])
+    settings = Settings(database_url=url)
+    ledger = open_ledger(settings)
+    runtime = open_read_models(settings, ledger, [OrderSummaryProjection()])
     worker = runtime.worker()
     worker.start()
     print("ready", flush=True)
@@ -467,8 +459,9 @@ def live_latency(store: str, url: str, rate: float, seconds: float) -> Latency:
     The Worker runs in its own process (as ``orderledger`` runs it beside the API), so the
     writers and the checker here do not share its interpreter lock.
     """
-    ledger = OrderLedger.from_url(url)
-    runtime = ProjectionRuntime.open(ledger, url, projections=[OrderSummaryProjection()])
+    settings = Settings(database_url=url)
+    ledger = open_ledger(settings)
+    runtime = open_read_models(settings, ledger, [OrderSummaryProjection()])
     root = Path(__file__).resolve().parent.parent
     child = subprocess.Popen(
         [

@@ -23,6 +23,8 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from api.bootstrap import open_ledger
+from api.settings import Settings
 from benchmarks.common import (
     STORES,
     Measurement,
@@ -42,7 +44,6 @@ from benchmarks.common import (
     temporary_store_url,
     timed,
 )
-from domain.ledger import OrderLedger
 
 OURS = "orderledger"
 OURS_IDEMPOTENT = "orderledger + idempotency"
@@ -154,7 +155,7 @@ class BareWorkload:
 
 class LedgerWorkload:
     def __init__(self, database_url: str, *, idempotent: bool) -> None:
-        self.ledger = OrderLedger.from_url(database_url)
+        self.ledger = open_ledger(Settings(database_url=database_url))
         self.idempotent = idempotent
         # Fresh per workload, so keys never collide with an earlier run's.
         self.run = uuid.uuid4().hex[:8]
