@@ -21,10 +21,11 @@ from api.http.routes import (
 )
 
 routers: tuple[APIRouter, ...] = (
+    # The busiest first: a request is matched against the routes in this order.
+    order_queries.router,
+    orders.router,
     health.router,
     readiness.router,
-    orders.router,
-    order_queries.router,
     projections.router,
     customers.router,
     reports.router,
