@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import ColumnElement, Engine, Select, Table, bindparam, func, literal_column, select
 from sqlalchemy.dialects import postgresql
 
@@ -314,6 +315,10 @@ class _AsyncConnections:
 
     def __init__(self, conninfo: str, size: int = ASYNC_CONNECTIONS) -> None:
         self.conninfo = conninfo
+        # The URL's own options (the store's search_path) and the lock timeout: an options
+        # argument would replace the URL's, not add to them.
+        own = conninfo_to_dict(conninfo).get("options") or ""
+        self._options = f"{own} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()
         self.size = size
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._open = 0
@@ -329,7 +334,7 @@ class _AsyncConnections:
         self._open += 1
         try:
             return await psycopg.AsyncConnection.connect(
-                self.conninfo, autocommit=True, options=f"-c lock_timeout={LOCK_TIMEOUT_MS}"
+                self.conninfo, autocommit=True, options=self._options
             )
         except BaseException:
             self._open -= 1
