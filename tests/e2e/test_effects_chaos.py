@@ -29,13 +29,9 @@ from tests.support.chaos import (
     Victim,
     place_and_follow,
 )
-from tests.support.cli_processes import (
-    all_serving_at,
-    cli_processes,
-    generations_by_role,
-    opened_store,
-)
+from tests.support.processes import cli_processes
 from tests.support.receivers import LOCAL_TARGETS
+from tests.support.stores import all_serving_at, generations_by_role, opened_store
 from tests.support.waiting import wait_for
 
 ORDERS = 2_000

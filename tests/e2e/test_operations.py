@@ -15,7 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.http import assert_problem, order_body
-from tests.support.servers import ORDERLEDGER, Deployment, Server
+from tests.support.processes import ORDERLEDGER
+from tests.support.servers import Deployment, Server
 from tests.support.shop import Shop
 from tests.support.waiting import wait_for
 

@@ -13,11 +13,11 @@ from projections.base import generation_suffix
 from projections.engine.catalog import BUILDING, SERVING, Generation
 from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import list_order_summaries
-from tests.support.cli_processes import (
-    CliProcesses,
+from tests.support.processes import CliProcesses, cli_processes, wait_watching
+from tests.support.projections import checksum, run_until_caught_up, table_contents
+from tests.support.stores import (
     all_serving_at,
     checksums,
-    cli_processes,
     generate_orders,
     generations_by_role,
     opened_store,
@@ -25,7 +25,6 @@ from tests.support.cli_processes import (
     store_figures,
     summary_figures,
 )
-from tests.support.projections import checksum, run_until_caught_up, table_contents
 
 EVENTS = 20_000
 KILLS = 20
@@ -71,13 +70,13 @@ class TestWorkerKilledDuringCatchUp:
                     holds_a_lease = any(owner_pid(row) == pid for row in rows)
                     return holds_a_lease and _serving_position(runtime) >= target
 
-                cli.wait_for(
+                wait_watching(
                     working,
                     f"the worker holds a lease and passed position {target}",
                     watch=[worker],
                 )
                 time.sleep(rng.uniform(0.0, KILL_DELAY))
-                cli.kill(worker)
+                worker.kill()
                 positions_at_kill.append(_serving_position(runtime))
 
             assert positions_at_kill == sorted(positions_at_kill), "a position went backwards"
@@ -85,12 +84,12 @@ class TestWorkerKilledDuringCatchUp:
             assert len(mid_catch_up) >= KILLS // 2, f"kills landed at {positions_at_kill}"
 
             worker = cli.start("worker", "--database-url", store_url)
-            cli.wait_for(
+            wait_watching(
                 lambda: all_serving_at(runtime, names, head),
                 "the last worker brought every projection to the head",
                 watch=[worker],
             )
-            assert cli.terminate(worker) == 0, cli.output(worker)
+            assert cli.terminate(worker) == 0, worker.output()
             for row in runtime.catalog.rows():
                 assert not row.failed, f"{row.name} stopped: {row.error_message}"
 
@@ -146,25 +145,25 @@ class TestWorkerKilledDuringRebuild:
                     built = row.role != BUILDING or row.position >= target
                     return built and any(owner_pid(r) == pid for r in rows)
 
-                cli.wait_for(
+                wait_watching(
                     working,
                     f"the worker holds a lease and built past position {target}",
                     watch=[worker],
                 )
                 time.sleep(rng.uniform(0.0, KILL_DELAY))
-                cli.kill(worker)
+                worker.kill()
                 still_building_at_kill.append(
                     any(row.role == BUILDING for row in runtime.catalog.rows())
                 )
 
             assert sum(still_building_at_kill) >= KILLS // 4, still_building_at_kill
             worker = cli.start("worker", "--database-url", store_url)
-            cli.wait_for(
+            wait_watching(
                 lambda: all_serving_at(runtime, names, head),
                 "every rebuilt generation took over at the head",
                 watch=[worker],
             )
-            assert cli.terminate(worker) == 0, cli.output(worker)
+            assert cli.terminate(worker) == 0, worker.output()
 
             serving = generations_by_role(runtime, SERVING)
             assert {n: serving[n].generation for n in names} == building
@@ -205,8 +204,8 @@ def _kill_rebuild_midway(
         building = _building(runtime)
         return building if building is not None and 0 < building.position < head else None
 
-    cli.wait_for(midway, "the rebuild is part-way", watch=[rebuilding])
-    cli.kill(rebuilding)
+    wait_watching(midway, "the rebuild is part-way", watch=[rebuilding])
+    rebuilding.kill()
     killed = _building(runtime)
     assert killed is not None, "the killed rebuild's generation is gone"
     assert 0 < killed.position < head

@@ -18,8 +18,8 @@ from projections.effects.service import Effects
 from projections.engine.runtime import ProjectionRuntime
 from tests.e2e.conftest import Deploy
 from tests.support.http import order_body
+from tests.support.processes import Process
 from tests.support.receivers import LOCAL_TARGETS, WebhookReceiver
-from tests.support.servers import Process
 
 ANNOUNCED = re.compile(r"metrics at (http://\S+/metrics)")
 

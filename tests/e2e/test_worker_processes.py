@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from projections.engine.catalog import SERVING
-from tests.support.cli_processes import (
-    PROCESS_TIMEOUT,
+from tests.support.processes import PROCESS_TIMEOUT, cli_processes, wait_watching
+from tests.support.stores import (
     all_serving_at,
-    cli_processes,
     generate_orders,
     generations_by_role,
     opened_store,
@@ -61,7 +60,7 @@ class TestLeaseTakeover:
                 owned = all(owner_pid(row) is not None for row in serving.values())
                 return owned and all_serving_at(runtime, names, target)
 
-            cli.wait_for(
+            wait_watching(
                 lambda: caught_up_and_owned(head),
                 "both workers caught up and every serving generation has an owner",
                 watch=list(workers.values()),
@@ -73,7 +72,7 @@ class TestLeaseTakeover:
 
             victim = workers.pop(owner_pid(serving["order_summaries"]) or 0)
             [survivor] = workers.values()
-            cli.kill(victim)
+            victim.kill()
             new_head = generate_orders(ledger, events=2000, seed=102, serial=1_000_000)
             assert new_head > head
 
@@ -81,20 +80,20 @@ class TestLeaseTakeover:
                 rows = generations_by_role(runtime, SERVING).values()
                 return all(owner_pid(row) == survivor.pid for row in rows)
 
-            cli.wait_for(
+            wait_watching(
                 all_owned_by_survivor,
                 "the surviving worker holds every serving generation's lease",
                 timeout=TAKEOVER_TIMEOUT,
                 watch=[survivor],
             )
-            cli.wait_for(
+            wait_watching(
                 lambda: all_serving_at(runtime, names, new_head),
                 "the surviving worker brought every projection to the new head",
                 watch=[survivor],
             )
 
             assert summary_figures(runtime) == store_figures(ledger)
-            assert _error_lines(cli.output(survivor)) == []
+            assert _error_lines(survivor.output()) == []
 
 
 class TestWorkerLifecycle:
@@ -111,18 +110,18 @@ class TestWorkerLifecycle:
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=1500, seed=201)
             worker = cli.start("worker", "--database-url", store_url)
-            cli.wait_for(
+            wait_watching(
                 lambda: all_serving_at(runtime, names, head),
                 "the worker caught up",
                 watch=[worker],
             )
 
-            assert cli.terminate(worker) == 0, cli.output(worker)
+            assert cli.terminate(worker) == 0, worker.output()
             rows = runtime.catalog.rows()
             assert sorted(row.name for row in rows) == sorted(names)
             assert [row.lease_owner for row in rows] == [None] * len(rows)
             assert summary_figures(runtime) == store_figures(ledger)
-            assert _error_lines(cli.output(worker)) == []
+            assert _error_lines(worker.output()) == []
 
     def test_status_shows_not_started_before_a_worker_and_live_after_its_catch_up(
         self, store_url: str, tmp_path: Path
@@ -140,7 +139,7 @@ class TestWorkerLifecycle:
 
             worker = cli.start("worker", "--database-url", store_url)
             try:
-                cli.wait_for(
+                wait_watching(
                     lambda: all_serving_at(runtime, names, head),
                     "the worker caught up",
                     watch=[worker],

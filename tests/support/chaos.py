@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from uuid import UUID
 
 from domain.ledger import OrderLedger
 from projections.effects.senders import InvalidSignatureError, verify
-from tests.support.cli_processes import CliProcesses
+from tests.support.processes import CliProcesses, Process
 
 _SKUS = {"TEA-SENCHA-100G": 1250, "MUG-STONEWARE": 2490, "KETTLE-CAST-IRON": 8900}
 
@@ -343,16 +342,16 @@ class Victim:
         self.cold = cold
         self.kills = 0
         self.process = cli.start(*self.args)
-        self._replacement: subprocess.Popen[bytes] | None = None
+        self._replacement: Process | None = None
         self._kill_at: float | None = None
 
     def tick(self, now: float, *, keep_killing: bool) -> None:
         """Kill and restart when the drawn moment has come; fail if a process died by itself."""
         for process in (self.process, self._replacement):
-            if process is not None and process.poll() is not None:
+            if process is not None and process.popen.poll() is not None:
                 raise AssertionError(
-                    f"{self.args} exited with {process.returncode} on its own:\n"
-                    f"{self.cli.output(process)[-4000:]}"
+                    f"{self.args} exited with {process.popen.returncode} on its own:\n"
+                    f"{process.output()[-4000:]}"
                 )
         if self._replacement is not None:
             if self._runs(self._replacement):
@@ -370,11 +369,11 @@ class Victim:
         else:
             self._replacement = self.cli.start(*self.args)
 
-    def _runs(self, process: subprocess.Popen[bytes]) -> bool:
-        return " running: " in self.cli.output(process)
+    def _runs(self, process: Process) -> bool:
+        return process.running()
 
-    def _kill_and_swap(self, replacement: subprocess.Popen[bytes] | None) -> None:
-        self.cli.kill(self.process)
+    def _kill_and_swap(self, replacement: Process | None) -> None:
+        self.process.kill()
         self.kills += 1
         self.process = replacement or self.cli.start(*self.args)
         self._replacement = None

@@ -6,10 +6,8 @@ operator would give them, and HTTP over real loopback TCP with httpx.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,83 +15,20 @@ from typing import Any
 
 import httpx
 
-from tests.support.cli_processes import REPO_ROOT, cli_env
+from tests import REPO_ROOT
+from tests.support.auth import bearer
 from tests.support.ports import free_port
-from tests.support.waiting import wait_for
-
-ORDERLEDGER = Path(sys.executable).with_name("orderledger")
-"""The console script installed beside this interpreter, as a deployment would run it."""
+from tests.support.processes import ORDERLEDGER, Process, cli_env, spawn, wait_watching
 
 START_TIMEOUT = 60.0
 """Longest a server may take to answer /readyz, even on a loaded machine."""
 
-STOP_TIMEOUT = 30.0
-"""Longest a process may take to stop after SIGTERM before it is SIGKILLed (and fails)."""
 
 BIND_ATTEMPTS = 3
 """Tries at a free port (another process may take one between our probe and the bind)."""
 
 CLI_TIMEOUT = 60.0
 HTTP_TIMEOUT = 30.0
-
-
-def bearer(token: str) -> dict[str, str]:
-    """The Authorization header for an API key."""
-    return {"Authorization": f"Bearer {token}"}
-
-
-@dataclass
-class Process:
-    """One child process with its stdout and stderr in files."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-    killed: bool = False
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict[str, Any]]:
-        """Every complete line on stderr, each of which must be one JSON object (the log
-        format); the last piece may be a line still being written."""
-        records = []
-        for line in self.stderr().split("\n")[:-1]:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            assert isinstance(record, dict), f"{self.name} logged {line!r}"
-            records.append(record)
-        return records
-
-    def output(self) -> str:
-        """Both streams, labelled, for failure messages."""
-        stdout = self.stdout_path.read_text(errors="replace")
-        return f"--- {self.name} stderr ---\n{self.stderr()}--- {self.name} stdout ---\n{stdout}"
-
-    def terminate(self) -> int:
-        """SIGTERM and wait; a process that does not stop in time is SIGKILLed and fails."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(
-                f"{self.name} did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM:\n{self.output()}"
-            ) from None
-
-    def kill(self) -> None:
-        """SIGKILL: no handler runs, nothing is given back."""
-        self.killed = True
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(STOP_TIMEOUT)
 
 
 @dataclass
@@ -204,18 +139,8 @@ class Deployment:
     def _spawn(
         self, name: str, args: tuple[str, ...], settings: dict[str, object]
     ) -> tuple[subprocess.Popen[bytes], Path, Path]:
-        index = len(self.processes)
-        stdout_path = self.directory / f"{index}-{name}.stdout.log"
-        stderr_path = self.directory / f"{index}-{name}.stderr.log"
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            popen = subprocess.Popen(
-                [str(ORDERLEDGER), *args],
-                cwd=REPO_ROOT,
-                env=self.env(**settings),
-                stdout=out,
-                stderr=err,
-            )
-        return popen, stdout_path, stderr_path
+        process = spawn(self.directory, name, args, self.env(**settings))
+        return process.popen, process.stdout_path, process.stderr_path
 
     def worker(self, name: str = "worker", *args: str, **settings: object) -> Process:
         """Start `orderledger worker` and wait until it says it is running."""
@@ -236,14 +161,8 @@ class Deployment:
         """Poll ``condition()``; fail with its output if a watched process (by default: any
         running now) exits meanwhile."""
         candidates = self.processes if watch is None else watch
-        running = {p.pid: p for p in candidates if not p.killed and p.popen.poll() is None}
-        return wait_for(
-            condition,
-            what,
-            timeout=timeout,
-            processes=[p.popen for p in running.values()],
-            output=lambda popen: running[popen.pid].output(),
-        )
+        running = [p for p in candidates if not p.killed and p.popen.poll() is None]
+        return wait_watching(condition, what, running, timeout)
 
     def _wait_ready(self, server: Server, port: int) -> None:
         """Wait until this server (not another process on the port) is bound and ready."""

@@ -1,4 +1,4 @@
-"""Helpers for tests that run projection workers as real processes and kill them.
+"""The store in tests that run processes: orders to fill it, figures to check it against.
 
 Test data is real but fast: orders are built in memory with the aggregate's own commands and
 saved several hundred at a time through the ledger (the library's encoding and recorder, one
@@ -7,16 +7,11 @@ transaction per save). Figures to check read models against are read back from t
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
@@ -28,12 +23,7 @@ from domain.ledger import OrderLedger
 from domain.order import EVENT_TYPES, Order
 from projections.engine.catalog import BUILDING, SERVING, Generation
 from projections.engine.runtime import ProjectionRuntime
-from tests import LOCAL_RECEIVERS, REPO_ROOT
 from tests.support.projections import checksum, table_contents
-from tests.support.waiting import wait_for
-
-PROCESS_TIMEOUT = 180.0
-"""Longest a child process or a condition on it may take, even on a loaded machine."""
 
 _SKUS = {
     "TEA-SENCHA-100G": 1250,
@@ -183,103 +173,6 @@ def all_serving_at(runtime: ProjectionRuntime, names: Sequence[str], head: int) 
         name in serving and serving[name].position >= head and not serving[name].failed
         for name in names
     )
-
-
-# -- child processes --------------------------------------------------------------------------
-
-
-def cli_env(**settings: object) -> dict[str, str]:
-    """The environment for a CLI child: ours, plus ORDERLEDGER_<NAME> for each setting."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
-    env["ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS"] = LOCAL_RECEIVERS
-    env.update({f"ORDERLEDGER_{key.upper()}": str(value) for key, value in settings.items()})
-    env["COLUMNS"] = "240"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class CliProcesses:
-    """Starts ``python -m api.cli.main`` children, output in files; kills every one at the end."""
-
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.directory = directory
-        self.env = env
-        self.started: list[subprocess.Popen[bytes]] = []
-        self._logs: dict[int, Path] = {}
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = self.directory / f"cli-{len(self.started)}-{args[0]}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli.main", *args],
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.started.append(process)
-        self._logs[process.pid] = log
-        return process
-
-    def wait_for(
-        self,
-        condition: Callable[[], Any],
-        what: str,
-        *,
-        watch: Sequence[subprocess.Popen[bytes]],
-        timeout: float = PROCESS_TIMEOUT,
-    ) -> Any:
-        """Poll until ``condition()`` holds; fail with its output if a watched child died."""
-        return wait_for(condition, what, timeout=timeout, processes=watch, output=self.output)
-
-    def run(self, *args: str, timeout: float = PROCESS_TIMEOUT) -> str:
-        """Run a command to its end; fail with its output unless it exits 0."""
-        process = self.start(*args)
-        try:
-            code = process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill(process)
-            raise AssertionError(f"{args} did not finish: {self.output(process)}") from None
-        output = self.output(process)
-        assert code == 0, f"{args} exited with {code}: {output}"
-        return output
-
-    def output(self, process: subprocess.Popen[bytes]) -> str:
-        return self._logs[process.pid].read_text(errors="replace")
-
-    @staticmethod
-    def kill(process: subprocess.Popen[bytes]) -> None:
-        """SIGKILL: no handler, no finally block, no lease given back."""
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(PROCESS_TIMEOUT)
-
-    def terminate(self, process: subprocess.Popen[bytes]) -> int:
-        """SIGTERM once the worker is running (its handlers installed); wait for it to stop."""
-        self.wait_for(
-            lambda: " running: " in self.output(process),
-            "the worker is running",
-            watch=[process],
-        )
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        return process.wait(PROCESS_TIMEOUT)
-
-    def kill_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-            process.wait(PROCESS_TIMEOUT)
-
-
-@contextmanager
-def cli_processes(directory: Path, **settings: object) -> Iterator[CliProcesses]:
-    """CLI children sharing one set of ORDERLEDGER_* settings; none outlives the block."""
-    processes = CliProcesses(directory, cli_env(**settings))
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
 
 
 @contextmanager
