@@ -12,6 +12,7 @@ import logging.config
 import random
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -117,6 +118,23 @@ def request_id(sent: str | None) -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+CORRELATION_ID_HEADER = "Correlation-Id"
+_SANE_CORRELATION_ID = re.compile(r"[\x21-\x7e]{1,200}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def correlation_id(headers: Mapping[str, str], request_id: str | None) -> str | None:
+    """The conversation a request belongs to: Correlation-Id as sent (1 to 200 visible ASCII
+    characters), else the trace id of a W3C traceparent, else the request id."""
+    sent = headers.get(CORRELATION_ID_HEADER)
+    if sent is not None and _SANE_CORRELATION_ID.fullmatch(sent.strip()):
+        return sent.strip()
+    trace = _TRACEPARENT.fullmatch((headers.get("traceparent") or "").strip())
+    if trace is not None and trace.group(1) != "0" * 32:
+        return str(trace.group(1))
+    return request_id
+
+
 class RequestLogMiddleware:
     """Give each request an id, echo it on the response and log one line when it is done."""
 
@@ -155,6 +173,7 @@ def log_request(scope: Scope, rid: str, status: int, latency_ms: float) -> None:
     client = scope.get("client")
     fields: dict[str, Any] = {
         "request_id": rid,
+        "correlation_id": correlation_id(Headers(scope=scope), rid),
         "method": scope["method"],
         "route": route_template(scope),
         "path": scope["path"],

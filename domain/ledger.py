@@ -18,6 +18,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, Notification, PersistenceError
 from eventsourcing.utils import Environment, EnvType
 
+from domain.audit import METADATA, current_context, metadata_of, new_metadata
 from domain.errors import (
     CommandOutcomeUnknownError,
     ConcurrencyConflictError,
@@ -75,6 +76,8 @@ class HistoryEntry:
     type: str
     timestamp: datetime
     data: dict[str, Any]
+    metadata: dict[str, Any]
+    """Who recorded it and on whose request (domain/audit.py)."""
 
 
 class OrderLedger(Application[UUID]):
@@ -257,6 +260,7 @@ class OrderLedger(Application[UUID]):
             type=event_name,
             timestamp=domain_event.timestamp,
             data=_event_data(domain_event),
+            metadata=metadata_of(domain_event),
         )
 
     def order_as_of(
@@ -329,11 +333,14 @@ class OrderLedger(Application[UUID]):
         retries = _UNCONDITIONAL_RETRIES if expected_version is None else 0
         attempt = 0
         command_id = str(uuid4())
+        context = current_context()
         while True:
             order, read_version = self._apply(command, order_id, args, expected_version)
             for pending_event in order.pending_events:
-                # Events are frozen; the id rides in the stored state, outside the event's fields.
+                # Events are frozen; the command's id and the metadata ride in the stored state,
+                # outside the event's fields.
                 object.__setattr__(pending_event, COMMAND_ID, command_id)
+                object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
             pending: list[Aggregate] = [order]
             if idempotency_key is not None and fingerprint is not None:
                 pending.append(
@@ -497,7 +504,14 @@ def _fingerprint(command: str, order_id: UUID | None, args: dict[str, Any]) -> s
 
 
 def _event_data(domain_event: object) -> dict[str, Any]:
-    skip = {"originator_id", "originator_version", "timestamp", "originator_topic", COMMAND_ID}
+    skip = {
+        "originator_id",
+        "originator_version",
+        "timestamp",
+        "originator_topic",
+        COMMAND_ID,
+        METADATA,
+    }
     data: dict[str, Any] = {}
     for key, value in vars(domain_event).items():
         if key in skip:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
@@ -16,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.bootstrap import Opened, open_key_store, open_ledger, open_read_models
 from api.key_store import ApiKeyStore
 from api.settings import Settings
+from domain.audit import UNKNOWN, Actor, CommandContext
 from domain.errors import InvalidCommandError, OrderLedgerError
 from domain.ledger import OrderLedger
 
@@ -130,3 +132,12 @@ def key_store(database_url: str | None) -> Iterator[tuple[ApiKeyStore, Settings]
         fail(f"the database failed: {type(error).__name__}")
     finally:
         store.close()
+
+
+def cli_context(command: str) -> CommandContext:
+    """Commands issued from the command line: ``cli``, the operating system's user, the command."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment or the password database
+        user = UNKNOWN
+    return CommandContext(Actor("cli", user, f"orderledger {command}"))

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 from api.cli.common import (
     EXIT_USAGE,
     DatabaseUrlOption,
+    cli_context,
     fail,
     open_ledger_or_fail,
     redacted,
@@ -36,6 +37,7 @@ from api.cli.common import (
     settings_from,
     stdout,
 )
+from domain.audit import acting_as
 
 
 def format_money(amount: int, currency: str) -> str:
@@ -85,12 +87,13 @@ def demo(
                 transient=False,
             ) as progress:
                 task = progress.add_task("demo", total=orders)
-                result = populate(
-                    ledger,
-                    orders=orders,
-                    seed=seed,
-                    on_order=lambda _scenario: progress.advance(task),
-                )
+                with acting_as(cli_context("demo")):
+                    result = populate(
+                        ledger,
+                        orders=orders,
+                        seed=seed,
+                        on_order=lambda _scenario: progress.advance(task),
+                    )
     finally:
         ledger.close()
     table = Table(title="Demo orders by how they ended", title_justify="left")
@@ -192,6 +195,32 @@ def _history_table(history: list[HistoryEntry], order: Order) -> Table:
     return table
 
 
+def _recorded_by_table(history: list[HistoryEntry], order: Order) -> Table:
+    """Who recorded each event shown, on which request, in which conversation."""
+    table = Table(title="Recorded by", title_justify="left")
+    table.add_column("Version", justify="right")
+    table.add_column("Actor")
+    table.add_column("Request")
+    table.add_column("Correlation")
+    table.add_column("Command")
+    for entry in history:
+        if entry.version > order.version:
+            continue
+        metadata = entry.metadata
+        actor = metadata["actor"]
+        who = f"{actor['kind']} {actor['id']}"
+        if actor.get("name"):
+            who += f" ({actor['name']}{', ' + actor['role'] if actor.get('role') else ''})"
+        table.add_row(
+            str(entry.version),
+            who,
+            metadata["request_id"],
+            metadata["correlation_id"],
+            metadata["causation_id"],
+        )
+    return table
+
+
 def _state_table(order: Order, *, latest_version: int) -> Table:
     label = "latest" if order.version == latest_version else f"of {latest_version}"
     table = Table(
@@ -273,6 +302,7 @@ def audit(
         ledger.close()
     out = stdout()
     out.print(_history_table(history, order))
+    out.print(_recorded_by_table(history, order))
     out.print(_state_table(order, latest_version=history[-1].version))
     out.print(_lines_table(order))
 

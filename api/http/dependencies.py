@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.message
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
@@ -15,6 +16,9 @@ from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.key_store import Principal
+from api.logs import correlation_id
+from domain.audit import Actor, CommandContext, acting_as
 from domain.errors import InvalidCommandError
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
@@ -231,3 +235,21 @@ async def json_body(request: Request) -> None:
 
 JSON_BODY = Depends(json_body)
 """A router dependency for routes that take a JSON body."""
+
+
+def request_context(request: Request) -> CommandContext:
+    """Who sends this request (its API key) and its request and correlation ids."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    actor = (
+        Actor("key", principal.key_id, principal.name, str(principal.role))
+        if principal is not None
+        else Actor("anonymous", "anonymous")
+    )
+    request_id = cast(dict[str, Any], request.scope.get("state", {})).get("request_id")
+    return CommandContext(actor, request_id, correlation_id(request.headers, request_id))
+
+
+async def recorded_context(request: Request) -> AsyncIterator[CommandContext]:
+    """The request's context for every command it issues (domain/audit.py)."""
+    with acting_as(request_context(request)) as context:
+        yield context

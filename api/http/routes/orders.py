@@ -6,10 +6,16 @@ from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.http.dependencies import JSON_BODY, CommandOptionsDep, IdempotencyKeyDep, LedgerDep
+from api.http.dependencies import (
+    JSON_BODY,
+    CommandOptionsDep,
+    IdempotencyKeyDep,
+    LedgerDep,
+    recorded_context,
+)
 from api.http.problems import problem_responses, response_headers
 from api.http.schemas.commands import (
     CancellationCreate,
@@ -31,7 +37,7 @@ from domain.order import MAX_ID_LENGTH
 router = APIRouter(
     prefix="/orders",
     tags=["orders"],
-    dependencies=[JSON_BODY],
+    dependencies=[JSON_BODY, Depends(recorded_context)],
     responses=problem_responses(404, 422),
 )
 

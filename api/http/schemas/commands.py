@@ -182,6 +182,13 @@ _HISTORY_EXAMPLE: dict[str, JsonValue] = {
             "type": "OrderPlaced",
             "timestamp": "2026-01-31T12:00:00Z",
             "data": {"customer_id": "cust-42", "currency": "EUR", "lines": [_LINE_EXAMPLE]},
+            "metadata": {
+                "event_id": "5b0f3a52-8d4e-4c1e-9a4f-0c8e6f2d7b11",
+                "actor": {"kind": "key", "id": "key_3f9a", "name": "checkout", "role": "writer"},
+                "request_id": "4f6c2b8e9d0a4e1fb3c5d7e9f1a3b5c7",
+                "correlation_id": "checkout-7781",
+                "causation_id": "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f",
+            },
         },
         {
             "position": 1041,
@@ -189,6 +196,13 @@ _HISTORY_EXAMPLE: dict[str, JsonValue] = {
             "type": "PaymentCaptured",
             "timestamp": "2026-01-31T12:05:00Z",
             "data": {"amount": 2500, "payment_reference": "psp-7781"},
+            "metadata": {
+                "event_id": "9d2e4f60-1b3c-4d5e-8f7a-6b5c4d3e2f10",
+                "actor": {"kind": "key", "id": "key_7c21", "name": "payments", "role": "writer"},
+                "request_id": "8e1f0a2b3c4d4e5f8a9b0c1d2e3f4a5b",
+                "correlation_id": "checkout-7781",
+                "causation_id": "6f7e8d9c-0b1a-4c2d-9e3f-4a5b6c7d8e9f",
+            },
         },
     ],
 }
@@ -239,6 +253,29 @@ class CommandAccepted(BaseModel):
     position: int
 
 
+class ActorOut(BaseModel):
+    """Who issued the command: an API key (``key``, with its id, name and role; never the
+    token), the command line (``cli``, with the operating system's user) or a component;
+    ``unknown`` for events recorded before actors were."""
+
+    kind: str = Field(examples=["key", "cli", "unknown"])
+    id: str
+    name: str
+    role: str
+
+
+class EventMetadata(BaseModel):
+    """Recorded with the event, immutably: ``unknown`` for events recorded before it was."""
+
+    event_id: str
+    actor: ActorOut
+    request_id: str = Field(description="X-Request-ID of the request that issued the command.")
+    correlation_id: str = Field(
+        description="Correlation-Id or the traceparent's trace id as sent, else the request id."
+    )
+    causation_id: str = Field(description="The id of the command that recorded the event.")
+
+
 class HistoryEvent(BaseModel):
     """One recorded event of an order."""
 
@@ -247,6 +284,7 @@ class HistoryEvent(BaseModel):
     type: str = Field(examples=["PaymentCaptured"])
     timestamp: datetime
     data: dict[str, Any] = Field(examples=[{"amount": 2500, "payment_reference": "psp-7781"}])
+    metadata: EventMetadata
 
 
 class OrderHistory(BaseModel):
