@@ -23,7 +23,8 @@ from uuid import UUID
 
 import httpx
 
-from domain.ledger import OrderLedger
+from domain.audit import metadata_of
+from domain.ledger import HistoryEntry, OrderLedger
 from domain.money import MINOR_UNITS
 from domain.order import Order
 from projections.effects.targets import TargetNotAllowedError, TargetPolicy
@@ -107,6 +108,26 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, *, tolerance: i
         raise InvalidSignatureError("no signature matches")
 
 
+# -- the event behind an effect -----------------------------------------------------------------
+
+
+def event_entry(ledger: OrderLedger, effect: Effect) -> HistoryEntry | None:
+    """The recorded event that caused the effect (None if the store no longer has it)."""
+    history = ledger.store.select_aggregate_notifications(
+        UUID(effect.order_id), lte_version=effect.order_version
+    )
+    return ledger.history_entry(history[-1]) if history else None
+
+
+def traced(entry: HistoryEntry | None) -> dict[str, str]:
+    """Headers naming the event and its conversation, so a receiver can trace it back."""
+    metadata = entry.metadata if entry is not None else metadata_of(None)
+    return {
+        "orderledger-event-id": str(metadata["event_id"]),
+        "correlation-id": str(metadata["correlation_id"]),
+    }
+
+
 # -- webhooks ---------------------------------------------------------------------------------
 
 
@@ -126,11 +147,8 @@ class WebhookSender:
         self.targets = targets
         self.client = httpx.Client(timeout=timeout, follow_redirects=False)
 
-    def body(self, effect: Effect) -> bytes:
-        history = self.ledger.store.select_aggregate_notifications(
-            UUID(effect.order_id), lte_version=effect.order_version
-        )
-        entry = self.ledger.history_entry(history[-1]) if history else None
+    def body(self, effect: Effect, entry: HistoryEntry | None = None) -> bytes:
+        entry = entry if entry is not None else event_entry(self.ledger, effect)
         data: dict[str, Any] = entry.data if entry is not None else {}
         document = {
             "id": effect.id,
@@ -146,7 +164,8 @@ class WebhookSender:
         secret = self.secrets.secret_for(effect.effect.split(":", 1)[1])
         if secret is None:
             return Outcome(False, error="the subscription no longer exists")
-        body = self.body(effect)
+        entry = event_entry(self.ledger, effect)
+        body = self.body(effect, entry)
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
@@ -154,6 +173,7 @@ class WebhookSender:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(secret, effect.id, timestamp, body),
             "user-agent": "orderledger-webhooks",
+            **traced(entry),
         }
         url = httpx.URL(effect.target)
         try:
@@ -266,6 +286,7 @@ class EmailSender:
         message["Subject"] = subject
         message["Message-ID"] = f"<{effect.id}@orderledger>"
         message["X-Orderledger-Effect"] = effect.id
+        message["Correlation-Id"] = traced(event_entry(self.ledger, effect))["correlation-id"]
         message.set_content(text)
         return message
 

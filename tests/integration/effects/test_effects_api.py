@@ -184,6 +184,22 @@ class TestDeliveries:
         assert [(a["outcome"], a["status_code"]) for a in detail["history"]] == [("delivered", 204)]
         assert detail["history"][0]["started_at"]
 
+    def test_a_webhook_names_its_event_and_the_commands_correlation(
+        self, client: TestClient, receiver: WebhookReceiver
+    ) -> None:
+        """The receiver can trace a delivery to the event and the conversation behind it."""
+        subscribe(client, receiver.url)
+        placed = client.post(
+            "/orders", json=order_body(), headers={"Correlation-Id": "checkout-42"}
+        )
+        assert placed.status_code == 201, placed.text
+        wait_for(lambda: len(receiver.received()) == 1, "the webhook")
+        [request] = receiver.received()
+        history = client.get(f"/orders/{placed.json()['order_id']}/history").json()
+        [event] = history["events"]
+        assert request.headers["correlation-id"] == "checkout-42"
+        assert request.headers["orderledger-event-id"] == event["metadata"]["event_id"]
+
     def test_a_subscription_receives_only_the_event_types_it_asked_for(
         self, client: TestClient, receiver: WebhookReceiver
     ) -> None:

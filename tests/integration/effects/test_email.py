@@ -8,6 +8,7 @@ from uuid import UUID
 
 import pytest
 
+from domain.audit import Actor, CommandContext, acting_as
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.outbox import DELIVERED, effect_id
@@ -87,6 +88,22 @@ class TestCustomerEmails:
         assert "DHL" in shipped and "TRACK-42" in shipped
         assert "EUR 7.05" in _body(by_subject["A refund for order ADA-1"])
         assert {row["status"] for row in outbox_rows(effects_service.engine)} == {DELIVERED}
+
+    def test_an_email_carries_the_correlation_of_the_command_behind_it(
+        self,
+        ledger: OrderLedger,
+        catch_up: CatchUp,
+        smtp_server: SmtpServer,
+        make_dispatcher: MakeDispatcher,
+        effects_service: Effects,
+    ) -> None:
+        context = CommandContext(Actor("key", "key_1", "shop", "writer"), "req-1", "basket-77")
+        with acting_as(context):
+            place(ledger, email="ada@example.com")
+        catch_up()
+        settle(make_dispatcher(smtp=smtp_server.settings), effects_service.engine)
+        [email] = smtp_server.received()
+        assert email.message["Correlation-Id"] == "basket-77"
 
     @pytest.mark.parametrize(
         ("currency", "unit_price", "shown"),
