@@ -65,36 +65,26 @@ def effects_of(settings: Settings, runtime: ProjectionRuntime) -> Effects:
 
 @dataclass
 class Opened:
-    """What a command opened: the ledger, and the read models when asked for."""
+    """What a command opened: the ledger and the read models."""
 
     settings: Settings
     ledger: OrderLedger
-    read_models: ProjectionRuntime | None = None
-
-    @property
-    def runtime(self) -> ProjectionRuntime:
-        if self.read_models is None:
-            raise RuntimeError("the read models were not opened")
-        return self.read_models
+    runtime: ProjectionRuntime
 
 
 @contextmanager
 def opened(
-    settings: Settings,
-    *,
-    read_models: bool = True,
-    projections: Sequence[Projection] | None = None,
+    settings: Settings, *, projections: Sequence[Projection] | None = None
 ) -> Iterator[Opened]:
     """Open the ledger and the read models (all, or the given projections), closing them in
     reverse order afterwards."""
     ledger = open_ledger(settings)
     try:
-        runtime = open_read_models(settings, ledger, projections) if read_models else None
+        runtime = open_read_models(settings, ledger, projections)
         try:
             yield Opened(settings, ledger, runtime)
         finally:
-            if runtime is not None:
-                runtime.close()
+            runtime.close()
     finally:
         ledger.close()
 

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.bootstrap import Opened, open_key_store, open_ledger, open_read_models
+from api import bootstrap
+from api.bootstrap import Opened, open_key_store, open_ledger
 from api.key_store import ApiKeyStore
 from api.settings import Settings
 from domain.audit import UNKNOWN, Actor, CommandContext
@@ -102,18 +103,11 @@ def reported_errors() -> Iterator[None]:
 def opened(database_url: str | None) -> Iterator[Opened]:
     """The ledger and the read models; a store that fails is one line and an exit code (a bad
     URL or an unreachable store: the console script's last resort, api/cli/main.py)."""
-    settings = settings_from(database_url)
-    ledger = open_ledger(settings)
     try:
-        runtime = open_read_models(settings, ledger)
-        try:
-            yield Opened(settings, ledger, runtime)
-        finally:
-            runtime.close()
+        with bootstrap.opened(settings_from(database_url)) as system:
+            yield system
     except (SQLAlchemyError, PersistenceError) as error:
         fail(f"the database failed: {type(error).__name__}")
-    finally:
-        ledger.close()
 
 
 @contextmanager

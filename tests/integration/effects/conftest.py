@@ -8,8 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from api.bootstrap import build_dispatcher, open_ledger, open_read_models
-from api.settings import Settings
+from api.bootstrap import build_dispatcher
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.senders import SmtpSettings
@@ -21,24 +20,6 @@ from tests.support.projections import run_until_caught_up
 from tests.support.receivers import LOCAL_TARGETS
 
 # -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ledger(store_url: str) -> Iterator[OrderLedger]:
-    """The order ledger on a fresh SQLite file or PostgreSQL database."""
-    ledger = open_ledger(Settings(database_url=store_url))
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def runtime(ledger: OrderLedger, store_url: str) -> Iterator[ProjectionRuntime]:
-    """Every projection with the outbox installed on the empty store: every event counts."""
-    runtime = open_read_models(
-        Settings(database_url=store_url, projection_poll_interval=0.02), ledger
-    )
-    yield runtime
-    runtime.close()
 
 
 @pytest.fixture

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import eventsourcing.domain
 import pytest
 
-from api.bootstrap import open_ledger, open_read_models
-from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.engine.runtime import ProjectionRuntime
 from tests.support.projections import LedgerClock, OrderMix, run_until_caught_up
 
 CatchUp = Callable[..., None]
-
-
-@pytest.fixture
-def ledger(store_url: str) -> Iterator[OrderLedger]:
-    """The order ledger on a fresh SQLite file or PostgreSQL database."""
-    ledger = open_ledger(Settings(database_url=store_url))
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def runtime(ledger: OrderLedger, store_url: str) -> Iterator[ProjectionRuntime]:
-    """Every registered projection, its catalog installed, on the ledger's database."""
-    runtime = open_read_models(
-        Settings(database_url=store_url, projection_poll_interval=0.02), ledger
-    )
-    yield runtime
-    runtime.close()
 
 
 @pytest.fixture
