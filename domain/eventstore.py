@@ -1,8 +1,11 @@
-"""The append-only event store: the library's recorders, made immutable and able to list one order.
+"""The append-only event store: the library's recorders, made immutable, chained and able to
+list one order.
 
 Both recorders add database triggers that reject ``UPDATE`` and ``DELETE`` on the events
-table, created with the table, and a query for one aggregate's events with their global
-positions (the notification ids) for audit.
+table, created with the table; a ``chain_hash`` column holding each event's link in its
+order's hash chain (domain/chain.py), written with the event and added to tables made by
+older versions (their events stay unchained); and a query for one aggregate's events with
+their global positions (the notification ids) and hashes, for audit.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -18,12 +22,24 @@ from uuid import UUID
 from eventsourcing.persistence import Notification, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Identifier, Literal
 
+from domain.chain import chain_hashes
 from domain.sqlite_writes import sqlite_write_lock
 
 IMMUTABLE_MESSAGE = "events are immutable"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+CHAIN_COLUMN = "chain_hash"
+
+
+@dataclass(frozen=True)
+class ChainedNotification(Notification):
+    """A stored event with its global position and its link in the order's hash chain
+    (None for an event stored before chaining began)."""
+
+    chain_hash: bytes | None = None
 
 
 class PositionedRecorder(Protocol):
@@ -31,7 +47,7 @@ class PositionedRecorder(Protocol):
 
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None
-    ) -> Sequence[Notification]: ...
+    ) -> Sequence[ChainedNotification]: ...
 
     def max_notification_id(self) -> int | None: ...
 
@@ -48,9 +64,21 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
         super().__init__(datastore, events_table_name)
         self.insert_events_statement = (
             f"INSERT INTO {events_table_name} "  # noqa: S608 - our own table name
-            "(originator_id, originator_version, topic, state) VALUES (?,?,?,?)"
+            f"(originator_id, originator_version, topic, state, {CHAIN_COLUMN}) VALUES (?,?,?,?,?)"
+        )
+        self._previous_hash_statement = (
+            f"SELECT {CHAIN_COLUMN} FROM {events_table_name} "  # noqa: S608 - our own table name
+            "WHERE originator_id = ? AND originator_version = ?"
         )
         self.write_lock = sqlite_write_lock(datastore.pool.db_name)
+
+    def create_table(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            self._create_table(c)
+            # A table made before events were chained gets the column; its rows stay unchained.
+            c.execute(f"PRAGMA table_info({self.events_table_name})")
+            if CHAIN_COLUMN not in {row["name"] for row in c.fetchall()}:
+                c.execute(f"ALTER TABLE {self.events_table_name} ADD COLUMN {CHAIN_COLUMN} BLOB")
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -59,6 +87,30 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
         # than on SQLite's busy handler, which sleeps milliseconds between tries.
         with self.write_lock.hold():
             return super().insert_events(stored_events, **kwargs)
+
+    def _insert_events(
+        self, c: Any, stored_events: Sequence[StoredEvent], **_: Any
+    ) -> Sequence[int] | None:
+        def previous(originator_id: UUID | str, version: int) -> bytes | None:
+            c.execute(self._previous_hash_statement, (_hex(originator_id), version))
+            row = c.fetchone()
+            return None if row is None else row[0]
+
+        hashes = chain_hashes(stored_events, previous)
+        returning = []
+        for stored, link in zip(stored_events, hashes, strict=True):
+            c.execute(
+                self.insert_events_statement,
+                (
+                    _hex(stored.originator_id),
+                    stored.originator_version,
+                    stored.topic,
+                    stored.state,
+                    link,
+                ),
+            )
+            returning.append(c.lastrowid)
+        return returning
 
     def construct_create_table_statements(self) -> list[str]:
         table = self.events_table_name
@@ -69,6 +121,7 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
             "originator_version INTEGER NOT NULL, "
             "topic TEXT, "
             "state BLOB, "
+            f"{CHAIN_COLUMN} BLOB, "
             "UNIQUE (originator_id, originator_version))",
             *(
                 f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
@@ -80,8 +133,8 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
 
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None
-    ) -> Sequence[Notification]:
-        columns = "rowid, originator_id, originator_version, topic, state"
+    ) -> Sequence[ChainedNotification]:
+        columns = f"rowid, originator_id, originator_version, topic, state, {CHAIN_COLUMN}"
         # Our own table name; the values are bound parameters.
         statement = f"SELECT {columns} FROM {self.events_table_name} WHERE originator_id = ?"  # noqa: S608
         params: list[Any] = [originator_id.hex]
@@ -92,12 +145,13 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
         with self.datastore.transaction(commit=False) as c:
             c.execute(statement, params)
             return [
-                Notification(
+                ChainedNotification(
                     id=row["rowid"],
                     originator_id=self.convert_originator_id(row["originator_id"]),
                     originator_version=row["originator_version"],
                     topic=row["topic"],
                     state=row["state"],
+                    chain_hash=row[CHAIN_COLUMN],
                 )
                 for row in c.fetchall()
             ]
@@ -137,11 +191,68 @@ class PostgresEventRecorder(PostgresApplicationRecorder):
                     function=function,
                 )
             )
+        # A table made before events were chained gets the column; its rows stay unchained.
+        # Looked up first: ALTER TABLE takes its exclusive lock even when the column exists.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
+                "WHERE table_schema = {schema_name} AND table_name = {table_name} "
+                "AND column_name = {column_name}) THEN "
+                "ALTER TABLE {schema}.{table} ADD COLUMN {column} bytea; END IF; END $do$"
+            ).format(
+                schema_name=Literal(self.datastore.schema),
+                table_name=Literal(self.events_table_name),
+                column_name=Literal(CHAIN_COLUMN),
+                schema=schema,
+                table=table,
+                column=Identifier(CHAIN_COLUMN),
+            )
+        )
+        id_type = Identifier(self.datastore.originator_id_type)
+        self._insert_chained_statement = SQL(
+            "INSERT INTO {schema}.{table} "
+            "(originator_id, originator_version, topic, state, {column}) "
+            "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
+            "%s::bytea[]) RETURNING notification_id"
+        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
+        self._previous_hash_statement = SQL(
+            "SELECT {column} FROM {schema}.{table} "
+            "WHERE originator_id = %s AND originator_version = %s"
+        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
         self._select_aggregate_statement = SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "SELECT notification_id, originator_id, originator_version, topic, state, {column} "
             "FROM {schema}.{table} WHERE originator_id = %s AND originator_version <= %s "
             "ORDER BY originator_version"
-        ).format(schema=schema, table=table)
+        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
+
+    def _insert_stored_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
+    ) -> None:
+        """The library's insert (table lock, NOTIFY, one INSERT), with each event's link.
+
+        The previous events' hashes are read before the lock: they are committed and never
+        change, so the lock is held no longer than before.
+        """
+
+        def previous(originator_id: UUID | str, version: int) -> bytes | None:
+            curs.execute(self._previous_hash_statement, (originator_id, version), prepare=True)
+            row = curs.fetchone()
+            return None if row is None or row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN])
+
+        hashes = chain_hashes(stored_events, previous)
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert_chained_statement,
+            (
+                [stored.originator_id for stored in stored_events],
+                [stored.originator_version for stored in stored_events],
+                [stored.topic for stored in stored_events],
+                [stored.state for stored in stored_events],
+                hashes,
+            ),
+            prepare=True,
+        )
 
     def create_table(self) -> None:
         """Create the schema under an advisory lock, so processes starting together take turns.
@@ -161,20 +272,25 @@ class PostgresEventRecorder(PostgresApplicationRecorder):
 
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None
-    ) -> Sequence[Notification]:
+    ) -> Sequence[ChainedNotification]:
         limit = lte_version if lte_version is not None else 2**62
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(self._select_aggregate_statement, (originator_id, limit), prepare=True)
             return [
-                Notification(
+                ChainedNotification(
                     id=row["notification_id"],
                     originator_id=row["originator_id"],
                     originator_version=row["originator_version"],
                     topic=row["topic"],
                     state=bytes(row["state"]),
+                    chain_hash=None if row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN]),
                 )
                 for row in curs.fetchall()
             ]
+
+
+def _hex(originator_id: UUID | str) -> str:
+    return originator_id.hex if isinstance(originator_id, UUID) else originator_id
 
 
 def postgres_schema(database_url: str) -> str:

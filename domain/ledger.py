@@ -336,11 +336,6 @@ class OrderLedger(Application[UUID]):
         context = current_context()
         while True:
             order, read_version = self._apply(command, order_id, args, expected_version)
-            for pending_event in order.pending_events:
-                # Events are frozen; the command's id and the metadata ride in the stored state,
-                # outside the event's fields.
-                object.__setattr__(pending_event, COMMAND_ID, command_id)
-                object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
             pending: list[Aggregate] = [order]
             if idempotency_key is not None and fingerprint is not None:
                 pending.append(
@@ -351,6 +346,11 @@ class OrderLedger(Application[UUID]):
                         order_version=order.version,
                     )
                 )
+            for pending_event in (e for aggregate in pending for e in aggregate.pending_events):
+                # Events are frozen; the command's id and the metadata ride in the stored state,
+                # outside the event's fields.
+                object.__setattr__(pending_event, COMMAND_ID, command_id)
+                object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
             try:
                 recordings = self.save(*pending)
             except PersistenceError as error:

@@ -34,15 +34,18 @@ from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
+from domain.eventstore import CHAIN_COLUMN
 from domain.ledger import EVENT_NAMES, OrderLedger
 
 
 @dataclass(frozen=True, slots=True)
 class RecordedEvent:
-    """A domain event and where it sits in the global sequence."""
+    """A domain event, where it sits in the global sequence, and its link in its order's
+    hash chain (None for an event stored before chaining began)."""
 
     position: int
     event: Aggregate.Event
+    chain_hash: bytes | None = None
 
     @property
     def type_name(self) -> str:
@@ -121,6 +124,13 @@ class EventSource:
         checkpoint = events[-1].position if len(events) == limit else head
         return EventBatch(events=events, checkpoint=checkpoint, head=head), stored
 
+    def stored_rows(self, after: int, stop: int, limit: int) -> list[StoredRow]:
+        """Up to ``limit`` events after ``after`` up to ``stop`` as stored, undecoded, oldest
+        first: (position, originator id, version, topic, state bytes, chain hash)."""
+        if self._rows is None:
+            raise NotImplementedError(f"no row reader for {type(self._ledger.recorder)}")
+        return self._rows(after, stop, (), limit)
+
     def timestamp_after(self, position: int) -> float | None:
         """The time (epoch seconds) of the first event after a position, if there is one."""
         notifications = self._ledger.recorder.select_notifications(
@@ -195,8 +205,10 @@ class SharedReads:
         return EventBatch(events=events, checkpoint=batch.checkpoint, head=batch.head)
 
 
-_Rows = Callable[[int, int, Sequence[str], int], list[tuple[Any, ...]]]
-"""(after, stop, topics, limit) -> rows of (position, originator id, version, topic, state)."""
+StoredRow = tuple[int, Any, int, str, bytes, bytes | None]
+"""(position, originator id, version, topic, state, chain hash) of one stored event."""
+_Rows = Callable[[int, int, Sequence[str], int], list[StoredRow]]
+"""(after, stop, topics, limit) -> stored rows, oldest first."""
 
 
 def _row_reader(ledger: OrderLedger) -> _Rows | None:
@@ -218,13 +230,14 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
     table = recorder.events_table_name
     # Our own table name; the values are bound parameters.
     base = (
-        f"SELECT rowid, originator_id, originator_version, topic, state FROM {table} "  # noqa: S608
+        f"SELECT rowid, originator_id, originator_version, topic, state, {CHAIN_COLUMN} "  # noqa: S608
+        f"FROM {table} "
         "WHERE rowid>? AND rowid<=? "
     )
     order = "ORDER BY rowid LIMIT ?"
     as_uuid = recorder.datastore.originator_id_type == "uuid"
 
-    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[StoredRow]:
         statement = base
         if topics:
             statement += f"AND topic IN ({','.join('?' * len(topics))}) "
@@ -238,7 +251,8 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
             # An order's events mostly share a batch: parse each originator id once.
             ids: dict[str, UUID] = {}
             return [
-                (p, ids.get(i) or ids.setdefault(i, UUID(i)), v, t, s) for p, i, v, t, s in fetched
+                (p, ids.get(i) or ids.setdefault(i, UUID(i)), v, t, s, h)
+                for p, i, v, t, s, h in fetched
             ]
         return fetched
 
@@ -247,15 +261,17 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
 
 def _postgres_rows(recorder: PostgresApplicationRecorder) -> _Rows:
     columns = SQL(
-        "SELECT notification_id, originator_id, originator_version, topic, state "
+        "SELECT notification_id, originator_id, originator_version, topic, state, {column} "
         "FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s"
     ).format(
-        schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)
+        schema=Identifier(recorder.datastore.schema),
+        table=Identifier(recorder.events_table_name),
+        column=Identifier(CHAIN_COLUMN),
     )
     with_topics = columns + SQL(" AND topic = ANY(%s) ORDER BY notification_id LIMIT %s")
     without_topics = columns + SQL(" ORDER BY notification_id LIMIT %s")
 
-    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[StoredRow]:
         statement, params = (
             (with_topics, (after, stop, list(topics), limit))
             if topics
@@ -325,7 +341,13 @@ class _Decoder:
         return cast(dict[str, Any], self._decode_state(state))
 
     def __call__(
-        self, position: int, originator_id: Any, version: int, topic: str, state: bytes
+        self,
+        position: int,
+        originator_id: Any,
+        version: int,
+        topic: str,
+        state: bytes,
+        chain_hash: bytes | None,
     ) -> RecordedEvent:
         try:
             cls, convert, class_version = self._classes[topic]
@@ -351,10 +373,12 @@ class _Decoder:
             from_version += 1
         domain_event = _new(cls)
         _set_attribute(domain_event, "__dict__", event_state)
-        # RecordedEvent(position, domain_event) without the frozen dataclass's __init__.
+        # RecordedEvent(position, domain_event, chain_hash) without the frozen dataclass's
+        # __init__.
         recorded = _new(RecordedEvent)
         _set_position(recorded, position)
         _set_event(recorded, domain_event)
+        _set_chain_hash(recorded, chain_hash)
         return recorded
 
 
@@ -363,6 +387,7 @@ _set_attribute = object.__setattr__
 _recorded_slots: Any = RecordedEvent
 _set_position = _recorded_slots.position.__set__
 _set_event = _recorded_slots.event.__set__
+_set_chain_hash = _recorded_slots.chain_hash.__set__
 
 
 class _PostgresListener:

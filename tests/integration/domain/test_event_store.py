@@ -9,12 +9,13 @@ from itertools import pairwise
 from typing import Any
 from uuid import uuid4
 
-import psycopg
 import pytest
 
+from domain.chain import GENESIS, event_hash
 from domain.errors import InvalidCommandError, OrderNotFoundError
-from domain.eventstore import IMMUTABLE_MESSAGE, event_store_env
+from domain.eventstore import IMMUTABLE_MESSAGE
 from domain.ledger import CommandResult, OrderLedger
+from tests.support.raw_events import RawEvents
 
 
 @pytest.fixture
@@ -42,64 +43,6 @@ def _record_lifecycle(ledger: OrderLedger) -> list[CommandResult]:
         ledger.ship_order(order_id, carrier="DHL", tracking_number="JD0001"),
         ledger.deliver_order(order_id),
     ]
-
-
-class _RawStore:
-    """The events table reached around the ledger, through the driver itself."""
-
-    def __init__(self, url: str, table: str) -> None:
-        self.url = url
-        self.table = table
-        self.is_sqlite = url.startswith("sqlite")
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        position = "rowid" if self.is_sqlite else "notification_id"
-        return self._query(
-            f"SELECT {position}, originator_id, originator_version, topic, state "
-            f"FROM {self.table} ORDER BY {position}"
-        )
-
-    def trigger_names(self) -> set[str]:
-        if self.is_sqlite:
-            statement = (
-                "SELECT name FROM sqlite_master "
-                f"WHERE type = 'trigger' AND tbl_name = '{self.table}'"
-            )
-        else:
-            statement = (
-                "SELECT tgname FROM pg_trigger "
-                f"WHERE tgrelid = '{self.table}'::regclass AND NOT tgisinternal"
-            )
-        return {row[0] for row in self._query(statement)}
-
-    def error_from(self, statement: str) -> str:
-        """Run a statement that must fail and return the database's message."""
-        if self.is_sqlite:
-            conn = sqlite3.connect(event_store_env(self.url)["SQLITE_DBNAME"])
-            try:
-                conn.execute(statement)
-                conn.commit()
-            except sqlite3.DatabaseError as error:
-                return str(error)
-            finally:
-                conn.close()
-        else:
-            with psycopg.connect(self.url, autocommit=True) as pg:
-                try:
-                    pg.execute(statement)
-                except psycopg.DatabaseError as error:
-                    return str(error)
-        pytest.fail(f"the database accepted {statement!r}")
-
-    def _query(self, statement: str) -> list[tuple[Any, ...]]:
-        if self.is_sqlite:
-            conn = sqlite3.connect(event_store_env(self.url)["SQLITE_DBNAME"])
-            try:
-                return [tuple(row) for row in conn.execute(statement).fetchall()]
-            finally:
-                conn.close()
-        with psycopg.connect(self.url) as pg:
-            return [tuple(row) for row in pg.execute(statement).fetchall()]
 
 
 class TestEventStoreContract:
@@ -308,7 +251,7 @@ class TestEventStoreContract:
     ) -> None:
         """Opening a new database installs the triggers along with the events table."""
         table = ledger.recorder.events_table_name
-        triggers = _RawStore(store_url, table).trigger_names()
+        triggers = RawEvents(store_url, table).trigger_names()
         if store_url.startswith("sqlite"):
             assert triggers == {f"{table}_no_update", f"{table}_no_delete"}
         else:
@@ -329,7 +272,7 @@ class TestEventStoreContract:
         """A raw UPDATE or DELETE is refused by the trigger and leaves every row as it was."""
         _record_lifecycle(ledger)
         table = ledger.recorder.events_table_name
-        raw = _RawStore(store_url, table)
+        raw = RawEvents(store_url, table)
         before = raw.rows()
 
         message = raw.error_from(statement.format(table=table))
@@ -347,7 +290,7 @@ class TestEventStoreContract:
             table = ledger.recorder.events_table_name
         finally:
             ledger.close()
-        raw = _RawStore(postgres_url, table)
+        raw = RawEvents(postgres_url, table)
         before = raw.rows()
 
         message = raw.error_from(f"TRUNCATE {table}")
@@ -355,6 +298,67 @@ class TestEventStoreContract:
         assert f"{IMMUTABLE_MESSAGE}: TRUNCATE on {table} is not allowed" in message
         assert raw.rows() == before
         assert len(before) == 6
+
+
+class TestHashChain:
+    """Each order's events are stored chained: every link is computed as the event is written."""
+
+    def test_every_event_is_stored_with_its_link_in_its_orders_chain(
+        self, ledger: OrderLedger
+    ) -> None:
+        results = _record_lifecycle(ledger)
+        other = ledger.place_order(customer_id="c-2", currency="EUR", lines=[_LINE])
+        ledger.cancel_order(other.order_id, reason="no longer needed")
+
+        for order_id in (results[0].order_id, other.order_id):
+            previous = GENESIS
+            for stored in ledger.store.select_aggregate_notifications(order_id):
+                expected = event_hash(
+                    previous,
+                    stored.originator_id,
+                    stored.originator_version,
+                    stored.topic,
+                    stored.state,
+                )
+                assert stored.chain_hash == expected
+                previous = expected
+
+    def test_the_metadata_is_covered_by_the_link(self, ledger: OrderLedger) -> None:
+        """The metadata rides in the stored state the link hashes."""
+        placed = ledger.place_order(customer_id="c-1", currency="EUR", lines=[_LINE])
+        stored = ledger.store.select_aggregate_notifications(placed.order_id)[0]
+        assert b'"metadata"' in stored.state
+        altered = stored.state.replace(b'"request_id"', b'"request_iX"')
+        assert altered != stored.state
+        assert stored.chain_hash != event_hash(
+            GENESIS, stored.originator_id, 1, stored.topic, altered
+        )
+
+    def test_a_store_made_before_chaining_gains_the_column_and_chains_new_events(
+        self, store_url: str
+    ) -> None:
+        """Old events stay unchained; an old order's next event starts its chain afresh."""
+        ledger = OrderLedger.from_url(store_url)
+        placed = ledger.place_order(customer_id="c-1", currency="EUR", lines=[_LINE])
+        table = ledger.recorder.events_table_name
+        ledger.close()
+        RawEvents(store_url, table).as_owner(f"ALTER TABLE {table} DROP COLUMN chain_hash")
+
+        reopened = OrderLedger.from_url(store_url)
+        try:
+            paid = reopened.capture_payment(
+                placed.order_id, amount=_LINE["unit_price"], payment_reference="p-1"
+            )
+            old, new = reopened.store.select_aggregate_notifications(placed.order_id)
+        finally:
+            reopened.close()
+
+        assert old.chain_hash is None
+        assert new.id == paid.position
+        assert new.chain_hash == event_hash(GENESIS, new.originator_id, 2, new.topic, new.state)
+
+
+_LINE = {"sku": "SKU-1", "quantity": 1, "unit_price": 1500}
 
 
 class TestSQLitePositions:
