@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from projections.audit_log import AuditLogProjection
 from projections.base import Projection
 from projections.customer_stats import CustomerStatsProjection
 from projections.daily_sales import DailySalesProjection
@@ -18,4 +19,5 @@ def all_projections() -> list[Projection]:
         DailySalesProjection(),
         SkuSalesProjection(),
         OutboxProjection(),
+        AuditLogProjection(),
     ]

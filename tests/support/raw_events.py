@@ -69,19 +69,66 @@ class RawEvents:
         with psycopg.connect(self.url) as pg:
             return [tuple(row) for row in pg.execute(statement).fetchall()]
 
-    def as_owner(self, *statements: str) -> None:
-        """Drop the immutability triggers, then run the statements: what the owner can do."""
+    @property
+    def position(self) -> str:
+        return "rowid" if self.is_sqlite else "notification_id"
+
+    def as_owner(self, *statements: str | tuple[str, tuple[Any, ...]]) -> None:
+        """Drop the immutability triggers, then run the statements: what the owner can do.
+
+        A statement may come with parameters, written ``{p}`` in it for either driver.
+        """
+        marker = "?" if self.is_sqlite else "%s"
+        steps = [
+            (s.replace("{p}", marker), ())
+            if isinstance(s, str)
+            else (s[0].replace("{p}", marker), s[1])
+            for s in statements
+        ]
         if self.is_sqlite:
             drops = [f"DROP TRIGGER IF EXISTS {name}" for name in self.trigger_names()]
             conn = sqlite3.connect(event_store_env(self.url)["SQLITE_DBNAME"])
             try:
-                for statement in (*drops, *statements):
-                    conn.execute(statement)
+                for statement, params in [*((d, ()) for d in drops), *steps]:
+                    conn.execute(statement, params)
                 conn.commit()
             finally:
                 conn.close()
             return
         drops = [f"DROP TRIGGER IF EXISTS {name} ON {self.table}" for name in self.trigger_names()]
         with psycopg.connect(self.url) as pg:
-            for statement in (*drops, *statements):
-                pg.execute(statement)
+            for statement, params in [*((d, ()) for d in drops), *steps]:
+                pg.execute(statement, params)
+
+    def state_at(self, position: int) -> bytes:
+        rows = self._query(
+            f"SELECT state FROM {self.table} WHERE {self.position} = {int(position)}"
+        )
+        return bytes(rows[0][0])
+
+    def rewrite_state(self, position: int, old: bytes, new: bytes) -> None:
+        """Replace bytes in the stored state of the event at ``position``, hash untouched."""
+        state = self.state_at(position)
+        assert old in state, f"{old!r} is not in the event at position {position}"
+        self.as_owner(
+            (
+                f"UPDATE {self.table} SET state = {{p}} WHERE {self.position} = {{p}}",
+                (state.replace(old, new), position),
+            )
+        )
+
+    def delete(self, *positions: int) -> None:
+        listed = ", ".join(str(int(p)) for p in positions)
+        self.as_owner(f"DELETE FROM {self.table} WHERE {self.position} IN ({listed})")
+
+    def swap_positions(
+        self, first: int, second: int, *, table: str | None = None, column: str | None = None
+    ) -> None:
+        """Exchange two events' positions (moving them in the global sequence); in another
+        table keyed by position, such as the audit log, with ``table`` and ``column``."""
+        column, table, spare = column or self.position, table or self.table, -1
+        self.as_owner(
+            f"UPDATE {table} SET {column} = {spare} WHERE {column} = {int(first)}",
+            f"UPDATE {table} SET {column} = {int(first)} WHERE {column} = {int(second)}",
+            f"UPDATE {table} SET {column} = {int(second)} WHERE {column} = {spare}",
+        )

@@ -19,7 +19,7 @@ from projections.engine.processor import ProcessorSettings
 from tests.support.auth import bearer, issue_key
 from tests.support.http import assert_problem, head_position, order_body
 
-NAMES = {"order_summaries", "customer_stats", "daily_sales", "sku_sales", "outbox"}
+NAMES = {"order_summaries", "customer_stats", "daily_sales", "sku_sales", "outbox", "audit_log"}
 PATIENCE = 60.0
 """How long a test waits for the in-process worker before failing (a bound, not a measure)."""
 
