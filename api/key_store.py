@@ -61,22 +61,30 @@ LAST_USED_RESOLUTION = timedelta(minutes=10)
 
 
 class Role(StrEnum):
-    """What a key may do; each role includes every role below it."""
+    """What a key may do.
+
+    A reader reads orders, read models and projection status; a writer also sends commands;
+    an auditor also reads the audit log, runs verify and takes checkpoints, and reads what
+    admins read (webhooks, effects, keys), but sends no command and changes no configuration;
+    an admin may do everything.
+    """
 
     reader = "reader"
     writer = "writer"
+    auditor = "auditor"
     admin = "admin"
-
-    @property
-    def rank(self) -> int:
-        return _RANKS[self]
 
     def includes(self, other: Role) -> bool:
         """Whether a key with this role may do what ``other`` may."""
-        return self.rank >= other.rank
+        return other in _INCLUDED[self]
 
 
-_RANKS = {Role.reader: 0, Role.writer: 1, Role.admin: 2}
+_INCLUDED: dict[Role, frozenset[Role]] = {
+    Role.reader: frozenset({Role.reader}),
+    Role.writer: frozenset({Role.reader, Role.writer}),
+    Role.auditor: frozenset({Role.reader, Role.auditor}),
+    Role.admin: frozenset(Role),
+}
 
 
 @dataclass(frozen=True)

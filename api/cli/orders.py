@@ -1,4 +1,4 @@
-"""orderledger demo and audit: record demo orders, print an order's history."""
+"""orderledger demo and audit history: record demo orders, print an order's history."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def demo(
 # -- audit ------------------------------------------------------------------------------------
 
 
-def _parse_order_id(text: str) -> UUID:
+def parse_order_id(text: str) -> UUID:
     try:
         return UUID(text)
     except ValueError:
@@ -288,7 +288,7 @@ def audit(
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Print an order's recorded history and the state it results in."""
-    uuid = _parse_order_id(order_id)
+    uuid = parse_order_id(order_id)
     if at_version is not None and at is not None:
         fail("give either --at-version or --at, not both", EXIT_USAGE)
     moment = _parse_moment(at) if at is not None else None
@@ -309,4 +309,3 @@ def audit(
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
-    app.command("audit")(audit)

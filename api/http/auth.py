@@ -26,6 +26,7 @@ from api.settings import Settings
 
 __all__ = [
     "ADMIN",
+    "AUDIT",
     "LEDGER",
     "OPEN",
     "OPERATIONS",
@@ -45,7 +46,7 @@ bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
     bearerFormat="olk_<key_id>_<secret>",
-    description="An API key from `orderledger keys create --role reader|writer|admin`, "
+    description="An API key from `orderledger keys create --role reader|writer|auditor|admin`, "
     "sent as `Authorization: Bearer <key>`.",
 )
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
@@ -100,8 +101,10 @@ LEDGER = Access(read=Role.reader, write=Role.writer)
 """Orders, customers, reports: readers query and audit, writers also send commands."""
 OPERATIONS = Access(read=Role.reader, write=Role.admin)
 """Projections: readers see their status, only admins start rebuilds."""
-ADMIN = Access(read=Role.admin, write=Role.admin)
-"""Webhooks, effects (dead letters, retries), keys."""
+ADMIN = Access(read=Role.auditor, write=Role.admin)
+"""Webhooks, effects (dead letters, retries), keys: auditors see them, only admins act."""
+AUDIT = Access(read=Role.auditor, write=Role.auditor)
+"""The audit log, its checkpoints and verify."""
 
 
 def keys_resource(settings: Settings) -> Callable[[FastAPI], Any]:

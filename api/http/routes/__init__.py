@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from api.http.auth import ADMIN, LEDGER, OPEN, OPERATIONS, Access
+from api.http.auth import ADMIN, AUDIT, LEDGER, OPEN, OPERATIONS, Access
 from api.http.routes import (
+    audit,
     customers,
     effects,
     health,
@@ -29,6 +30,7 @@ routers: tuple[APIRouter, ...] = (
     projections.router,
     customers.router,
     reports.router,
+    audit.router,
     webhooks.router,
     effects.router,
     keys.router,
@@ -43,6 +45,7 @@ access: tuple[tuple[APIRouter, Access], ...] = (
     (projections.router, OPERATIONS),
     (customers.router, LEDGER),
     (reports.router, LEDGER),
+    (audit.router, AUDIT),
     (webhooks.router, ADMIN),
     (effects.router, ADMIN),
     (keys.router, ADMIN),

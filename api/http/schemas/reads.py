@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from datetime import date, datetime
 from typing import Annotated, Literal
+from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
-from api.http.schemas.commands import LineOut
+from api.http.schemas.commands import ActorOut, LineOut
 from domain.errors import InvalidCommandError
 from domain.order import MAX_ID_LENGTH, bounded_text
 
@@ -416,3 +417,154 @@ class Readiness(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_READINESS_EXAMPLE]})
 
     status: Literal["ready", "not_ready"]
+
+
+_HASH = "5c0f5e4d1f1c2b7e9a8d6c4b3a29180716253443526170819a0b1c2d3e4f5a6b"
+_AUDIT_ENTRY_EXAMPLE: dict[str, JsonValue] = {
+    "position": 4211,
+    "order_id": _ORDER_ID,
+    "version": 3,
+    "event_type": "PaymentCaptured",
+    "recorded_at": _AT,
+    "event_id": "6f1d8c1e-0a51-4d8e-9a43-3f3e3c1a2b7d",
+    "actor": {"kind": "key", "id": "3f9a1c2b4d5e6f70", "name": "checkout", "role": "writer"},
+    "request_id": "req-7c1e",
+    "correlation_id": "cart-5521",
+    "causation_id": "0c7e2a4b-9f1d-4c55-8a3e-6b2d1f0e9c8a",
+    "chain_hash": _HASH,
+}
+_CHECKPOINT_EXAMPLE: dict[str, JsonValue] = {
+    "algorithm": "sha256-chain-v1",
+    "position": 40000,
+    "events": 39987,
+    "digest": _HASH,
+    "created_at": _AT,
+    "reason": "interval",
+}
+
+
+class AuditEntryPublic(BaseModel):
+    """One event in the audit log: where it is, what it was, who recorded it and why."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_AUDIT_ENTRY_EXAMPLE]})
+
+    position: int
+    order_id: str = Field(description="The aggregate: an order, or an idempotency record.")
+    version: int
+    event_type: str = Field(examples=["PaymentCaptured"])
+    recorded_at: datetime
+    event_id: str
+    actor: ActorOut
+    request_id: str
+    correlation_id: str
+    causation_id: str
+    chain_hash: str | None = Field(
+        description="The event's link in its order's hash chain (hex); null before chaining."
+    )
+
+
+class AuditEntriesPublic(BaseModel):
+    """One page of the audit log."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": [_AUDIT_ENTRY_EXAMPLE], "next_cursor": "YTQyMTE", "next": None}]
+        }
+    )
+
+    data: list[AuditEntryPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+    next: str | None = Field(description="Link to the next page, if there is one.")
+
+
+class CheckpointPublic(BaseModel):
+    """The digest of every chained event up to a position: keep it outside the store, and
+    give it back to verify."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_CHECKPOINT_EXAMPLE]})
+
+    algorithm: str = Field(examples=["sha256-chain-v1"])
+    position: int
+    events: int = Field(description="How many chained events the digest covers.")
+    digest: str = Field(description="SHA-256, hex.")
+    created_at: datetime
+    reason: str = Field(examples=["interval", "requested"])
+
+
+class CheckpointsPublic(BaseModel):
+    """Every checkpoint recorded, oldest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"data": [_CHECKPOINT_EXAMPLE]}]})
+
+    data: list[CheckpointPublic]
+
+
+class VerifyRequest(BaseModel):
+    """What to verify: one order, or the whole store against the given checkpoints too."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"checkpoints": [_CHECKPOINT_EXAMPLE]}, {"order_id": _ORDER_ID}]
+        },
+    )
+
+    order_id: UUID | None = Field(default=None, description="Verify this order only.")
+    checkpoints: list[CheckpointPublic] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Checkpoints kept outside the store (as GET /audit/checkpoints gave them).",
+    )
+
+
+class VerifyProblemPublic(BaseModel):
+    """The first broken link."""
+
+    kind: str = Field(examples=["altered", "missing_from_store", "checkpoint_mismatch"])
+    detail: str
+    position: int | None
+    order_id: str | None
+    version: int | None
+
+
+class VerifyReportPublic(BaseModel):
+    """What verify checked, and the first broken link it found (``ok`` false)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ok": False,
+                    "order_id": None,
+                    "head": 52034,
+                    "events_checked": 4211,
+                    "aggregates_checked": 1290,
+                    "chained_events": 4211,
+                    "chain_starts_at": 1,
+                    "unchained_events": 0,
+                    "audit_log_position": 52034,
+                    "checkpoints_checked": 0,
+                    "problem": {
+                        "kind": "altered",
+                        "detail": f"order {_ORDER_ID} version 3 at position 4211: the stored "
+                        "event (its payload or its metadata) does not match its hash chain",
+                        "position": 4211,
+                        "order_id": _ORDER_ID,
+                        "version": 3,
+                    },
+                }
+            ]
+        }
+    )
+
+    ok: bool
+    order_id: str | None
+    head: int
+    events_checked: int
+    aggregates_checked: int
+    chained_events: int
+    chain_starts_at: int | None = Field(description="Position of the first chained event.")
+    unchained_events: int = Field(description="Events recorded before chaining began.")
+    audit_log_position: int | None
+    checkpoints_checked: int
+    problem: VerifyProblemPublic | None

@@ -29,7 +29,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 OPEN = None
-READER, WRITER, ADMIN = Role.reader, Role.writer, Role.admin
+READER, WRITER, AUDITOR, ADMIN = Role.reader, Role.writer, Role.auditor, Role.admin
 
 ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/openapi.json"): OPEN,
@@ -57,14 +57,18 @@ ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/projections/{name}"): READER,
     ("POST", "/projections/{name}/rebuild"): ADMIN,
     ("POST", "/webhooks"): ADMIN,
-    ("GET", "/webhooks"): ADMIN,
+    ("GET", "/webhooks"): AUDITOR,
     ("DELETE", "/webhooks/{subscription_id}"): ADMIN,
-    ("GET", "/effects"): ADMIN,
-    ("GET", "/effects/{effect_id}"): ADMIN,
+    ("GET", "/effects"): AUDITOR,
+    ("GET", "/effects/{effect_id}"): AUDITOR,
     ("POST", "/effects/{effect_id}/retry"): ADMIN,
     ("POST", "/keys"): ADMIN,
-    ("GET", "/keys"): ADMIN,
+    ("GET", "/keys"): AUDITOR,
     ("DELETE", "/keys/{key_id}"): ADMIN,
+    ("GET", "/audit"): AUDITOR,
+    ("GET", "/audit/checkpoints"): AUDITOR,
+    ("POST", "/audit/checkpoints"): AUDITOR,
+    ("POST", "/audit/verify"): AUDITOR,
     ("GET", "/metrics"): ADMIN,
 }
 
@@ -78,7 +82,7 @@ SAMPLE_PATH_PARAMETERS = {
     "key_id": "0123456789abcdef",
 }
 
-CALLERS = ("no key", "bad key", "revoked key", "reader", "writer", "admin")
+CALLERS = ("no key", "bad key", "revoked key", "reader", "writer", "auditor", "admin")
 CHALLENGE = 'Bearer realm="orderledger"'
 INVALID_TOKEN_CHALLENGE = 'Bearer realm="orderledger", error="invalid_token"'
 
@@ -132,6 +136,7 @@ def callers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callers]:
         "revoked key": bearer(revoked.token),
         "reader": bearer(issue_key(url, Role.reader)),
         "writer": bearer(issue_key(url, Role.writer)),
+        "auditor": bearer(issue_key(url, Role.auditor)),
         "admin": bearer(good),
     }
     with TestClient(create_app(_settings(url, run_projections=True))) as client:
