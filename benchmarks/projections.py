@@ -55,10 +55,12 @@ from projections.base import Projection
 from projections.engine.processor import ProcessorSettings
 from projections.order_summaries import OrderSummaryProjection
 from projections.registry import all_projections
+from projections.verify import verify_store
 
 OURS = "orderledger Worker"
 LIBRARY = "library ProjectionRunner"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Bumped when stored events change shape (2: chained), so old cached stores are not reused."""
 """Bump when the generated events change, so cached stores are made again."""
 SAVE_CHUNK = 500
 """Orders per ``ledger.save`` while generating: one transaction each."""
@@ -374,6 +376,24 @@ def our_catch_up(url: str, name: str, batch_size: int) -> tuple[float, float, in
         return seconds, cpu, rows
 
 
+def our_verify(url: str) -> tuple[float, float, int]:
+    """Wall and CPU seconds ``audit verify`` takes over the whole store (the audit log built
+    first, untimed, so verify compares with it as it would in service)."""
+    with opened(Settings(database_url=url)) as system:
+        runtime = system.runtime
+        worker = runtime.worker(["audit_log"])
+        worker.prepare()
+        worker.run_until_caught_up(timeout=3600)
+        for processor in worker.processors.values():
+            processor.release()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        report = verify_store(runtime)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+        if not report.ok:
+            raise RuntimeError(f"verify failed on a generated store: {report.problem}")
+        return seconds, cpu, report.events_checked
+
+
 # -- memory while rebuilding -------------------------------------------------------------------
 
 
@@ -561,7 +581,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--projections",
-        default="order_summaries,daily_sales",
+        default="order_summaries,daily_sales,audit_log",
         help="our projections to time (comma-separated)",
     )
     parser.add_argument("--batch-size", type=int, default=ProcessorSettings().batch_size)
@@ -577,6 +597,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="live commands per second")
     parser.add_argument(
         "--latency-seconds", type=float, default=10.0, help="live run length (0 skips)"
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip timing audit verify against the order_summaries rebuild",
     )
     parser.add_argument("--markdown", action="store_true", help="tables as Markdown")
 
@@ -639,6 +665,37 @@ def run(args: argparse.Namespace) -> int:
                     ]
                 )
                 console.print(f"{store} {name}: {rate:,.0f} events/s ({wall:.1f}s, cpu {cpu:.1f}s)")
+            if args.verify:
+                wall, cpu, checked = in_fresh_process("our_verify", url)
+                rate = checked / wall
+                summaries = next(
+                    (
+                        r
+                        for r in rows
+                        if r[0] == store and r[1] == "order_summaries" and r[2] == OURS
+                    ),
+                    None,
+                )
+                versus = (
+                    f"{rate / float(summaries[6].replace(',', '')):.2f}x rebuild"
+                    if summaries
+                    else "-"
+                )
+                rows.append(
+                    [
+                        store,
+                        "audit verify",
+                        OURS,
+                        f"{checked:,}",
+                        f"{wall:.2f}",
+                        f"{cpu:.2f}",
+                        f"{rate:,.0f}",
+                        f"{checked / cpu:,.0f}",
+                        versus,
+                        "-",
+                    ]
+                )
+                console.print(f"{store} verify: {rate:,.0f} events/s ({versus}; goal >= 0.5x)")
     print_table(
         f"Catch-up from position 0 (batch size {args.batch_size}; ratio = our events/s over "
         "the library ProjectionRunner's on the same store; the cpu columns count this "

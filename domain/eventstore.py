@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +52,18 @@ class PositionedRecorder(Protocol):
     def max_notification_id(self) -> int | None: ...
 
 
-class SQLiteEventRecorder(SQLiteApplicationRecorder):
+class _Chained:
+    """How both recorders link the events they are about to insert."""
+
+    def links(
+        self,
+        stored_events: Sequence[StoredEvent],
+        previous: Callable[[UUID | str, int], bytes | None],
+    ) -> Sequence[bytes | None]:
+        return chain_hashes(stored_events, previous)
+
+
+class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
     """The library's SQLite recorder with immutability triggers and per-order positions.
 
     The library's table keeps positions in SQLite's implicit rowid, which VACUUM may renumber.
@@ -96,7 +107,7 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
             row = c.fetchone()
             return None if row is None else row[0]
 
-        hashes = chain_hashes(stored_events, previous)
+        hashes = self.links(stored_events, previous)
         returning = []
         for stored, link in zip(stored_events, hashes, strict=True):
             c.execute(
@@ -157,7 +168,7 @@ class SQLiteEventRecorder(SQLiteApplicationRecorder):
             ]
 
 
-class PostgresEventRecorder(PostgresApplicationRecorder):
+class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
     """The library's PostgreSQL recorder with immutability triggers and per-order positions."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -239,7 +250,7 @@ class PostgresEventRecorder(PostgresApplicationRecorder):
             row = curs.fetchone()
             return None if row is None or row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN])
 
-        hashes = chain_hashes(stored_events, previous)
+        hashes = self.links(stored_events, previous)
         self._lock_table(curs)
         self._notify_channel(curs)
         curs.execute(
