@@ -97,19 +97,29 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         # Queue with the read models' writers on one lock that hands over at once, rather
         # than on SQLite's busy handler, which sleeps milliseconds between tries.
         with self.write_lock.hold():
-            return super().insert_events(stored_events, **kwargs)
+            # The previous events' hashes are read before the write transaction begins: a
+            # transaction that reads first and then writes gets SQLITE_BUSY at once, without
+            # waiting, when another connection holds the write lock. Those events are
+            # committed and never change.
+            links = self.links(stored_events, self._previous_hash)
+            return super().insert_events(stored_events, links=links, **kwargs)
 
-    def _insert_events(
-        self, c: Any, stored_events: Sequence[StoredEvent], **_: Any
-    ) -> Sequence[int] | None:
-        def previous(originator_id: UUID | str, version: int) -> bytes | None:
+    def _previous_hash(self, originator_id: UUID | str, version: int) -> bytes | None:
+        with self.datastore.transaction(commit=False) as c:
             c.execute(self._previous_hash_statement, (_hex(originator_id), version))
             row = c.fetchone()
-            return None if row is None else row[0]
+        return None if row is None else bytes(row[0]) if row[0] is not None else None
 
-        hashes = self.links(stored_events, previous)
+    def _insert_events(
+        self,
+        c: Any,
+        stored_events: Sequence[StoredEvent],
+        *,
+        links: Sequence[bytes | None] = (),
+        **_: Any,
+    ) -> Sequence[int] | None:
         returning = []
-        for stored, link in zip(stored_events, hashes, strict=True):
+        for stored, link in zip(stored_events, links, strict=True):
             c.execute(
                 self.insert_events_statement,
                 (
