@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The embedded default keeps its master key in var/master.key (made once, readable by you
+# alone); ORDERLEDGER_MASTER_KEY in the environment wins.
+MASTER_KEY := $${ORDERLEDGER_MASTER_KEY:-$$(cat var/master.key)}
+
 run: install
-	$(BIN)/orderledger demo --if-empty --orders $(DEMO_ORDERS)
-	$(BIN)/orderledger keys bootstrap
-	$(BIN)/orderledger serve --host 127.0.0.1 --port 8000
+	@test -s var/master.key || (mkdir -p var && umask 077 && $(BIN)/orderledger customers new-master-key > var/master.key)
+	ORDERLEDGER_MASTER_KEY=$(MASTER_KEY) $(BIN)/orderledger demo --if-empty --orders $(DEMO_ORDERS)
+	ORDERLEDGER_MASTER_KEY=$(MASTER_KEY) $(BIN)/orderledger keys bootstrap
+	ORDERLEDGER_MASTER_KEY=$(MASTER_KEY) $(BIN)/orderledger serve --host 127.0.0.1 --port 8000
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -10,11 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
+
+from pydantic import SecretStr
 
 from api.key_store import ApiKeyStore
 from api.settings import Settings
+from domain.eventstore import event_store_env
 from domain.ledger import OrderLedger
+from domain.personal import MASTER_KEY_SETTING, MasterKeyError, PersonalData, parse_master_key
 from projections.base import Projection
 from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.outbox import EMAIL, WEBHOOK
@@ -22,6 +27,7 @@ from projections.effects.reconciler import Reconciler
 from projections.effects.senders import EmailSender, Sender, SmtpSettings, WebhookSender
 from projections.effects.service import Effects
 from projections.effects.targets import TargetPolicy
+from projections.engine.database import read_model_engine, write_transaction
 from projections.engine.processor import ProcessorSettings
 from projections.engine.runtime import ProjectionRuntime
 from projections.engine.worker import Worker, worker_id
@@ -29,9 +35,49 @@ from projections.engine.worker import Worker, worker_id
 # -- the stores ----------------------------------------------------------------------------------
 
 
+def open_personal_data(settings: Settings) -> PersonalData:
+    """Customers' data keys, in the event store's database, under the master key.
+
+    No master key, a malformed one, or one that did not wrap the keys already stored is a
+    MasterKeyError naming ORDERLEDGER_MASTER_KEY: personal data is never written unencrypted.
+    """
+    if settings.master_key is None:
+        raise MasterKeyError(
+            f"{MASTER_KEY_SETTING} is not set: it encrypts customers' personal data "
+            "(make run keeps one in var/master.key; orderledger customers new-master-key "
+            "prints a new one)"
+        )
+    master = parse_master_key(settings.master_key.get_secret_value())
+    previous = [
+        parse_master_key(text)
+        for text in (settings.previous_master_keys or SecretStr("")).get_secret_value().split(",")
+        if text.strip()
+    ]
+    engine = read_model_engine(settings.database_url)
+    personal = PersonalData(
+        engine,
+        master,
+        write=partial(write_transaction, engine),
+        previous_master_keys=previous,
+        cache_ttl=settings.personal_key_cache_ttl,
+    )
+    try:
+        personal.install()
+    except BaseException:
+        personal.close()
+        raise
+    return personal
+
+
 def open_ledger(settings: Settings) -> OrderLedger:
-    """The event store and its commands."""
-    return OrderLedger.from_url(settings.database_url)
+    """The event store and its commands, sealing personal data with the customers' keys."""
+    env = event_store_env(settings.database_url)  # a bad URL is refused before anything opens
+    personal = open_personal_data(settings)
+    try:
+        return OrderLedger(env=env, personal=personal)
+    except BaseException:
+        personal.close()
+        raise
 
 
 def open_key_store(settings: Settings) -> ApiKeyStore:

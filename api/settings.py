@@ -36,6 +36,24 @@ class Settings(BaseSettings):
         description="FastAPI's native OpenTelemetry traces, metrics and logs, sent to the"
         " globally configured providers (off: each request skips the check for them)",
     )
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="Wraps every customer's data key (32 bytes, hex or URL-safe base64); "
+        "required: personal data is never stored unencrypted. Losing it loses the personal "
+        "data, not the orders",
+    )
+    previous_master_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated master keys still accepted while `orderledger customers "
+        "rotate-key` re-wraps the data keys under master_key",
+    )
+    personal_key_cache_ttl: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="Seconds a process keeps a customer's data key: an erasure takes effect "
+        "everywhere within this time",
+    )
     key_cache_ttl: float = Field(
         default=1.0,
         ge=0,

@@ -31,6 +31,10 @@ STORES = ("sqlite", "postgres")
 CACHE_DIR = Path(os.environ.get("ORDERLEDGER_BENCH_CACHE", "/tmp/orderledger-bench-cache"))
 """Where generated SQLite stores are kept between runs (PostgreSQL keeps template databases)."""
 
+BENCH_MASTER_KEY = "b3" * 32
+"""The master key of every benchmark store (a fixed one: cached stores keep their data keys)."""
+os.environ.setdefault("ORDERLEDGER_MASTER_KEY", BENCH_MASTER_KEY)
+
 # Wide enough for the tables even when the output goes to a file or a pipe.
 console = Console(highlight=False, width=max(shutil.get_terminal_size().columns, 140))
 

@@ -59,8 +59,9 @@ from projections.verify import verify_store
 
 OURS = "orderledger Worker"
 LIBRARY = "library ProjectionRunner"
-CACHE_VERSION = 2
-"""Bumped when stored events change shape (2: chained), so old cached stores are not reused."""
+CACHE_VERSION = 3
+"""Bumped when stored events change shape (2: chained, 3: personal data sealed), so old cached
+stores are not reused."""
 """Bump when the generated events change, so cached stores are made again."""
 SAVE_CHUNK = 500
 """Orders per ``ledger.save`` while generating: one transaction each."""

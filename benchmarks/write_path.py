@@ -24,7 +24,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
 
-from api.bootstrap import open_ledger
+from api.bootstrap import open_ledger, open_personal_data
 from api.settings import Settings
 from benchmarks.common import (
     STORES,
@@ -179,7 +179,7 @@ def unchained_ledger(database_url: str) -> OrderLedger:
         else ("UnchainedPostgresRecorder")
     )
     env["APPLICATION_RECORDER_TOPIC"] = f"{__name__}:{recorder}"
-    return OrderLedger(env=env)
+    return OrderLedger(env=env, personal=open_personal_data(Settings(database_url=database_url)))
 
 
 class LedgerWorkload:

@@ -15,7 +15,13 @@ from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, Notification, PersistenceError
+from eventsourcing.persistence import (
+    IntegrityError,
+    JSONTranscoder,
+    Notification,
+    PersistenceError,
+    Transcoding,
+)
 from eventsourcing.utils import Environment, EnvType
 
 from domain.audit import METADATA, current_context, metadata_of, new_metadata
@@ -29,11 +35,28 @@ from domain.errors import (
 )
 from domain.eventstore import PositionedRecorder, event_store_env
 from domain.idempotency import IdempotencyRecord, record_id
-from domain.order import EVENT_TYPES, Order
+from domain.order import (
+    EVENT_TYPES,
+    MAX_ID_LENGTH,
+    MAX_REASON_LENGTH,
+    PERSONAL_FIELDS,
+    Order,
+    bounded_text,
+)
+from domain.personal import (
+    MASTER_KEY_SETTING,
+    MasterKeyError,
+    PersonalData,
+    PersonalDataErasure,
+    Sealed,
+)
 
 log = logging.getLogger("orderledger.ledger")
 
-EVENT_NAMES: dict[type[Aggregate.Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
+EVENT_NAMES: dict[type[Aggregate.Event], str] = {
+    **{cls: name for name, cls in EVENT_TYPES.items()},
+    PersonalDataErasure.Erased: "PersonalDataErased",
+}
 COMMAND_ID = "command_id"
 """Stored with every event a command records: after a failed save it tells the ledger's own
 events (a lost commit acknowledgement) from another writer's."""
@@ -68,6 +91,15 @@ class CommandResult:
 
 
 @dataclass(frozen=True)
+class ErasureResult:
+    """An erasure: recorded at ``position``, ``keys_erased`` data keys deleted."""
+
+    customer_id: str
+    position: int
+    keys_erased: int
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     """One recorded event of an order, for audit."""
 
@@ -85,10 +117,21 @@ class OrderLedger(Application[UUID]):
 
     name = "OrderLedger"
 
-    def __init__(self, env: EnvType | None = None) -> None:
+    def __init__(self, env: EnvType | None = None, *, personal: PersonalData | None = None) -> None:
+        self.personal = personal
+        """Seals and opens personal data; without it, none may be recorded or read."""
         super().__init__(env)
         self.command_observers: list[CommandObserver] = []
         """Hooks (e.g. metrics) told of each command, so every caller's commands count alike."""
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(_SealedTranscoding(self))
+
+    def close(self) -> None:
+        super().close()
+        if self.personal is not None:
+            self.personal.close()
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         """Only the settings we pass: the library would merge ``os.environ`` over its defaults,
@@ -97,9 +140,9 @@ class OrderLedger(Application[UUID]):
         return Environment(name, {**type(self).env, **(env or {})})
 
     @classmethod
-    def from_url(cls, database_url: str) -> OrderLedger:
+    def from_url(cls, database_url: str, *, personal: PersonalData | None = None) -> OrderLedger:
         """Open the ledger on a ``sqlite:///`` or ``postgresql://`` store, creating tables."""
-        return cls(env=event_store_env(database_url))
+        return cls(env=event_store_env(database_url), personal=personal)
 
     @property
     def store(self) -> PositionedRecorder:
@@ -217,6 +260,27 @@ class OrderLedger(Application[UUID]):
         """Refund money captured on an order."""
         args = {"amount": amount, "reason": reason}
         return self._execute("issue_refund", order_id, args, expected_version, idempotency_key)
+
+    def erase_customer(self, customer_id: str, *, reason: str) -> ErasureResult:
+        """Erase a customer's personal data: record who asked and why, then delete the
+        customer's data keys, so every sealed value of theirs reads as erased from then on.
+
+        Safe to repeat: a second erasure finds no keys and records that it was asked again.
+        """
+        customer_id = bounded_text(customer_id, name="customer_id", max_length=MAX_ID_LENGTH)
+        reason = bounded_text(reason, name="reason", max_length=MAX_REASON_LENGTH, multiline=True)
+        if self.personal is None:
+            raise MasterKeyError(f"{MASTER_KEY_SETTING} is not configured: nothing to erase with")
+        erasure = PersonalDataErasure(customer_id=customer_id, reason=reason)
+        command_id = str(uuid4())
+        context = current_context()
+        for pending_event in erasure.pending_events:
+            object.__setattr__(pending_event, COMMAND_ID, command_id)
+            object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
+        recordings = self.save(erasure)
+        keys = self.personal.erase(customer_id)
+        log.info("personal data erased", extra={"keys_erased": keys})
+        return ErasureResult(customer_id, recordings[-1].notification.id, keys)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -351,6 +415,7 @@ class OrderLedger(Application[UUID]):
                 # outside the event's fields.
                 object.__setattr__(pending_event, COMMAND_ID, command_id)
                 object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
+            self._seal(order)
             try:
                 recordings = self.save(*pending)
             except PersistenceError as error:
@@ -378,6 +443,21 @@ class OrderLedger(Application[UUID]):
                 r.notification.id for r in recordings if r.domain_event.originator_id == order.id
             )
             return CommandResult(order_id=order.id, version=order.version, position=position)
+
+    def _seal(self, order: Order) -> None:
+        """Replace each personal value of the order's pending events by a Sealed one: the
+        transcoder encrypts it with the customer's data key as the event is stored."""
+        for pending_event in order.pending_events:
+            for field in PERSONAL_FIELDS.get(type(pending_event), ()):
+                value = getattr(pending_event, field, None)
+                if not isinstance(value, str):
+                    continue
+                if self.personal is None:
+                    raise MasterKeyError(
+                        f"{MASTER_KEY_SETTING} is not configured: personal data ({field}) "
+                        "is never recorded unencrypted"
+                    )
+                object.__setattr__(pending_event, field, Sealed(order.customer_id, value))
 
     def _recorded_despite(
         self,
@@ -484,6 +564,30 @@ _COMMANDS: dict[str, Callable[[Order, dict[str, Any]], None]] = {
     "cancel": lambda order, a: order.cancel(**a),
     "issue_refund": lambda order, a: order.issue_refund(**a),
 }
+
+
+class _SealedTranscoding(Transcoding):
+    """Personal values, stored sealed with their customer's key; read back as the text, or
+    ``ERASED`` once the customer's keys were erased."""
+
+    type = Sealed
+    name = "sealed"
+
+    def __init__(self, ledger: OrderLedger) -> None:
+        self._ledger = ledger
+
+    def encode(self, obj: Sealed) -> dict[str, str]:
+        return self._personal().seal(obj.customer_id, obj.text)
+
+    def decode(self, data: dict[str, Any]) -> str:
+        return self._personal().open(data)
+
+    def _personal(self) -> PersonalData:
+        if self._ledger.personal is None:
+            raise MasterKeyError(
+                f"{MASTER_KEY_SETTING} is not configured: personal data cannot be read"
+            )
+        return self._ledger.personal
 
 
 def _outcome_of(error: Exception) -> str:

@@ -458,3 +458,13 @@ EVENT_TYPES: dict[str, type[Aggregate.Event]] = {
     "RefundIssued": Order.RefundIssued,
 }
 """Public, stable names of the order events (used in history, webhooks and projections)."""
+
+PERSONAL_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    Order.Placed: ("shipping_address", "client_reference", "customer_email"),
+    Order.Shipped: ("tracking_number",),
+}
+"""The fields that hold personal data, sealed with the customer's key (domain/personal.py).
+
+``client_reference`` is free text a client may fill with anything; a tracking number leads to
+the delivery address. ``customer_id`` is a pseudonymous id and the carrier a company: neither is
+sealed."""

@@ -10,7 +10,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from tests import MASTER_KEY
 from tests.support.receivers import SmtpServer, WebhookReceiver
+
+# Every ledger a test opens seals personal data; Settings reads the key from here.
+os.environ.setdefault("ORDERLEDGER_MASTER_KEY", MASTER_KEY)
 
 POSTGRES_URL_VAR = "ORDERLEDGER_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VAR = "ORDERLEDGER_REQUIRE_POSTGRES"

@@ -21,6 +21,7 @@ from api.settings import Settings
 from domain.audit import UNKNOWN, Actor, CommandContext
 from domain.errors import InvalidCommandError, OrderLedgerError
 from domain.ledger import OrderLedger
+from domain.personal import MasterKeyError
 
 # Exit codes: 1 when the store or the order says no, 2 when the command line itself is wrong.
 EXIT_FAILURE = 1
@@ -78,6 +79,8 @@ def open_ledger_or_fail(settings: Settings) -> OrderLedger:
     """The ledger, or one line saying why it cannot be opened."""
     try:
         return open_ledger(settings)
+    except MasterKeyError as error:
+        fail(str(error), EXIT_USAGE)
     except ValueError as error:
         fail(f"bad database URL {redacted(settings.database_url)!r}: {error}", EXIT_USAGE)
     except (PersistenceError, OSError) as error:

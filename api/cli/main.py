@@ -7,7 +7,7 @@ from eventsourcing.persistence import PersistenceError
 from pydantic import ValidationError
 from rich.console import Console
 
-from api.cli import audit, keys, operate, orders, serve, webhooks
+from api.cli import audit, customers, keys, operate, orders, serve, webhooks
 from api.cli.common import EXIT_FAILURE, EXIT_USAGE, settings_problem
 from domain.errors import InvalidCommandError, OrderLedgerError
 
@@ -24,7 +24,7 @@ def _root() -> None:
     """orderledger: an event-sourced order ledger."""
 
 
-for group in (serve, orders, audit, operate, webhooks, keys):
+for group in (serve, orders, audit, customers, operate, webhooks, keys):
     group.register(app)
 
 

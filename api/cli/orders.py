@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from api.demo import SCENARIOS, populate
 from domain.ledger import HistoryEntry
@@ -190,7 +191,7 @@ def _history_table(history: list[HistoryEntry], order: Order) -> Table:
             str(entry.version),
             entry.type,
             _time(entry.timestamp),
-            _event_summary(entry, order.currency),
+            Text(_event_summary(entry, order.currency)),
         )
     return table
 
@@ -249,7 +250,7 @@ def _state_table(order: Order, *, latest_version: int) -> Table:
     ]
     for name, value in rows:
         if value is not None:
-            table.add_row(name, value)
+            table.add_row(name, Text(value))
     return table
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "LEDGER",
     "OPEN",
     "OPERATIONS",
+    "PERSONAL",
     "Access",
     "KeyStoreDep",
     "Principal",
@@ -103,6 +104,8 @@ OPERATIONS = Access(read=Role.reader, write=Role.admin)
 """Projections: readers see their status, only admins start rebuilds."""
 ADMIN = Access(read=Role.auditor, write=Role.admin)
 """Webhooks, effects (dead letters, retries), keys: auditors see them, only admins act."""
+PERSONAL = Access(read=Role.admin, write=Role.admin)
+"""A customer's personal data: its export and its erasure."""
 AUDIT = Access(read=Role.auditor, write=Role.auditor)
 """The audit log, its checkpoints and verify."""
 

@@ -39,6 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.order import EVENT_TYPES, Order
+from domain.personal import ERASED
 from projections.base import Batch, Projection
 from projections.engine.database import db_now, write_transaction
 from projections.engine.source import RecordedEvent
@@ -165,6 +166,12 @@ class Subscription:
             and position > self.created_position
             and ("*" in self.event_types or event_type in self.event_types)
         )
+
+
+def contact_of(placed: Order.Placed) -> str | None:
+    """The address an order's emails go to: none when it has none, or it was erased."""
+    email = placed.customer_email
+    return None if email is None or email == ERASED else email
 
 
 def effect_rows(
@@ -327,8 +334,7 @@ class OutboxBatch(Batch):
 
     @on_event.register
     def order_placed(self, event: Order.Placed, order_id: str) -> None:
-        self.contacts[order_id] = event.customer_email
-        self.new_contacts[order_id] = event.customer_email
+        self.contacts[order_id] = self.new_contacts[order_id] = contact_of(event)
 
     def flush(self) -> None:
         if self.new_contacts:

@@ -16,6 +16,7 @@ from projections.effects.outbox import (
     OutboxProjection,
     Subscription,
     attempts,
+    contact_of,
     effect_rows,
     effects,
     insert_ignoring_duplicates,
@@ -288,7 +289,7 @@ class Effects:
                 event = recorded.event
                 order_id = str(event.originator_id)
                 if isinstance(event, Order.Placed):
-                    contacts[order_id] = event.customer_email
+                    contacts[order_id] = contact_of(event)
                 if recorded.position <= mark.installed_position:
                     continue
                 rows += effect_rows(recorded, active, contacts.get(order_id), now)

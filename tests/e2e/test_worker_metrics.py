@@ -13,13 +13,13 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from domain.ledger import OrderLedger
 from projections.effects.service import Effects
 from projections.engine.runtime import ProjectionRuntime
 from tests.e2e.conftest import Deploy
 from tests.support.http import order_body
 from tests.support.processes import Process
 from tests.support.receivers import LOCAL_TARGETS, WebhookReceiver
+from tests.support.stores import open_ledger_at
 
 ANNOUNCED = re.compile(r"metrics at (http://\S+/metrics)")
 
@@ -73,7 +73,7 @@ def test_a_worker_exposes_its_delivery_counters_and_projection_lag(
     worker: tuple[Process, str],
 ) -> None:
     process, url = worker
-    ledger = OrderLedger.from_url(sqlite_url)
+    ledger = open_ledger_at(sqlite_url)
     runtime = ProjectionRuntime.open(ledger, sqlite_url)
     try:
         Effects(runtime.engine, runtime.source, LOCAL_TARGETS).add_subscription(

@@ -24,6 +24,7 @@ from uuid import UUID
 from domain.ledger import OrderLedger
 from projections.effects.senders import InvalidSignatureError, verify
 from tests.support.processes import CliProcesses, Process
+from tests.support.stores import open_ledger_at
 
 _SKUS = {"TEA-SENCHA-100G": 1250, "MUG-STONEWARE": 2490, "KETTLE-CAST-IRON": 8900}
 
@@ -296,7 +297,7 @@ class OrderWriter:
 
     def _run(self, first: int, step: int) -> None:
         rng = random.Random(self.seed * 1000 + first)
-        ledger = OrderLedger.from_url(self.url)
+        ledger = open_ledger_at(self.url)
         pace = self.seconds / self.orders * step
         try:
             started = time.monotonic()

@@ -39,6 +39,7 @@ from projections.engine.catalog import Generation
 from projections.engine.runtime import ProjectionRuntime
 from projections.engine.source import RecordedEvent
 from projections.order_summaries import OrderSummaryProjection
+from tests.support.stores import open_ledger_at
 from tests.support.waiting import wait_for
 
 ALL_ORDER_EVENTS: tuple[type[Aggregate.Event], ...] = tuple(EVENT_TYPES.values())
@@ -372,7 +373,7 @@ def write_orders(
 ) -> None:
     """A writer: place and pay ``count`` orders once every writer is ready, and now and then
     capture 1 on the order every writer shares (lost races there are retried by the ledger)."""
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger_at(url)
     try:
         ready.wait(WAIT_TIMEOUT)
         for index in range(count):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests import LOCAL_RECEIVERS, REPO_ROOT
+from tests import LOCAL_RECEIVERS, MASTER_KEY, REPO_ROOT
 from tests.support.waiting import wait_for
 
 ORDERLEDGER = Path(sys.executable).with_name("orderledger")
@@ -31,6 +31,7 @@ def cli_env(**settings: object) -> dict[str, str]:
     """The environment for a CLI child: ours, plus ORDERLEDGER_<NAME> for each setting."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
     env["ORDERLEDGER_WEBHOOK_ALLOWED_NETWORKS"] = LOCAL_RECEIVERS
+    env["ORDERLEDGER_MASTER_KEY"] = MASTER_KEY
     env.update({f"ORDERLEDGER_{key.upper()}": str(value) for key, value in settings.items()})
     env["COLUMNS"] = "240"
     env["PYTHONUNBUFFERED"] = "1"

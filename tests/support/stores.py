@@ -17,7 +17,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 from sqlalchemy import func, select
 
-from api.bootstrap import opened
+from api.bootstrap import open_ledger, opened
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from domain.order import EVENT_TYPES, Order
@@ -35,6 +35,11 @@ _SKUS = {
 }
 _CUSTOMERS = ("cust-alice", "cust-bruno", "cust-chiyo", "cust-dmitri", "cust-eleanor")
 _CURRENCIES = ("EUR", "USD", "GBP")
+
+
+def open_ledger_at(database_url: str) -> OrderLedger:
+    """The ledger on a store, opened as every process opens it (with the test master key)."""
+    return open_ledger(Settings(database_url=database_url))
 
 
 # -- test data ------------------------------------------------------------------------------

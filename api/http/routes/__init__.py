@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from api.http.auth import ADMIN, AUDIT, LEDGER, OPEN, OPERATIONS, Access
+from api.http.auth import ADMIN, AUDIT, LEDGER, OPEN, OPERATIONS, PERSONAL, Access
 from api.http.routes import (
     audit,
     customers,
@@ -15,6 +15,7 @@ from api.http.routes import (
     metrics,
     order_queries,
     orders,
+    personal_data,
     projections,
     readiness,
     reports,
@@ -28,6 +29,7 @@ routers: tuple[APIRouter, ...] = (
     health.router,
     readiness.router,
     projections.router,
+    personal_data.router,  # before customers: its ids may hold a slash
     customers.router,
     reports.router,
     audit.router,
@@ -43,6 +45,7 @@ access: tuple[tuple[APIRouter, Access], ...] = (
     (orders.router, LEDGER),
     (order_queries.router, LEDGER),
     (projections.router, OPERATIONS),
+    (personal_data.router, PERSONAL),
     (customers.router, LEDGER),
     (reports.router, LEDGER),
     (audit.router, AUDIT),

@@ -568,3 +568,67 @@ class VerifyReportPublic(BaseModel):
     audit_log_position: int | None
     checkpoints_checked: int
     problem: VerifyProblemPublic | None
+
+
+class PersonalOrderPublic(BaseModel):
+    """One order's personal data, as held (``[erased]`` once erased)."""
+
+    order_id: str
+    placed_at: datetime
+    status: str
+    currency: str
+    total: int
+    carrier: str | None
+    customer_email: str | None
+    shipping_address: str | None
+    client_reference: str | None
+    tracking_number: str | None
+
+
+class PersonalDataPublic(BaseModel):
+    """Everything held about a customer."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_id": "cust-42",
+                    "data_keys": True,
+                    "orders": [
+                        {
+                            "order_id": _ORDER_ID,
+                            "placed_at": _AT,
+                            "status": "shipped",
+                            "currency": "EUR",
+                            "total": 3000,
+                            "carrier": "DHL",
+                            "customer_email": "ana@example.com",
+                            "shipping_address": "1 Quay Street, Dublin",
+                            "client_reference": None,
+                            "tracking_number": "JD0146000",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    customer_id: str
+    data_keys: bool = Field(
+        description="Whether the customer still has data keys (false once erased)."
+    )
+    orders: list[PersonalOrderPublic]
+
+
+class ErasurePublic(BaseModel):
+    """An erasure, recorded at ``position``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"customer_id": "cust-42", "position": 5120, "keys_erased": 1}]
+        }
+    )
+
+    customer_id: str
+    position: int = Field(description="Where the erasure event was recorded.")
+    keys_erased: int = Field(description="Data keys deleted (0 when already erased).")

@@ -51,6 +51,8 @@ ROUTE_ROLES: dict[tuple[str, str], Role | None] = {
     ("GET", "/orders"): READER,
     ("GET", "/orders/{order_id}"): READER,
     ("GET", "/customers/{customer_id}"): READER,
+    ("GET", "/customers/{customer_id}/personal-data"): ADMIN,
+    ("DELETE", "/customers/{customer_id}/personal-data"): ADMIN,
     ("GET", "/reports/daily-sales"): READER,
     ("GET", "/reports/top-skus"): READER,
     ("GET", "/projections"): READER,

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from api.cli.main import app as cli
 from domain.audit import UNKNOWN
-from domain.ledger import OrderLedger
 from domain.order import Order
 from tests.support.http import order_body
+from tests.support.stores import open_ledger_at
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -139,7 +139,7 @@ class TestOlderEvents:
         self, client: TestClient, sqlite_url: str
     ) -> None:
         """As events recorded before this change: saved straight through the library."""
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         try:
             order = Order.place(**order_body())
             ledger.save(order)
@@ -162,7 +162,7 @@ class TestFromTheCommandLine:
         runner = CliRunner()
         made = runner.invoke(cli, ["demo", "--orders", "1", "--database-url", sqlite_url])
         assert made.exit_code == 0, made.output
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         try:
             first = ledger.history_entry(ledger.recorder.select_notifications(start=1, limit=1)[0])
         finally:
@@ -187,7 +187,7 @@ class TestFromTheCommandLine:
 
 
 def _order_of(sqlite_url: str) -> str:
-    ledger = OrderLedger.from_url(sqlite_url)
+    ledger = open_ledger_at(sqlite_url)
     try:
         notification = ledger.recorder.select_notifications(start=1, limit=1)[0]
         return str(notification.originator_id)

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 
 from api.http.app import MAX_BODY_BYTES, create_app
 from api.settings import Settings
-from domain.ledger import OrderLedger
 from tests.support.auth import authenticated
 from tests.support.http import assert_problem, head_position, order_body
+from tests.support.stores import open_ledger_at
 
 JSON = "application/json"
 
@@ -129,7 +129,7 @@ class TestAppLifecycle:
 
     def test_a_ledger_passed_in_is_used_and_left_open(self, sqlite_url: str) -> None:
         """The caller that opened the ledger still owns it after the app stops."""
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         try:
             app = create_app(Settings(database_url="sqlite:////nonexistent/x.db"), ledger=ledger)
             with TestClient(app) as client:

@@ -6,8 +6,8 @@ from fastapi.testclient import TestClient
 
 from api.http.app import create_app
 from api.settings import Settings
-from domain.ledger import OrderLedger
 from tests.support.http import order_body
+from tests.support.stores import open_ledger_at
 
 
 def idle_app(database_url: str) -> TestClient:
@@ -27,7 +27,7 @@ class TestReadiness:
 
     def test_projections_far_behind_leave_the_process_ready(self, sqlite_url: str) -> None:
         """Lag is the deployment's state, not this process's: GET /projections shows it."""
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         try:
             for _ in range(3):
                 ledger.place_order(**order_body())

@@ -26,13 +26,13 @@ from api.http.app import create_app
 from api.http.routes import order_queries as orders
 from api.key_store import ApiKeyStore, Role
 from api.settings import Settings
-from domain.ledger import OrderLedger
 from projections.engine.point_read import PointRead, PointReader
 from projections.engine.rebuild import rebuild
 from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import summary_from
 from tests.support.auth import bearer, issue_key
 from tests.support.http import order_body
+from tests.support.stores import open_ledger_at
 
 LONG_WAIT = 60.0
 
@@ -200,7 +200,7 @@ class TestLeftToTheRoute:
         settings = Settings(
             database_url=store_url, run_projections=False, read_your_writes_timeout=0.2
         )
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         try:
             with TestClient(create_app(settings), headers=bearer(token)) as idle:
                 placed = ledger.place_order(**order_body())
@@ -344,7 +344,7 @@ class TestPointReader:
     def test_reads_the_new_generation_after_a_rebuild(
         self, store_url: str, read_with: ReadWith
     ) -> None:
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         runtime = ProjectionRuntime.open(ledger, store_url)
         point_reader = PointReader(
             runtime.engine, runtime.catalog, "order_summaries", "order_summaries"
@@ -374,7 +374,7 @@ class TestPointReader:
             ledger.close()
 
     def test_the_row_equals_the_ordinary_read(self, store_url: str, read_with: ReadWith) -> None:
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         runtime = ProjectionRuntime.open(ledger, store_url)
         point_reader = PointReader(
             runtime.engine, runtime.catalog, "order_summaries", "order_summaries"
@@ -414,7 +414,7 @@ class BatchRecordingReader(PointReader):
 def test_concurrent_reads_on_postgresql_are_batched_and_each_gets_its_own_answer(
     postgres_url: str,
 ) -> None:
-    ledger = OrderLedger.from_url(postgres_url)
+    ledger = open_ledger_at(postgres_url)
     runtime = ProjectionRuntime.open(ledger, postgres_url)
     reader = BatchRecordingReader(
         runtime.engine, runtime.catalog, "order_summaries", "order_summaries"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -20,20 +19,21 @@ from typer.testing import CliRunner
 from api.cli.main import app
 from api.cli.orders import format_money
 from api.key_store import Role
-from domain.ledger import OrderLedger
 from domain.order import Order, OrderStatus
 from tests import REPO_ROOT
 from tests.support.auth import bearer, issue_key
 from tests.support.ports import free_port
+from tests.support.processes import cli_env
+from tests.support.stores import open_ledger_at
 
 REPO = REPO_ROOT
 CURRENCIES = {"EUR", "USD", "GBP", "JPY"}
 
 
-def invoke(*args: str) -> Result:
+def invoke(*args: str, env: dict[str, str | None] | None = None) -> Result:
     """Run the CLI in-process, wide enough that rich never wraps a table cell we look for."""
-    env = {"COLUMNS": "250", "ORDERLEDGER_DATABASE_URL": None}
-    return CliRunner().invoke(app, list(args), env=env)
+    environment = {"COLUMNS": "250", "ORDERLEDGER_DATABASE_URL": None, **(env or {})}
+    return CliRunner().invoke(app, list(args), env=environment)
 
 
 def assert_clean_failure(result: Result, exit_code: int, message: str) -> None:
@@ -49,7 +49,7 @@ def assert_clean_failure(result: Result, exit_code: int, message: str) -> None:
 
 def placed_orders(url: str) -> list[Order]:
     """Every order in the store, in the order they were placed, read through OrderLedger."""
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger_at(url)
     try:
         notifications = ledger.recorder.select_notifications(
             start=1, limit=1_000_000, topics=[get_topic(Order.Placed)]
@@ -60,7 +60,7 @@ def placed_orders(url: str) -> list[Order]:
 
 
 def head_position(url: str) -> int:
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger_at(url)
     try:
         return ledger.head_position()
     finally:
@@ -68,7 +68,7 @@ def head_position(url: str) -> int:
 
 
 def event_types(url: str, order_id: UUID) -> list[str]:
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger_at(url)
     try:
         return [entry.type for entry in ledger.order_history(order_id)]
     finally:
@@ -181,7 +181,7 @@ class TestDemo:
 @pytest.fixture
 def shipped_order(sqlite_url: str) -> UUID:
     """A euro order placed, paid in full and shipped: versions 1 to 3."""
-    ledger = OrderLedger.from_url(sqlite_url)
+    ledger = open_ledger_at(sqlite_url)
     try:
         placed = ledger.place_order(
             customer_id="cus-1001-lena-hoffmann",
@@ -238,7 +238,7 @@ class TestAudit:
         self, sqlite_url: str, shipped_order: UUID
     ) -> None:
         """--at the moment of the first event shows the order just placed."""
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         placed_at = ledger.order_history(shipped_order)[0].timestamp
         ledger.close()
 
@@ -252,7 +252,7 @@ class TestAudit:
 
     def test_audit_shows_yen_without_decimals(self, sqlite_url: str) -> None:
         """JPY has no minor units, so 1650 is JPY 1,650."""
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         placed = ledger.place_order(
             customer_id="cus-1004-haruto-sato",
             currency="JPY",
@@ -401,11 +401,10 @@ def server(sqlite_url: str, tmp_path: Path) -> Iterator[str]:
     """`orderledger serve` running as its own process; yields its base URL."""
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "api.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
-        env={**env, "ORDERLEDGER_DATABASE_URL": sqlite_url},
+        env=cli_env(database_url=sqlite_url),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

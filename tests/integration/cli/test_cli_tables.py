@@ -11,10 +11,10 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from api.cli.main import app
-from domain.ledger import OrderLedger
 from projections.engine.runtime import ProjectionRuntime
 from tests.integration.effects.test_effects_cli import add_webhook
 from tests.support.projections import run_until_caught_up
+from tests.support.stores import open_ledger_at
 
 WIDTH = 80
 LONG_URL = "https://hooks.example.com/orderledger/events/receiver-with-a-rather-long-path"
@@ -49,7 +49,7 @@ def busy_store(sqlite_url: str) -> Iterator[str]:
     )
     assert result.exit_code == 0, result.output
     add_webhook(sqlite_url, LONG_URL)
-    ledger = OrderLedger.from_url(sqlite_url)
+    ledger = open_ledger_at(sqlite_url)
     runtime = ProjectionRuntime.open(ledger, sqlite_url)
     try:
         ledger.place_order(

@@ -25,6 +25,7 @@ from domain.errors import ConcurrencyConflictError
 from domain.eventstore import event_store_env
 from domain.ledger import OrderLedger
 from domain.order import Order
+from tests.support.stores import open_ledger_at
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def _run_command(url: str, call: tuple[str, dict[str, Any]], index: int, sync: A
     """Worker process entry point: open the ledger, report ready, send one command on the go."""
     command, kwargs = call
     go, reports = sync
-    ledger = OrderLedger.from_url(url)
+    ledger = open_ledger_at(url)
     try:
         reports.put((index, ("ready", None)))
         if not go.wait(STARTUP_TIMEOUT):
@@ -166,7 +167,7 @@ class TestConcurrentCommandsWithExpectedVersion:
         self, store_url: str
     ) -> None:
         """Eight captures expecting version 1 at once: one records, seven get a conflict."""
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         order_id = _place(ledger)
         head_before = ledger.head_position()
         calls = [
@@ -203,7 +204,7 @@ class TestConcurrentRepeatsOfOneIdempotencyKey:
         self, store_url: str
     ) -> None:
         """Every process gets the same order id, version and position; one order exists."""
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         place = {
             "customer_id": "cust-7",
             "currency": "EUR",
@@ -240,7 +241,7 @@ class TestConcurrentCommandsWithoutExpectedVersion:
 
     def test_eight_processes_capturing_different_payments_all_succeed(self, store_url: str) -> None:
         """Every capture is recorded once, at its own version, and the amounts add up."""
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         order_id = _place(ledger, unit_price=1000, quantity=10)
         amounts = [100 * (index + 1) for index in range(WORKERS)]
         calls = [

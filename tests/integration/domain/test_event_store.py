@@ -16,12 +16,13 @@ from domain.errors import InvalidCommandError, OrderNotFoundError
 from domain.eventstore import IMMUTABLE_MESSAGE
 from domain.ledger import CommandResult, OrderLedger
 from tests.support.raw_events import RawEvents
+from tests.support.stores import open_ledger_at
 
 
 @pytest.fixture
 def ledger(store_url: str) -> Iterator[OrderLedger]:
     """A ledger on a fresh store."""
-    ledger = OrderLedger.from_url(store_url)
+    ledger = open_ledger_at(store_url)
     yield ledger
     ledger.close()
 
@@ -198,14 +199,14 @@ class TestEventStoreContract:
 
     def test_reopening_the_store_sees_every_event(self, store_url: str) -> None:
         """A new ledger on the same URL reads the same history, state and head."""
-        first = OrderLedger.from_url(store_url)
+        first = open_ledger_at(store_url)
         results = _record_lifecycle(first)
         order_id = results[0].order_id
         history = first.order_history(order_id)
         state = first.get_order(order_id).snapshot()
         first.close()
 
-        reopened = OrderLedger.from_url(store_url)
+        reopened = open_ledger_at(store_url)
         try:
             assert reopened.order_history(order_id) == history
             assert reopened.get_order(order_id).snapshot() == state
@@ -231,7 +232,7 @@ class TestEventStoreContract:
         }
         for name, value in stray.items():
             monkeypatch.setenv(name, value)
-        first = OrderLedger.from_url(store_url)
+        first = open_ledger_at(store_url)
         try:
             placed = _record_lifecycle(first)[0]
             assert type(first.recorder).__module__ == "domain.eventstore"
@@ -240,7 +241,7 @@ class TestEventStoreContract:
         finally:
             first.close()
         monkeypatch.delenv("ORDERLEDGER_PERSISTENCE_MODULE")
-        reopened = OrderLedger.from_url(store_url)
+        reopened = open_ledger_at(store_url)
         try:
             assert reopened.get_order(placed.order_id).version == 6
         finally:
@@ -284,7 +285,7 @@ class TestEventStoreContract:
     @pytest.mark.postgres
     def test_truncating_the_events_table_fails_on_postgres(self, postgres_url: str) -> None:
         """TRUNCATE skips row triggers, so PostgreSQL has a statement trigger for it."""
-        ledger = OrderLedger.from_url(postgres_url)
+        ledger = open_ledger_at(postgres_url)
         try:
             _record_lifecycle(ledger)
             table = ledger.recorder.events_table_name
@@ -338,13 +339,13 @@ class TestHashChain:
         self, store_url: str
     ) -> None:
         """Old events stay unchained; an old order's next event starts its chain afresh."""
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         placed = ledger.place_order(customer_id="c-1", currency="EUR", lines=[_LINE])
         table = ledger.recorder.events_table_name
         ledger.close()
         RawEvents(store_url, table).as_owner(f"ALTER TABLE {table} DROP COLUMN chain_hash")
 
-        reopened = OrderLedger.from_url(store_url)
+        reopened = open_ledger_at(store_url)
         try:
             paid = reopened.capture_payment(
                 placed.order_id, amount=_LINE["unit_price"], payment_reference="p-1"
@@ -366,7 +367,7 @@ class TestSQLitePositions:
 
     def test_vacuum_does_not_renumber_positions(self, sqlite_url: str) -> None:
         """Positions survive VACUUM, which renumbers an implicit rowid."""
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         first = ledger.place_order(
             customer_id="c-1", currency="EUR", lines=[{"sku": "A", "quantity": 1, "unit_price": 5}]
         )
@@ -380,7 +381,7 @@ class TestSQLitePositions:
         path = sqlite_url.removeprefix("sqlite:///")
         with sqlite3.connect(path) as raw:
             raw.execute("VACUUM")
-        reopened = OrderLedger.from_url(sqlite_url)
+        reopened = open_ledger_at(sqlite_url)
         after = [(e.position, e.version) for e in reopened.order_history(first.order_id)]
         assert after == before
         assert before[0][0] < second.position < before[1][0]

@@ -31,6 +31,7 @@ from domain.eventstore import event_store_env
 from domain.idempotency import IdempotencyRecord
 from domain.ledger import MAX_IDEMPOTENCY_KEY_LENGTH, CommandResult, OrderLedger
 from domain.order import Order
+from tests.support.stores import open_ledger_at
 
 Setup = Callable[[OrderLedger], UUID | None]
 Command = Callable[[OrderLedger, UUID | None, str | None], CommandResult]
@@ -39,7 +40,7 @@ Command = Callable[[OrderLedger, UUID | None, str | None], CommandResult]
 @pytest.fixture
 def ledger(store_url: str) -> Iterator[OrderLedger]:
     """A ledger on a fresh store."""
-    ledger = OrderLedger.from_url(store_url)
+    ledger = open_ledger_at(store_url)
     yield ledger
     ledger.close()
 
@@ -377,10 +378,10 @@ class TestIdempotency:
 
     def test_a_repeat_is_recognised_by_a_ledger_opened_later(self, store_url: str) -> None:
         """The key lives in the store, not in the process that first saw it."""
-        first_ledger = OrderLedger.from_url(store_url)
+        first_ledger = open_ledger_at(store_url)
         first = _place(first_ledger, key="order-from-checkout-1")
         first_ledger.close()
-        reopened = OrderLedger.from_url(store_url)
+        reopened = open_ledger_at(store_url)
         try:
             again = _place(reopened, key="order-from-checkout-1")
         finally:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from domain.ledger import OrderLedger
 from domain.sqlite_writes import (
     LOCK_SUFFIX,
     SQLiteWriteLock,
@@ -26,6 +25,7 @@ from domain.sqlite_writes import (
 )
 from projections.engine.database import read_model_engine, write_transaction
 from tests import REPO_ROOT
+from tests.support.stores import open_ledger_at
 from tests.support.waiting import wait_for
 
 ROOT = REPO_ROOT
@@ -173,7 +173,7 @@ class TestWritersTakeIt:
     """Every writer of ours queues on the lock: here it is held by another process."""
 
     def test_an_event_save_waits_for_it(self, sqlite_url: str, tmp_path: Path) -> None:
-        ledger = OrderLedger.from_url(sqlite_url)
+        ledger = open_ledger_at(sqlite_url)
         try:
             with held_by_another_process(tmp_path / "orderledger.db") as holder:
                 placing = Attempt(

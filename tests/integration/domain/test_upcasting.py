@@ -13,6 +13,7 @@ from eventsourcing.utils import get_topic
 
 from domain.ledger import OrderLedger
 from domain.order import Order, OrderStatus
+from tests.support.stores import open_ledger_at
 
 PLACED_AT = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
 V1_LINES = [
@@ -24,7 +25,7 @@ V1_LINES = [
 @pytest.fixture
 def ledger(store_url: str) -> Iterator[OrderLedger]:
     """A ledger on a fresh SQLite file or PostgreSQL database."""
-    ledger = OrderLedger.from_url(store_url)
+    ledger = open_ledger_at(store_url)
     yield ledger
     ledger.close()
 
@@ -172,7 +173,7 @@ class TestCurrentPlacedEvents:
         assert state["client_reference"] == "web-77"
 
         # A fresh ledger on the same store decodes it without any in-memory state.
-        reopened = OrderLedger.from_url(store_url)
+        reopened = open_ledger_at(store_url)
         try:
             order = reopened.get_order(placed.order_id)
             (entry,) = reopened.order_history(placed.order_id)

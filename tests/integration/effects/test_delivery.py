@@ -823,9 +823,10 @@ from projections.effects.senders import SmtpSettings
 from projections.effects.service import CreatedSubscription, Effects
 from projections.engine.runtime import ProjectionRuntime
 from tests.support.receivers import LOCAL_TARGETS
+from tests.support.stores import open_ledger_at
 
 url, owner, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-ledger = OrderLedger.from_url(url)
+ledger = open_ledger_at(url)
 runtime = ProjectionRuntime.open(ledger, url)
 dispatcher = build_dispatcher(
     runtime, dispatch=DispatchSettings(batch_size=4, concurrency=4),
@@ -938,9 +939,10 @@ from api.bootstrap import build_dispatcher
 from projections.effects.senders import SmtpSettings
 from projections.engine.runtime import ProjectionRuntime
 from tests.support.receivers import LOCAL_TARGETS
+from tests.support.stores import open_ledger_at
 
 url, owner, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-ledger = OrderLedger.from_url(url)
+ledger = open_ledger_at(url)
 runtime = ProjectionRuntime.open(ledger, url)
 settings = DispatchSettings(
     concurrency=4, per_target={_SLOW_PER_TARGET}, claim_ttl=1.0, idle_wait=0.02

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from api.cli.main import app
 from api.http.app import create_app
-from domain.ledger import OrderLedger
 from projections.effects.outbox import effects
 from projections.engine.runtime import ProjectionRuntime
 from tests import LOCAL_RECEIVERS
@@ -31,6 +30,7 @@ from tests.integration.effects.test_effects_api import (
 from tests.support.auth import admin
 from tests.support.projections import run_until_caught_up
 from tests.support.receivers import WebhookReceiver
+from tests.support.stores import open_ledger_at
 from tests.support.waiting import wait_for
 
 with warnings.catch_warnings():
@@ -216,7 +216,7 @@ class TestReconcileCommand:
     ) -> None:
         """On a healthy outbox it records 0; after rows are deleted it records exactly those."""
         subscription_id, _ = add_webhook(store_url, "http://127.0.0.1:9/hooks")
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         runtime = ProjectionRuntime.open(ledger, store_url)
         try:
             for n in range(3):
@@ -258,7 +258,7 @@ class TestReconcileCommand:
         """Commands with an Idempotency-Key also store an idempotency record; neither the
         outbox nor the reconciler records (and so sends) an effect for it."""
         add_webhook(store_url, "http://127.0.0.1:9/hooks", "*")
-        ledger = OrderLedger.from_url(store_url)
+        ledger = open_ledger_at(store_url)
         runtime = ProjectionRuntime.open(ledger, store_url)
         try:
             for n in range(2):

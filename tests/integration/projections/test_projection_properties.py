@@ -17,6 +17,7 @@ from domain.money import MAX_AMOUNT
 from domain.order import MAX_QUANTITY
 from projections.engine.runtime import ProjectionRuntime
 from tests.support.projections import run_until_caught_up
+from tests.support.stores import open_ledger_at
 
 Command = Callable[[OrderLedger, list[UUID]], Any]
 
@@ -94,7 +95,7 @@ class TestAcceptedCommandsNeverStopAProjection:
         """Commands the ledger refuses record nothing; every projection applies the rest."""
         with tempfile.TemporaryDirectory() as directory:
             url = f"sqlite:///{directory}/orderledger.db"
-            ledger = OrderLedger.from_url(url)
+            ledger = open_ledger_at(url)
             runtime = ProjectionRuntime.open(ledger, url, poll_interval=0.02)
             try:
                 orders: list[UUID] = []

@@ -1,0 +1,332 @@
+"""Personal data in an immutable ledger: encrypted per customer, erased by deleting the key.
+
+Every personal value an event holds (an email, an address, a free-text reference, a tracking
+number) is stored sealed: AES-GCM (the ``cryptography`` package) under a data key of its own
+customer, with the customer's id as associated data. Data keys live in the
+``customer_data_keys`` table, each wrapped (AES-GCM again) by the master key from
+``ORDERLEDGER_MASTER_KEY``. Erasing a customer deletes their data keys: every copy of the
+ciphertext (the store, backups, replicas, the WAL) becomes unreadable, while the events, their
+totals and their hash chains stay as they were. A sealed value whose key is gone reads as
+``ERASED``.
+
+Each process keeps the keys it used in a bounded cache for ``cache_ttl`` seconds: an erasure
+takes effect in every process within that time (at once in the process that erased).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from hashlib import sha256
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from eventsourcing.domain import Aggregate, event
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+    update,
+)
+
+ERASED = "[erased]"
+"""What a personal value reads as once its customer's data keys were erased."""
+
+MASTER_KEY_SETTING = "ORDERLEDGER_MASTER_KEY"
+_NONCE = 12
+_KEY_ID_BYTES = 8
+
+metadata = MetaData()
+data_keys = Table(
+    "customer_data_keys",
+    metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("customer_id", String(64), nullable=False),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("master_key_id", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("customer_data_keys_customer", "customer_id"),
+)
+
+
+class MasterKeyError(ValueError):
+    """The master key is missing, malformed, or not the one the store's data keys need."""
+
+
+class SealedValueError(ValueError):
+    """A sealed value failed authentication: it was changed after it was sealed."""
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A personal value on its way into the store, and the customer whose key seals it."""
+
+    customer_id: str
+    text: str
+
+
+def parse_master_key(text: str) -> bytes:
+    """32 bytes from 64 hex digits or URL-safe base64; a clear error naming the setting."""
+    value = text.strip()
+    try:
+        key = bytes.fromhex(value) if len(value) == 64 else base64.urlsafe_b64decode(value)
+    except (ValueError, binascii.Error):
+        key = b""
+    if len(key) != 32:
+        raise MasterKeyError(
+            f"{MASTER_KEY_SETTING} must be 32 bytes as 64 hex digits or URL-safe base64, e.g. "
+            "from: python -c 'import os, base64; print(base64.urlsafe_b64encode(os.urandom(32))"
+            ".decode())'"
+        )
+    return key
+
+
+def new_master_key() -> str:
+    """A fresh master key, as ORDERLEDGER_MASTER_KEY reads it."""
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def master_key_id(key: bytes) -> str:
+    """A short public name for a master key: which one wrapped a data key."""
+    return sha256(b"orderledger master key\0" + key).hexdigest()[:16]
+
+
+class _Cache:
+    """Data keys by key id, and each customer's key for sealing: bounded, each for a while."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+
+    def get(self, kind: str, name: str) -> Any:
+        with self._lock:
+            found = self._entries.get((kind, name))
+            if found is None:
+                return None
+            if found[0] < time.monotonic():
+                del self._entries[(kind, name)]
+                return None
+            self._entries.move_to_end((kind, name))
+            return found[1]
+
+    def put(self, kind: str, name: str, value: Any) -> None:
+        with self._lock:
+            self._entries[(kind, name)] = (time.monotonic() + self.ttl, value)
+            self._entries.move_to_end((kind, name))
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def forget(self, customer_id: str, key_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._entries.pop(("customer", customer_id), None)
+            for key_id in key_ids:
+                self._entries.pop(("key", key_id), None)
+
+
+class PersonalData:
+    """Seals and opens personal values with per-customer data keys; erases customers."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        master_key: bytes,
+        *,
+        write: Callable[[], AbstractContextManager[Connection]] | None = None,
+        previous_master_keys: Iterable[bytes] = (),
+        cache_ttl: float = 5.0,
+        cache_size: int = 10_000,
+    ) -> None:
+        self.engine = engine
+        self._write = write or engine.begin
+        """A write transaction: the store's own (one writer at a time on SQLite)."""
+        self._master = master_key
+        self._master_id = master_key_id(master_key)
+        self._masters = {master_key_id(k): k for k in (*previous_master_keys, master_key)}
+        self._cache = _Cache(cache_ttl, cache_size)
+
+    def install(self) -> None:
+        """Create the table; refuse a master key that did not wrap the keys already there."""
+        metadata.create_all(self.engine, checkfirst=True)
+        with self.engine.connect() as conn:
+            used = {row[0] for row in conn.execute(select(data_keys.c.master_key_id).distinct())}
+        unknown = used - set(self._masters)
+        if unknown:
+            raise MasterKeyError(
+                f"{MASTER_KEY_SETTING} is not the master key that wrapped this store's data "
+                f"keys (they name master key {', '.join(sorted(unknown))}; this one is "
+                f"{self._master_id}): set the right key, or give the old one in "
+                "ORDERLEDGER_PREVIOUS_MASTER_KEYS and run orderledger customers rotate-key"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- sealing ------------------------------------------------------------------------------
+
+    def seal(self, customer_id: str, text: str) -> dict[str, str]:
+        """The stored form of a personal value: the key's id, a nonce and the ciphertext."""
+        key_id, key = self._sealing_key(customer_id)
+        nonce = os.urandom(_NONCE)
+        sealed = AESGCM(key).encrypt(nonce, text.encode(), customer_id.encode())
+        return {"c": customer_id, "k": key_id, "v": _b64(nonce + sealed)}
+
+    def open(self, stored: dict[str, Any]) -> str:
+        """The value as it was sealed, or ERASED when its key is gone."""
+        customer_id, key_id = str(stored["c"]), str(stored["k"])
+        key = self._key(key_id)
+        if key is None:
+            return ERASED
+        blob = base64.urlsafe_b64decode(stored["v"])
+        try:
+            return AESGCM(key).decrypt(blob[:_NONCE], blob[_NONCE:], customer_id.encode()).decode()
+        except InvalidTag:
+            raise SealedValueError(
+                f"a personal value of customer {customer_id} does not match its seal"
+            ) from None
+
+    def _sealing_key(self, customer_id: str) -> tuple[str, bytes]:
+        cached = self._cache.get("customer", customer_id)
+        if cached is not None:
+            key_id, key = cached
+            return str(key_id), bytes(key)
+        with self._write() as conn:
+            row = conn.execute(
+                select(data_keys.c.key_id, data_keys.c.wrapped_key, data_keys.c.master_key_id)
+                .where(data_keys.c.customer_id == customer_id)
+                .order_by(data_keys.c.created_at.desc())
+                .limit(1)
+            ).first()
+            if row is not None:
+                key_id, key = (
+                    row.key_id,
+                    self._unwrap(row.key_id, row.wrapped_key, row.master_key_id),
+                )
+            else:
+                key_id, key = os.urandom(_KEY_ID_BYTES).hex(), AESGCM.generate_key(256)
+                conn.execute(
+                    insert(data_keys).values(
+                        key_id=key_id,
+                        customer_id=customer_id,
+                        wrapped_key=self._wrap(key_id, key),
+                        master_key_id=self._master_id,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+        self._cache.put("customer", customer_id, (key_id, key))
+        self._cache.put("key", key_id, key)
+        return key_id, key
+
+    def _key(self, key_id: str) -> bytes | None:
+        cached = self._cache.get("key", key_id)
+        if cached is not None:
+            return bytes(cached)
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(data_keys.c.wrapped_key, data_keys.c.master_key_id).where(
+                    data_keys.c.key_id == key_id
+                )
+            ).first()
+        if row is None:
+            return None
+        key = self._unwrap(key_id, row.wrapped_key, row.master_key_id)
+        self._cache.put("key", key_id, key)
+        return key
+
+    def _wrap(self, key_id: str, key: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + AESGCM(self._master).encrypt(nonce, key, key_id.encode())
+
+    def _unwrap(self, key_id: str, wrapped: bytes, wrapped_by: str) -> bytes:
+        master = self._masters.get(wrapped_by)
+        if master is None:
+            raise MasterKeyError(
+                f"data key {key_id} was wrapped by master key {wrapped_by}, which "
+                f"{MASTER_KEY_SETTING} is not"
+            )
+        blob = bytes(wrapped)
+        try:
+            return AESGCM(master).decrypt(blob[:_NONCE], blob[_NONCE:], key_id.encode())
+        except InvalidTag:
+            raise MasterKeyError(f"data key {key_id} does not open with its master key") from None
+
+    # -- erasure and rotation -----------------------------------------------------------------
+
+    def erase(self, customer_id: str) -> int:
+        """Delete every data key of the customer; how many there were."""
+        with self._write() as conn:
+            key_ids = [
+                row[0]
+                for row in conn.execute(
+                    select(data_keys.c.key_id).where(data_keys.c.customer_id == customer_id)
+                )
+            ]
+            conn.execute(delete(data_keys).where(data_keys.c.customer_id == customer_id))
+        self._cache.forget(customer_id, key_ids)
+        return len(key_ids)
+
+    def has_keys(self, customer_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(data_keys.c.key_id).where(data_keys.c.customer_id == customer_id)
+                ).first()
+                is not None
+            )
+
+    def rotate(self) -> int:
+        """Re-wrap every data key under the current master key; events stay untouched."""
+        count = 0
+        with self._write() as conn:
+            rows = conn.execute(
+                select(data_keys).where(data_keys.c.master_key_id != self._master_id)
+            ).all()
+            for row in rows:
+                key = self._unwrap(row.key_id, row.wrapped_key, row.master_key_id)
+                conn.execute(
+                    update(data_keys)
+                    .where(data_keys.c.key_id == row.key_id)
+                    .values(wrapped_key=self._wrap(row.key_id, key), master_key_id=self._master_id)
+                )
+                count += 1
+        return count
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+class PersonalDataErasure(Aggregate):
+    """A customer's personal data was erased: who asked (the metadata), when, and why.
+
+    It holds no personal data: the customer's pseudonymous id, the reason as given, and how
+    many data keys were deleted.
+    """
+
+    class Erased(Aggregate.Created):
+        customer_id: str
+        reason: str
+
+    @event(Erased)
+    def __init__(self, customer_id: str, reason: str) -> None:
+        self.customer_id = customer_id
+        self.reason = reason
