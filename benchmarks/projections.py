@@ -47,6 +47,7 @@ from benchmarks.common import (
     print_table,
     temporary_store_url,
 )
+from benchmarks.write_path import unsealed_ledger
 from domain.eventstore import SQLiteEventRecorder, event_store_env
 from domain.ledger import OrderLedger
 from domain.order import Order
@@ -129,21 +130,24 @@ def _sqlite_path(url: str) -> str:
 
 
 @contextmanager
-def event_store(store: str, events: int, postgres_admin: str) -> Iterator[tuple[str, int]]:
+def event_store(
+    store: str, events: int, postgres_admin: str, *, sealed: bool = True
+) -> Iterator[tuple[str, int]]:
     """A fresh copy of a store holding ``events`` generated events: (url, events recorded).
 
     The first run generates the events and keeps them (a SQLite file under the cache directory,
-    a PostgreSQL template database); later runs copy them, which takes seconds.
+    a PostgreSQL template database); later runs copy them, which takes seconds. ``sealed``
+    False stores personal data in plain: the baseline for what sealing costs a catch-up.
     """
-    key = f"proj_v{CACHE_VERSION}_{events}"
-    generate = partial(_generate, events=events)
+    key = f"proj_v{CACHE_VERSION}_{events}" + ("" if sealed else "_plain")
+    generate = partial(_generate, events=events, sealed=sealed)
     with cached_store_copy(store, key, generate, postgres_admin) as url:
         yield url, _count(url)
 
 
-def _generate(url: str, events: int) -> None:
+def _generate(url: str, events: int, sealed: bool = True) -> None:
     started = time.perf_counter()
-    ledger = open_ledger(Settings(database_url=url))
+    ledger = open_ledger(Settings(database_url=url)) if sealed else unsealed_ledger(url)
     try:
         recorded = fill_store(ledger, events)
     finally:
@@ -600,6 +604,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-seconds", type=float, default=10.0, help="live run length (0 skips)"
     )
     parser.add_argument(
+        "--no-sealing",
+        dest="sealing",
+        action="store_false",
+        help="skip timing order_summaries on a store with personal data in plain",
+    )
+    parser.add_argument(
         "--no-verify",
         dest="verify",
         action="store_false",
@@ -626,9 +636,13 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[list[str]] = []
     for store in stores:
-        with event_store(store, args.events, admin) as (url, recorded):
+        with (
+            event_store(store, args.events, admin) as (url, recorded),
+            event_store(store, args.events, admin, sealed=False) as (plain_url, _),
+        ):
             baseline = min(args.baseline_events, recorded)
-            lib_wall, lib_cpu = in_fresh_process("library_catch_up", store, url, baseline)
+            # The library reads personal data only as it was given (it has no data keys).
+            lib_wall, lib_cpu = in_fresh_process("library_catch_up", store, plain_url, baseline)
             lib_rate, lib_cpu_rate = baseline / lib_wall, baseline / lib_cpu
             rows.append(
                 [
@@ -666,6 +680,30 @@ def run(args: argparse.Namespace) -> int:
                     ]
                 )
                 console.print(f"{store} {name}: {rate:,.0f} events/s ({wall:.1f}s, cpu {cpu:.1f}s)")
+            if args.sealing and "order_summaries" in names:
+                wall, cpu, _ = in_fresh_process(
+                    "our_catch_up", plain_url, "order_summaries", args.batch_size
+                )
+                plain_rate = recorded / wall
+                sealed_row = next(
+                    r for r in rows if r[0] == store and r[1] == "order_summaries" and r[2] == OURS
+                )
+                cost = 1 - float(sealed_row[6].replace(",", "")) / plain_rate
+                rows.append(
+                    [
+                        store,
+                        "order_summaries",
+                        "personal data in plain",
+                        f"{recorded:,}",
+                        f"{wall:.2f}",
+                        f"{cpu:.2f}",
+                        f"{plain_rate:,.0f}",
+                        f"{recorded / cpu:,.0f}",
+                        f"sealing {cost:.1%}",
+                        "-",
+                    ]
+                )
+                console.print(f"{store} sealing costs catch-up {cost:.1%} (goal <= 15%)")
             if args.verify:
                 wall, cpu, checked = in_fresh_process("our_verify", url)
                 rate = checked / wall

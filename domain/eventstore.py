@@ -32,6 +32,8 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 CHAIN_COLUMN = "chain_hash"
+DATA_KEYS_TABLE = "customer_data_keys"
+"""Where domain/personal.py keeps customers' data keys; a new one is inserted with its events."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         stored_events: Sequence[StoredEvent],
         *,
         links: Sequence[bytes | None] = (),
+        data_keys: Sequence[dict[str, Any]] = (),
         **_: Any,
     ) -> Sequence[int] | None:
         returning = []
@@ -131,6 +134,23 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
                 ),
             )
             returning.append(c.lastrowid)
+        if data_keys:
+            c.executemany(
+                f"INSERT INTO {DATA_KEYS_TABLE} "  # noqa: S608 - our own table name
+                "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        row["key_id"],
+                        row["customer_id"],
+                        row["wrapped_key"],
+                        row["master_key_id"],
+                        # As SQLAlchemy stores a DateTime on SQLite.
+                        row["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f"),
+                    )
+                    for row in data_keys
+                ],
+            )
         return returning
 
     def construct_create_table_statements(self) -> list[str]:
@@ -236,6 +256,12 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
             "%s::bytea[]) RETURNING notification_id"
         ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
+        self._insert_data_keys_statement = SQL(
+            "INSERT INTO {schema}.{keys} "
+            "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
+            "%s::timestamptz[])"
+        ).format(schema=schema, keys=Identifier(DATA_KEYS_TABLE))
         self._previous_hash_statement = SQL(
             "SELECT {column} FROM {schema}.{table} "
             "WHERE originator_id = %s AND originator_version = %s"
@@ -247,7 +273,12 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
 
     def _insert_stored_events(
-        self, curs: Any, stored_events: Sequence[StoredEvent], **_: Any
+        self,
+        curs: Any,
+        stored_events: Sequence[StoredEvent],
+        *,
+        data_keys: Sequence[dict[str, Any]] = (),
+        **_: Any,
     ) -> None:
         """The library's insert (table lock, NOTIFY, one INSERT), with each event's link.
 
@@ -273,6 +304,26 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
                 hashes,
             ),
             prepare=True,
+        )
+        if data_keys:
+            # After the events' INSERT (nothing before it takes a transaction id), on a cursor
+            # of its own: the library reads the positions from this one's results.
+            with curs.connection.cursor() as keys:
+                self._insert_data_keys(keys, data_keys)
+
+    def _insert_data_keys(self, curs: Any, data_keys: Sequence[dict[str, Any]]) -> None:
+        curs.execute(
+            self._insert_data_keys_statement,
+            tuple(
+                [row[column] for row in data_keys]
+                for column in (
+                    "key_id",
+                    "customer_id",
+                    "wrapped_key",
+                    "master_key_id",
+                    "created_at",
+                )
+            ),
         )
 
     def create_table(self) -> None:

@@ -45,6 +45,7 @@ from domain.order import (
 )
 from domain.personal import (
     MASTER_KEY_SETTING,
+    SEALED,
     MasterKeyError,
     PersonalData,
     PersonalDataErasure,
@@ -415,7 +416,6 @@ class OrderLedger(Application[UUID]):
                 # outside the event's fields.
                 object.__setattr__(pending_event, COMMAND_ID, command_id)
                 object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
-            self._seal(order)
             try:
                 recordings = self.save(*pending)
             except PersistenceError as error:
@@ -444,7 +444,24 @@ class OrderLedger(Application[UUID]):
             )
             return CommandResult(order_id=order.id, version=order.version, position=position)
 
-    def _seal(self, order: Order) -> None:
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """The library's save, with every order's personal values sealed first, whoever saves.
+
+        A data key made for a new customer is stored by the same transaction as the events it
+        sealed (``data_keys``, for the recorder): no commit of its own, and never a key without
+        its events or events without their key.
+        """
+        for obj in objs:
+            if isinstance(obj, Order):
+                self.seal(obj)
+        if self.personal is None:
+            return super().save(*objs, **kwargs)
+        with self.personal.collecting() as new_keys:
+            recordings = super().save(*objs, data_keys=new_keys.rows, **kwargs)
+        self.personal.committed(new_keys)
+        return recordings
+
+    def seal(self, order: Order) -> None:
         """Replace each personal value of the order's pending events by a Sealed one: the
         transcoder encrypts it with the customer's data key as the event is stored."""
         for pending_event in order.pending_events:
@@ -571,7 +588,7 @@ class _SealedTranscoding(Transcoding):
     ``ERASED`` once the customer's keys were erased."""
 
     type = Sealed
-    name = "sealed"
+    name = SEALED
 
     def __init__(self, ledger: OrderLedger) -> None:
         self._ledger = ledger

@@ -21,9 +21,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Any
@@ -47,6 +48,8 @@ from sqlalchemy import (
     update,
 )
 
+from domain.eventstore import DATA_KEYS_TABLE
+
 ERASED = "[erased]"
 """What a personal value reads as once its customer's data keys were erased."""
 
@@ -56,7 +59,7 @@ _KEY_ID_BYTES = 8
 
 metadata = MetaData()
 data_keys = Table(
-    "customer_data_keys",
+    DATA_KEYS_TABLE,
     metadata,
     Column("key_id", String(16), primary_key=True),
     Column("customer_id", String(64), nullable=False),
@@ -73,6 +76,31 @@ class MasterKeyError(ValueError):
 
 class SealedValueError(ValueError):
     """A sealed value failed authentication: it was changed after it was sealed."""
+
+
+SEALED = "sealed"
+"""The transcoding name of a sealed value in a stored event."""
+
+
+class SealedValue:
+    """A personal value as a projection reads it: opened only when asked (``reveal``)."""
+
+    __slots__ = ("_data", "_open")
+
+    def __init__(self, data: Any, opener: Callable[[Any], Any]) -> None:
+        self._data = data
+        self._open = opener
+
+    def open(self) -> str:
+        return str(self._open(self._data))
+
+    def __repr__(self) -> str:
+        return "SealedValue(...)"
+
+
+def reveal(value: Any) -> Any:
+    """A personal value as text (or ERASED), whether it was read opened or not."""
+    return value.open() if isinstance(value, SealedValue) else value
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,19 @@ def new_master_key() -> str:
 def master_key_id(key: bytes) -> str:
     """A short public name for a master key: which one wrapped a data key."""
     return sha256(b"orderledger master key\0" + key).hexdigest()[:16]
+
+
+@dataclass
+class NewKeys:
+    """Data keys made while sealing one save's events, to be stored in its transaction."""
+
+    keys: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of customer_data_keys: key_id, customer_id, wrapped_key, master_key_id,
+    created_at."""
+
+
+_collecting: ContextVar[NewKeys | None] = ContextVar("orderledger_new_keys", default=None)
 
 
 class _Cache:
@@ -204,34 +245,58 @@ class PersonalData:
                 f"a personal value of customer {customer_id} does not match its seal"
             ) from None
 
+    @contextmanager
+    def collecting(self) -> Iterator[NewKeys]:
+        """Keys made for new customers while the block runs are not stored on their own: they
+        are handed out (``NewKeys.rows``) for the event store to insert in the transaction that
+        records the events sealed with them, and cached once ``committed`` is called."""
+        new_keys = NewKeys()
+        token = _collecting.set(new_keys)
+        try:
+            yield new_keys
+        finally:
+            _collecting.reset(token)
+
+    def committed(self, new_keys: NewKeys) -> None:
+        """The transaction holding ``new_keys`` committed: their customers may use them."""
+        for customer_id, (key_id, key) in new_keys.keys.items():
+            self._cache.put("customer", customer_id, (key_id, key))
+            self._cache.put("key", key_id, key)
+
     def _sealing_key(self, customer_id: str) -> tuple[str, bytes]:
         cached = self._cache.get("customer", customer_id)
         if cached is not None:
             key_id, key = cached
             return str(key_id), bytes(key)
-        with self._write() as conn:
+        collecting = _collecting.get()
+        if collecting is not None and customer_id in collecting.keys:
+            return collecting.keys[customer_id]
+        with self.engine.connect() as conn:
             row = conn.execute(
                 select(data_keys.c.key_id, data_keys.c.wrapped_key, data_keys.c.master_key_id)
                 .where(data_keys.c.customer_id == customer_id)
                 .order_by(data_keys.c.created_at.desc())
                 .limit(1)
             ).first()
-            if row is not None:
-                key_id, key = (
-                    row.key_id,
-                    self._unwrap(row.key_id, row.wrapped_key, row.master_key_id),
-                )
-            else:
-                key_id, key = os.urandom(_KEY_ID_BYTES).hex(), AESGCM.generate_key(256)
-                conn.execute(
-                    insert(data_keys).values(
-                        key_id=key_id,
-                        customer_id=customer_id,
-                        wrapped_key=self._wrap(key_id, key),
-                        master_key_id=self._master_id,
-                        created_at=datetime.now(UTC),
-                    )
-                )
+        if row is not None:
+            key_id, key = row.key_id, self._unwrap(row.key_id, row.wrapped_key, row.master_key_id)
+            self._cache.put("customer", customer_id, (key_id, key))
+            self._cache.put("key", key_id, key)
+            return key_id, key
+        key_id, key = os.urandom(_KEY_ID_BYTES).hex(), AESGCM.generate_key(256)
+        new_row = {
+            "key_id": key_id,
+            "customer_id": customer_id,
+            "wrapped_key": self._wrap(key_id, key),
+            "master_key_id": self._master_id,
+            "created_at": datetime.now(UTC),
+        }
+        if collecting is not None:
+            collecting.keys[customer_id] = (key_id, key)
+            collecting.rows.append(new_row)
+            return key_id, key
+        with self._write() as conn:
+            conn.execute(insert(data_keys).values(**new_row))
         self._cache.put("customer", customer_id, (key_id, key))
         self._cache.put("key", key_id, key)
         return key_id, key
@@ -272,8 +337,17 @@ class PersonalData:
     # -- erasure and rotation -----------------------------------------------------------------
 
     def erase(self, customer_id: str) -> int:
-        """Delete every data key of the customer; how many there were."""
+        """Delete every data key of the customer; how many there were.
+
+        The deleted rows leave no bytes behind in our files: SQLite overwrites them
+        (``secure_delete``) and its WAL is checkpointed and truncated; PostgreSQL's table is
+        vacuumed. Backups and replicas keep the wrapped keys until they expire: rotating the
+        master key makes those copies useless too.
+        """
+        sqlite = self.engine.dialect.name == "sqlite"
         with self._write() as conn:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA secure_delete = ON")
             key_ids = [
                 row[0]
                 for row in conn.execute(
@@ -282,6 +356,16 @@ class PersonalData:
             ]
             conn.execute(delete(data_keys).where(data_keys.c.customer_id == customer_id))
         self._cache.forget(customer_id, key_ids)
+        if sqlite:
+            # Outside any transaction, which SQLAlchemy would begin first.
+            raw = self.engine.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
+        else:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql(f"VACUUM {DATA_KEYS_TABLE}")
         return len(key_ids)
 
     def has_keys(self, customer_id: str) -> bool:

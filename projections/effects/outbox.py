@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.order import EVENT_TYPES, Order
-from domain.personal import ERASED
+from domain.personal import ERASED, reveal
 from projections.base import Batch, Projection
 from projections.engine.database import db_now, write_transaction
 from projections.engine.source import RecordedEvent
@@ -170,8 +170,8 @@ class Subscription:
 
 def contact_of(placed: Order.Placed) -> str | None:
     """The address an order's emails go to: none when it has none, or it was erased."""
-    email = placed.customer_email
-    return None if email is None or email == ERASED else email
+    email = reveal(placed.customer_email)
+    return None if email is None or email == ERASED else str(email)
 
 
 def effect_rows(

@@ -36,6 +36,7 @@ from psycopg.sql import SQL, Identifier
 
 from domain.eventstore import CHAIN_COLUMN
 from domain.ledger import EVENT_NAMES, OrderLedger
+from domain.personal import SEALED, MasterKeyError, SealedValue
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +306,10 @@ class _Decoder:
         transcoder = cast(JSONTranscoder, mapper.transcoder)
         self._decode_state = transcoder.decode
         self._transcodings: dict[str, Transcoding] = transcoder.names
+        sealed = self._transcodings.get(SEALED)
+        self._open: Callable[[Any], Any] = (
+            sealed.decode if sealed is not None else _no_personal_data
+        )
         self._classes: dict[str, tuple[type[Any], Callable[[Any], Any], int]] = {}
 
     @staticmethod
@@ -318,26 +323,37 @@ class _Decoder:
 
     def _state(self, state: bytes) -> dict[str, Any]:
         typed = state.count(_TYPED)
-        if typed <= 1:
-            try:
-                parsed = orjson.loads(state)
-            except orjson.JSONDecodeError:
-                return cast(dict[str, Any], self._decode_state(state))
-            if type(parsed) is dict:
-                if typed == 0:
-                    return parsed
-                # The one typed value: decoded here if it is the timestamp, else as before.
-                value = parsed.get("timestamp")
-                if type(value) is dict and len(value) == 2 and "_data_" in value:
-                    transcoding = self._transcodings.get(value.get("_type_"))  # type: ignore[arg-type]
-                    if transcoding is not None:
-                        data = value["_data_"]
-                        # DatetimeAsISO.decode is this call behind an isinstance assertion.
-                        if type(transcoding) is DatetimeAsISO and type(data) is str:
-                            parsed["timestamp"] = datetime.fromisoformat(data)
-                        else:
-                            parsed["timestamp"] = transcoding.decode(data)
-                        return parsed
+        try:
+            parsed = orjson.loads(state)
+        except orjson.JSONDecodeError:
+            return cast(dict[str, Any], self._decode_state(state))
+        if type(parsed) is not dict:
+            return cast(dict[str, Any], self._decode_state(state))
+        if typed == 0:
+            return parsed
+        # Typed values at the top level (the timestamp, personal values) are decoded here;
+        # a state with any other typed value goes through the transcoder as before.
+        found = 0
+        for key, value in parsed.items():
+            if type(value) is not dict or len(value) != 2 or "_data_" not in value:
+                continue
+            name = value.get("_type_")
+            data = value["_data_"]
+            if name == SEALED:
+                # Opened only if a projection asks (most never read personal data).
+                parsed[key] = SealedValue(data, self._open)
+            else:
+                transcoding = self._transcodings.get(name)  # type: ignore[arg-type]
+                if transcoding is None:
+                    return cast(dict[str, Any], self._decode_state(state))
+                # DatetimeAsISO.decode is this call behind an isinstance assertion.
+                if type(transcoding) is DatetimeAsISO and type(data) is str:
+                    parsed[key] = datetime.fromisoformat(data)
+                else:
+                    parsed[key] = transcoding.decode(data)
+            found += 1
+        if found == typed:
+            return parsed
         return cast(dict[str, Any], self._decode_state(state))
 
     def __call__(
@@ -380,6 +396,10 @@ class _Decoder:
         _set_event(recorded, domain_event)
         _set_chain_hash(recorded, chain_hash)
         return recorded
+
+
+def _no_personal_data(_: Any) -> Any:
+    raise MasterKeyError("personal data cannot be read: the ledger has no master key")
 
 
 _new = object.__new__

@@ -8,15 +8,17 @@ and a missing or wrong master key stops the ledger from opening.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
+from sqlalchemy import select
 
 from api.bootstrap import open_ledger
 from api.settings import Settings
 from domain.ledger import OrderLedger
-from domain.personal import ERASED, MasterKeyError, new_master_key
+from domain.personal import ERASED, MasterKeyError, data_keys, new_master_key
 from projections.engine.runtime import ProjectionRuntime
 from projections.verify import verify_store
 from tests.support.projections import run_until_caught_up
@@ -127,6 +129,31 @@ class TestErasure:
             )
         finally:
             other.close()
+
+
+class TestNothingLeftInTheFiles:
+    def test_sqlite_never_holds_the_values_and_loses_the_key_bytes_on_erasure(
+        self, sqlite_url: str
+    ) -> None:
+        ledger = open_ledger(Settings(database_url=sqlite_url))
+        try:
+            record(ledger)
+            files = [Path(sqlite_url.split(":///", 1)[1])]
+            files.append(files[0].with_name(files[0].name + "-wal"))
+            assert ledger.personal is not None
+            with ledger.personal.engine.connect() as conn:
+                wrapped = conn.execute(select(data_keys.c.wrapped_key)).scalar_one()
+            written = b"".join(path.read_bytes() for path in files if path.exists())
+            assert bytes(wrapped) in written  # the check can see what it looks for
+            for secret in SECRETS:
+                assert secret not in written
+
+            ledger.erase_customer("cust-ana", reason="erase")
+
+            left = b"".join(path.read_bytes() for path in files if path.exists())
+            assert bytes(wrapped) not in left
+        finally:
+            ledger.close()
 
 
 class TestTheMasterKey:
