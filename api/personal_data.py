@@ -5,6 +5,7 @@ The HTTP routes and ``orderledger customers`` both call these functions.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -22,13 +23,10 @@ def customer_order_ids(runtime: ProjectionRuntime, customer_id: str) -> list[str
     found: list[str] = []
     cursor: str | None = None
     while True:
-
-        def page_of(conn: Any, tables: Any, cursor: str | None = cursor) -> Any:
-            return list_order_summaries(
-                conn, tables, customer_id=customer_id, limit=_PAGE, cursor=cursor
-            )
-
-        page = runtime.read("order_summaries", page_of)
+        page = runtime.read(
+            "order_summaries",
+            partial(list_order_summaries, customer_id=customer_id, limit=_PAGE, cursor=cursor),
+        )
         found += [summary.order_id for summary in page.items]
         if page.next_cursor is None:
             return found

@@ -24,7 +24,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.utils import Environment, EnvType
 
-from domain.audit import METADATA, current_context, metadata_of, new_metadata
+from domain.audit import METADATA, CommandContext, current_context, metadata_of, new_metadata
 from domain.errors import (
     CommandOutcomeUnknownError,
     ConcurrencyConflictError,
@@ -273,11 +273,7 @@ class OrderLedger(Application[UUID]):
         if self.personal is None:
             raise MasterKeyError(f"{MASTER_KEY_SETTING} is not configured: nothing to erase with")
         erasure = PersonalDataErasure(customer_id=customer_id, reason=reason)
-        command_id = str(uuid4())
-        context = current_context()
-        for pending_event in erasure.pending_events:
-            object.__setattr__(pending_event, COMMAND_ID, command_id)
-            object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
+        _stamp([erasure], str(uuid4()), current_context())
         recordings = self.save(erasure)
         keys = self.personal.erase(customer_id)
         log.info("personal data erased", extra={"keys_erased": keys})
@@ -411,11 +407,7 @@ class OrderLedger(Application[UUID]):
                         order_version=order.version,
                     )
                 )
-            for pending_event in (e for aggregate in pending for e in aggregate.pending_events):
-                # Events are frozen; the command's id and the metadata ride in the stored state,
-                # outside the event's fields.
-                object.__setattr__(pending_event, COMMAND_ID, command_id)
-                object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
+            _stamp(pending, command_id, context)
             try:
                 recordings = self.save(*pending)
             except PersistenceError as error:
@@ -581,6 +573,15 @@ _COMMANDS: dict[str, Callable[[Order, dict[str, Any]], None]] = {
     "cancel": lambda order, a: order.cancel(**a),
     "issue_refund": lambda order, a: order.issue_refund(**a),
 }
+
+
+def _stamp(aggregates: Sequence[Aggregate], command_id: str, context: CommandContext) -> None:
+    """Give every pending event of a command its command id and metadata. Events are frozen:
+    both ride in the stored state, outside the event's fields."""
+    for aggregate in aggregates:
+        for pending_event in aggregate.pending_events:
+            object.__setattr__(pending_event, COMMAND_ID, command_id)
+            object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
 
 
 class _SealedTranscoding(Transcoding):

@@ -18,8 +18,9 @@ which position the chain starts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -365,13 +366,8 @@ def _audit_position(runtime: ProjectionRuntime) -> int | None:
 
 def _paged_audit_rows(runtime: ProjectionRuntime, upto: int) -> Iterator[AuditRow]:
     after = 0
-    read: Callable[..., list[AuditRow]]
     while True:
-
-        def read(conn: Any, tables: Any, after: int = after) -> list[AuditRow]:
-            return audit_rows(conn, tables, after=after, upto=upto, limit=PAGE)
-
-        rows = runtime.read(AUDIT_LOG, read)
+        rows = runtime.read(AUDIT_LOG, partial(audit_rows, after=after, upto=upto, limit=PAGE))
         if not rows:
             return
         yield from rows

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,15 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from api.cli import orders
-from api.cli.common import EXIT_FAILURE, EXIT_USAGE, DatabaseUrlOption, fail, opened, stdout
+from api.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    DatabaseUrlOption,
+    fail,
+    opened,
+    parse_moment,
+    stdout,
+)
 from domain.errors import OrderNotFoundError
 from projections.audit_log import (
     NAME,
@@ -68,15 +77,7 @@ audit_app.command("history")(orders.audit)
 
 
 def _moment(text: str | None, option: str) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        fail(f"{option} {text!r} is not an ISO 8601 time such as 2026-01-31T12:00:00Z", EXIT_USAGE)
-    if moment.tzinfo is None:
-        fail(f"{option} {text!r} has no timezone; add one, e.g. {text}Z", EXIT_USAGE)
-    return moment.astimezone(UTC)
+    return None if text is None else parse_moment(text, option).astimezone(UTC)
 
 
 def _entries(
@@ -86,11 +87,10 @@ def _entries(
     left = limit or None
     while left is None or left > 0:
         size = PAGE if left is None else min(PAGE, left)
-
-        def page_of(conn: Any, tables: Any, cursor: str | None = cursor, size: int = size) -> Any:
-            return list_audit_entries(conn, tables, filters, limit=size, cursor=cursor, order=order)
-
-        page = runtime.read(NAME, page_of)
+        page = runtime.read(
+            NAME,
+            partial(list_audit_entries, filters=filters, limit=size, cursor=cursor, order=order),
+        )
         yield from page.items
         if left is not None:
             left -= len(page.items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated, Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -129,6 +130,19 @@ def key_store(database_url: str | None) -> Iterator[tuple[ApiKeyStore, Settings]
         fail(f"the database failed: {type(error).__name__}")
     finally:
         store.close()
+
+
+def parse_moment(text: str, option: str) -> datetime:
+    """An ISO 8601 time with a timezone from an option, or one line and exit code 2."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"{option} {text!r} is not an ISO 8601 time such as 2026-01-31T12:00:00Z", EXIT_USAGE)
+    if moment.tzinfo is None:
+        fail(
+            f"{option} {text!r} has no timezone; add one, e.g. {text}Z or {text}+01:00", EXIT_USAGE
+        )
+    return moment
 
 
 def cli_context(command: str) -> CommandContext:

@@ -33,6 +33,7 @@ from api.cli.common import (
     cli_context,
     fail,
     open_ledger_or_fail,
+    parse_moment,
     redacted,
     reported_errors,
     settings_from,
@@ -118,16 +119,6 @@ def parse_order_id(text: str) -> UUID:
         return UUID(text)
     except ValueError:
         fail(f"{text!r} is not an order id (a UUID such as {UUID(int=0)})", EXIT_USAGE)
-
-
-def _parse_moment(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        fail(f"--at {text!r} is not an ISO 8601 time such as 2026-01-31T12:00:00Z", EXIT_USAGE)
-    if moment.tzinfo is None:
-        fail(f"--at {text!r} has no timezone; add one, e.g. {text}Z or {text}+01:00", EXIT_USAGE)
-    return moment
 
 
 def _lines_summary(lines: list[dict[str, Any]], currency: str) -> str:
@@ -292,7 +283,7 @@ def audit(
     uuid = parse_order_id(order_id)
     if at_version is not None and at is not None:
         fail("give either --at-version or --at, not both", EXIT_USAGE)
-    moment = _parse_moment(at) if at is not None else None
+    moment = parse_moment(at, "--at") if at is not None else None
     settings = settings_from(database_url)
     ledger = open_ledger_or_fail(settings)
     try:

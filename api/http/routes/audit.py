@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import AfterValidator, AwareDatetime
@@ -178,17 +178,16 @@ async def verify(body: VerifyRequest, runtime: ProjectionsDep) -> VerifyReportPu
         given = [Checkpoint.from_document(c.model_dump(mode="json")) for c in body.checkpoints]
     except InvalidCheckpointError as error:
         raise HTTPException(422, detail=str(error)) from None
-    run: Any = (
-        partial(verify_order, runtime, body.order_id)
-        if body.order_id is not None
-        else partial(verify_store, runtime, given)
-    )
     if body.order_id is not None and given:
         raise HTTPException(
             422, detail="checkpoints cover the whole store: give them without order_id"
         )
     try:
-        report: VerifyReport = await run_in_threadpool(run)
+        report: VerifyReport = await (
+            run_in_threadpool(verify_order, runtime, body.order_id)
+            if body.order_id is not None
+            else run_in_threadpool(verify_store, runtime, given)
+        )
     except OrderNotFoundError as error:
         raise HTTPException(404, detail=str(error)) from None
     return VerifyReportPublic.model_validate(report.document())
