@@ -22,7 +22,7 @@ from rich.progress import (
 from api.bootstrap import background, effects_of
 from api.cli.common import EXIT_USAGE, DatabaseUrlOption, fail, opened
 from api.cli.tables import Column, JsonOption, Listing, show
-from projections.effects.outbox import DEAD, DELIVERED, PENDING
+from projections.effects.outbox import DEAD, STATUSES
 from projections.engine.rebuild import Progress as RebuildProgress
 from projections.engine.rebuild import RebuildFailedError, rebuild
 from projections.engine.runtime import UnknownProjectionError
@@ -192,8 +192,8 @@ def status(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) 
     effects = Listing(
         "effects",
         "effects",
-        [Column(column, numeric=True) for column in (PENDING, DELIVERED, DEAD)],
-        [{column: counts[column] for column in (PENDING, DELIVERED, DEAD)}],
+        [Column(column, numeric=True) for column in STATUSES],
+        [{column: counts[column] for column in STATUSES}],
         notes=[dead_hint] if counts[DEAD] else [],
     )
     show(projections, effects, as_json=as_json)

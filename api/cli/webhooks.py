@@ -15,7 +15,7 @@ from rich.console import Console
 from api.bootstrap import effects_of
 from api.cli.common import EXIT_USAGE, DatabaseUrlOption, fail, opened
 from api.cli.tables import Column, JsonOption, Listing, show
-from projections.effects.outbox import DEAD, DELIVERED, PENDING
+from projections.effects.outbox import CANCELLED, DEAD, DELIVERED, PENDING
 from projections.effects.service import (
     EffectNotDeadError,
     EffectNotFoundError,
@@ -36,6 +36,7 @@ class StatusChoice(StrEnum):
     pending = PENDING
     delivered = DELIVERED
     dead = DEAD
+    cancelled = CANCELLED
 
 
 @contextmanager

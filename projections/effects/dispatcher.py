@@ -28,7 +28,7 @@ from prometheus_client import Counter
 from sqlalchemy import Connection, Engine, and_, exists, func, insert, select, text, update
 from sqlalchemy.orm import aliased
 
-from projections.effects.outbox import DEAD, DELIVERED, PENDING, attempts, effects
+from projections.effects.outbox import CANCELLED, DEAD, DELIVERED, PENDING, attempts, effects
 from projections.effects.senders import Effect, Outcome, Sender
 from projections.engine.database import db_now, write_transaction
 
@@ -187,7 +187,7 @@ class Dispatcher:
                 earlier.c.order_id == effects.c.order_id,
                 earlier.c.target == effects.c.target,
                 earlier.c.position < effects.c.position,
-                earlier.c.status != DELIVERED,
+                earlier.c.status.not_in([DELIVERED, CANCELLED]),
             )
         )
         with write_transaction(self.engine) as conn:
@@ -285,6 +285,8 @@ class Dispatcher:
         dead = False
         if outcome.delivered:
             values.update(status=DELIVERED, delivered_at=self.now, last_error=None)
+        elif outcome.cancelled:
+            values.update(status=CANCELLED, last_error=outcome.error)
         elif effect.attempt >= self.settings.max_attempts:
             dead = True
             values.update(status=DEAD, last_error=outcome.error)
@@ -292,7 +294,13 @@ class Dispatcher:
             wait = backoff(effect.attempt, self.settings)
             values.update(next_attempt_at=self.now + wait, last_error=outcome.error)
             context["retry_in"] = round(wait, 3)
-        recorded = DELIVERED if outcome.delivered else ("dead" if dead else "failed")
+        recorded = (
+            DELIVERED
+            if outcome.delivered
+            else CANCELLED
+            if outcome.cancelled
+            else ("dead" if dead else "failed")
+        )
         with write_transaction(self.engine) as conn:
             total: int = conn.execute(
                 select(effects.c.total_attempts).where(effects.c.id == effect.id)
@@ -321,6 +329,8 @@ class Dispatcher:
         ATTEMPTS.labels(effect.kind, recorded).inc()
         if outcome.delivered:
             log.info("delivered %s", _fields(context), extra=context)
+        elif outcome.cancelled:
+            log.info("cancelled (%s) %s", outcome.error, _fields(context), extra=context)
         elif dead:
             DEAD_LETTERS.labels(effect.kind).inc()
             context["error"] = outcome.error

@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.order import EVENT_TYPES, Order
-from domain.personal import ERASED, reveal
+from domain.personal import ERASED, PersonalDataErasure, reveal
 from projections.base import Batch, Projection
 from projections.engine.database import db_now, write_transaction
 from projections.engine.source import RecordedEvent
@@ -47,12 +47,17 @@ from projections.engine.source import RecordedEvent
 PENDING = "pending"
 DELIVERED = "delivered"
 DEAD = "dead"
+CANCELLED = "cancelled"
+STATUSES = (PENDING, DELIVERED, DEAD, CANCELLED)
 
 WEBHOOK = "webhook"
 EMAIL = "email"
 
 EMAIL_EVENTS = {"OrderPlaced", "OrderShipped", "RefundIssued"}
 """Events that send the customer an email (when the order has an address)."""
+
+ERASED_REASON = "personal data erased"
+"""Why an email effect was cancelled: its customer's personal data was erased."""
 
 _EFFECT_NAMESPACE = UUID("1b7f0f55-0c55-4a52-9f6e-7f3c2d0b8e61")
 
@@ -123,11 +128,18 @@ def effect_id(effect: str, position: int) -> str:
     return str(uuid5(_EFFECT_NAMESPACE, f"{effect}@{position}"))
 
 
+def email_target(customer_id: str) -> str:
+    """An email effect's target: the customer, by pseudonymous id. The address itself is read
+    from the order when the email is sent, so the outbox never holds it."""
+    return f"{EMAIL}:{customer_id}"
+
+
 def install_outbox(engine: Engine, head: int) -> None:
     """Create the outbox tables; the first install starts effects after the current head.
 
     Effects begin when the outbox is installed: events recorded before (e.g. demo data or an
-    import) trigger nothing.
+    import) trigger nothing. Email effects recorded by an older version, whose target was the
+    address itself, lose it (the sender reads the address from the order).
     """
     for attempt in (1, 2):
         try:
@@ -144,6 +156,11 @@ def install_outbox(engine: Engine, head: int) -> None:
                             name=OutboxProjection.name, installed_position=head, position=head
                         )
                     )
+                conn.execute(
+                    update(effects)
+                    .where(effects.c.kind == EMAIL, effects.c.target.not_like(f"{EMAIL}:%"))
+                    .values(target=email_target("unknown"))
+                )
             return
         except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == 2:
@@ -168,20 +185,25 @@ class Subscription:
         )
 
 
-def contact_of(placed: Order.Placed) -> str | None:
-    """The address an order's emails go to: none when it has none, or it was erased."""
-    email = reveal(placed.customer_email)
+def email_address(value: object) -> str | None:
+    """An order's email address as the ledger reads it: none when it has none or it was erased."""
+    email = reveal(value)
     return None if email is None or email == ERASED else str(email)
+
+
+def contact_of(placed: Order.Placed) -> str | None:
+    """Whom an order's emails go to: its customer, when the order has an address to mail."""
+    return placed.customer_id if email_address(placed.customer_email) is not None else None
 
 
 def effect_rows(
     recorded: RecordedEvent,
     subscriptions: Sequence[Subscription],
-    email: str | None,
+    contact: str | None,
     now: float,
 ) -> list[dict[str, Any]]:
     """The outbox rows an event calls for: one per webhook subscribed to its type and, for the
-    events that mail the customer, one email to ``email``.
+    events that mail the customer, one email to ``contact`` (a customer id).
 
     Only order events have effects: the store's other records (idempotency keys, and whatever
     else it may hold) call for none, even from a subscription to every type (``*``).
@@ -194,8 +216,8 @@ def effect_rows(
         for subscription in subscriptions
         if subscription.wants(event_type, recorded.position)
     ]
-    if email is not None and event_type in EMAIL_EVENTS:
-        targets.append((f"{EMAIL}:{event_type}", EMAIL, email))
+    if contact is not None and event_type in EMAIL_EVENTS:
+        targets.append((f"{EMAIL}:{event_type}", EMAIL, email_target(contact)))
     event = recorded.event
     return [
         {
@@ -255,11 +277,28 @@ def insert_ignoring_duplicates(
     return len([r for r in rows if r["id"] not in existing])
 
 
+def cancel_emails(conn: Connection, contacts: Table, customer_id: str, *, before: int) -> int:
+    """Cancel the customer's emails not yet delivered (pending or dead) from events before
+    ``before``: their personal data was erased there. Repeating it changes nothing."""
+    orders = select(contacts.c.order_id).where(contacts.c.customer_id == customer_id)
+    result = conn.execute(
+        update(effects)
+        .where(
+            effects.c.kind == EMAIL,
+            effects.c.status.in_([PENDING, DEAD]),
+            effects.c.position < before,
+            effects.c.order_id.in_(orders),
+        )
+        .values(status=CANCELLED, last_error=ERASED_REASON, claimed_by=None, claim_expires_at=None)
+    )
+    return int(result.rowcount)
+
+
 class OutboxProjection(Projection):
     """Records the side effects each event triggers, in the outbox, once per position."""
 
     name = "outbox"
-    version = 1
+    version = 2
     handles = (
         Order.Placed,
         Order.LineAdded,
@@ -269,18 +308,19 @@ class OutboxProjection(Projection):
         Order.Delivered,
         Order.Cancelled,
         Order.RefundIssued,
+        PersonalDataErasure.Erased,
     )
 
     def setup(self, engine: Engine, head: int) -> None:
         install_outbox(engine, head)
 
     def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
-        # Per generation: which address each order's emails go to.
+        # Per generation: whom each order's emails go to (a customer id; none: no address).
         table = Table(
             f"outbox_order_contacts{suffix}",
             metadata,
             Column("order_id", String(36), primary_key=True),
-            Column("customer_email", String(254)),
+            Column("customer_id", String(128), index=True),
         )
         return {"outbox_order_contacts": table}
 
@@ -297,6 +337,7 @@ class OutboxBatch(Batch):
         self.contacts: dict[str, str | None] = {}
         self.new_contacts: dict[str, str | None] = {}
         self.rows: list[dict[str, Any]] = []
+        self.erasures: list[tuple[str, int]] = []
         self.subscriptions: list[Subscription] = []
         self.watermark = 0
         self.last_position = 0
@@ -317,12 +358,15 @@ class OutboxBatch(Batch):
             for row in self.conn.execute(
                 select(self.contacts_table).where(self.contacts_table.c.order_id.in_(chunk))
             ):
-                self.contacts[row.order_id] = row.customer_email
+                self.contacts[row.order_id] = row.customer_id
 
     def handle(self, recorded: RecordedEvent) -> None:
+        self.last_position = recorded.position
+        if isinstance(recorded.event, PersonalDataErasure.Erased):
+            self.erasures.append((recorded.event.customer_id, recorded.position))
+            return
         order_id = str(recorded.event.originator_id)
         self.on_event(recorded.event, order_id)
-        self.last_position = recorded.position
         if recorded.position <= self.watermark:
             return  # already recorded by an earlier generation: never twice
         email = self.contacts.get(order_id)
@@ -340,9 +384,11 @@ class OutboxBatch(Batch):
         if self.new_contacts:
             self.conn.execute(
                 insert(self.contacts_table),
-                [{"order_id": k, "customer_email": v} for k, v in self.new_contacts.items()],
+                [{"order_id": k, "customer_id": v} for k, v in self.new_contacts.items()],
             )
         insert_ignoring_duplicates(self.conn, self.rows)
+        for customer_id, position in self.erasures:
+            cancel_emails(self.conn, self.contacts_table, customer_id, before=position)
         if self.last_position > self.watermark:
             self.conn.execute(
                 update(watermarks)

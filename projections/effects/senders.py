@@ -27,6 +27,7 @@ from domain.audit import metadata_of
 from domain.ledger import HistoryEntry, OrderLedger
 from domain.money import MINOR_UNITS
 from domain.order import Order
+from projections.effects.outbox import ERASED_REASON, email_address
 from projections.effects.targets import TargetNotAllowedError, TargetPolicy
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
@@ -55,6 +56,8 @@ class Outcome:
     delivered: bool
     status_code: int | None = None
     error: str | None = None
+    cancelled: bool = False
+    """Nothing to deliver any more (the customer's personal data was erased): never retried."""
 
 
 class Sender(Protocol):
@@ -277,12 +280,16 @@ class EmailSender:
         self.ledger = ledger
         self.settings = settings
 
-    def message(self, effect: Effect) -> EmailMessage:
+    def message(self, effect: Effect) -> EmailMessage | None:
+        """The email, to the address the order holds; None once that address was erased."""
         order = self.ledger.get_order(UUID(effect.order_id), version=effect.order_version)
+        address = email_address(order.customer_email)
+        if address is None:
+            return None
         subject, text = render_email(effect, order)
         message = EmailMessage()
         message["From"] = self.settings.sender
-        message["To"] = effect.target
+        message["To"] = address
         message["Subject"] = subject
         message["Message-ID"] = f"<{effect.id}@orderledger>"
         message["X-Orderledger-Effect"] = effect.id
@@ -293,6 +300,8 @@ class EmailSender:
     def send(self, effect: Effect) -> Outcome:
         try:
             message = self.message(effect)
+            if message is None:
+                return Outcome(False, error=ERASED_REASON, cancelled=True)
             with smtplib.SMTP(
                 self.settings.host, self.settings.port, timeout=self.settings.timeout
             ) as smtp:

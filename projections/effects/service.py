@@ -13,6 +13,7 @@ from domain.order import EVENT_TYPES, Order
 from projections.effects.outbox import (
     DEAD,
     PENDING,
+    STATUSES,
     OutboxProjection,
     Subscription,
     attempts,
@@ -237,7 +238,7 @@ class Effects:
         with self.engine.connect() as conn:
             rows = conn.execute(select(effects.c.status, func.count()).group_by(effects.c.status))
             found: dict[str, int] = {row[0]: int(row[1]) for row in rows}
-        return {status: found.get(status, 0) for status in (PENDING, "delivered", DEAD)}
+        return {status: found.get(status, 0) for status in STATUSES}
 
     def retry(self, identifier: str) -> EffectView:
         """Send a dead effect again (with a fresh set of attempts); its history is kept."""

@@ -1,9 +1,11 @@
-"""The events table reached around the ledger, through the driver itself: to check what is
-stored, and to change it as an attacker with the database owner's rights would."""
+"""The store reached around the ledger, through the driver itself: to check what is stored,
+and to change it as an attacker with the database owner's rights would."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -132,3 +134,30 @@ class RawEvents:
             f"UPDATE {table} SET {column} = {int(first)} WHERE {column} = {int(second)}",
             f"UPDATE {table} SET {column} = {int(second)} WHERE {column} = {spare}",
         )
+
+
+def values_held(url: str, values: Sequence[str]) -> list[str]:
+    """Which of the values appear anywhere in the database: on SQLite in any byte of its file
+    and WAL, on PostgreSQL in any column of any table of the current schema."""
+    if url.startswith("sqlite"):
+        database = Path(event_store_env(url)["SQLITE_DBNAME"])
+        files = [database, database.with_name(database.name + "-wal")]
+        written = b"".join(path.read_bytes() for path in files if path.exists())
+        return [value for value in values if value.encode() in written]
+    found = []
+    with psycopg.connect(url, autocommit=True) as pg:
+        columns = pg.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema()"
+        ).fetchall()
+        for value in values:
+            for table, column, data_type in columns:
+                if data_type == "bytea":
+                    condition = f'position(%(value)s::bytea IN "{column}") > 0'
+                else:
+                    condition = f"\"{column}\"::text LIKE '%%' || %(value)s || '%%'"
+                query = f'SELECT 1 FROM "{table}" WHERE {condition} LIMIT 1'
+                if pg.execute(query, {"value": value}).fetchone() is not None:  # type: ignore[arg-type]
+                    found.append(value)
+                    break
+    return found

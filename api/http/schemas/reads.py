@@ -360,7 +360,7 @@ class WebhooksPublic(BaseModel):
     data: list[WebhookPublic]
 
 
-EffectStatus = Literal["pending", "delivered", "dead"]
+EffectStatus = Literal["pending", "delivered", "dead", "cancelled"]
 
 
 class EffectPublic(BaseModel):
@@ -396,7 +396,7 @@ class AttemptPublic(BaseModel):
     attempt: int
     started_at: datetime
     duration_ms: float
-    outcome: Literal["delivered", "failed", "dead"]
+    outcome: Literal["delivered", "failed", "dead", "cancelled"]
     status_code: int | None
     error: str | None
 

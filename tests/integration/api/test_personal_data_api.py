@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 
 from domain.personal import ERASED
 from tests.support.http import assert_problem, order_body
+from tests.support.raw_events import values_held
 
 EMAIL = "ana.lopez@example.com"
 ADDRESS = "Calle Mayor 7, 28013 Madrid"
@@ -81,3 +82,26 @@ class TestAccessAndErasure:
                 ),
                 403,
             )
+
+
+def test_no_table_holds_the_values_after_an_erasure(store_client: TestClient) -> None:
+    """Orders placed with idempotency keys, read, exported and erased: nothing is left."""
+    url = str(store_client.app.state.settings.database_url)  # type: ignore[attr-defined]
+    placed = store_client.post(
+        "/orders",
+        json=order_body(customer_id="cust-ana", customer_email=EMAIL, shipping_address=ADDRESS),
+        headers={"Idempotency-Key": "place-ana-1"},
+    )
+    assert placed.status_code == 201, placed.text
+    store_client.get(f"/orders/{placed.json()['order_id']}", params={"min_position": 1})
+    assert store_client.get("/customers/cust-ana/personal-data").status_code == 200
+    assert values_held(url, ["cust-ana", EMAIL, ADDRESS]) == ["cust-ana"]
+
+    erased = store_client.delete(
+        "/customers/cust-ana/personal-data",
+        params={"reason": "GDPR request"},
+        headers={"Idempotency-Key": "erase-ana-1"},
+    )
+    assert erased.status_code == 200, erased.text
+
+    assert values_held(url, [EMAIL, ADDRESS]) == []

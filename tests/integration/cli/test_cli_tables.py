@@ -74,7 +74,7 @@ class TestAt80Columns:
         assert "order_summaries" in names
         for name in names:
             assert name in shown, shown
-        assert document["effects"] == [{"pending": 1, "delivered": 0, "dead": 0}]
+        assert document["effects"] == [{"pending": 1, "delivered": 0, "dead": 0, "cancelled": 0}]
         summaries = next(row for row in document["projections"] if row["name"] == "order_summaries")
         assert summaries["state"] == "live" and summaries["lag_events"] == 0
 

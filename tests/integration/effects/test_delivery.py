@@ -24,7 +24,14 @@ from sqlalchemy.exc import IntegrityError
 
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import Dispatcher, DispatchSettings, backoff
-from projections.effects.outbox import DEAD, DELIVERED, PENDING, OutboxProjection, effect_id
+from projections.effects.outbox import (
+    CANCELLED,
+    DEAD,
+    DELIVERED,
+    PENDING,
+    OutboxProjection,
+    effect_id,
+)
 from projections.effects.outbox import effects as effects_table
 from projections.effects.senders import InvalidSignatureError, new_secret, sign, verify
 from projections.effects.service import CreatedSubscription, Effects
@@ -112,7 +119,7 @@ class TestRecording:
             if kind == "webhook":
                 assert row["target"] == urls[what]
             else:
-                assert row["target"] == "ada@example.com"
+                assert row["target"] == "email:cust-1"  # the customer, never the address
                 assert row["event_type"] == what
                 assert row["order_id"] == str(with_email)
 
@@ -702,7 +709,7 @@ class TestPoisonedOrder:
             assert waiting.history == []
         refused = {r.webhook_id for r in receiver.received() if r.status == 500}
         assert refused == {first["id"]}
-        assert effects_service.counts() == {PENDING: 2, DELIVERED: 6, DEAD: 1}
+        assert effects_service.counts() == {PENDING: 2, DELIVERED: 6, DEAD: 1, CANCELLED: 0}
 
         # The receiver is fixed and the operator retries.
         receiver.failing_orders = set()
@@ -712,7 +719,7 @@ class TestPoisonedOrder:
             assert effects_service.retry(first["id"]).status == PENDING
         settle(dispatcher, engine)
 
-        assert effects_service.counts() == {PENDING: 0, DELIVERED: 9, DEAD: 0}
+        assert effects_service.counts() == {PENDING: 0, DELIVERED: 9, DEAD: 0, CANCELLED: 0}
         delivered = [r for r in receiver.accepted() if r.document["order_id"] == str(poisoned)]
         assert [r.document["position"] for r in delivered] == [r["position"] for r in poisoned_rows]
         assert [r.webhook_id for r in delivered] == [r["id"] for r in poisoned_rows]

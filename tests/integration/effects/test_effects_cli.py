@@ -160,7 +160,12 @@ class TestEffectsCommands:
             assert "0 effect(s)" in ok(invoke(sqlite_url, "effects", "list", "--status", "pending"))
 
             status = ok(invoke(sqlite_url, "status"))
-            assert effect_counts(status) == {"pending": 0, "delivered": 0, "dead": 1}
+            assert effect_counts(status) == {
+                "pending": 0,
+                "delivered": 0,
+                "dead": 1,
+                "cancelled": 0,
+            }
             assert "1 dead effect(s)" in status
 
             # The receiver is fixed; a retry sends the dead effect again.
@@ -171,7 +176,12 @@ class TestEffectsCommands:
             assert [r.webhook_id for r in receiver.received()] == [dead["id"]] * 3
 
             status = ok(invoke(sqlite_url, "status"))
-            assert effect_counts(status) == {"pending": 0, "delivered": 1, "dead": 0}
+            assert effect_counts(status) == {
+                "pending": 0,
+                "delivered": 1,
+                "dead": 0,
+                "cancelled": 0,
+            }
             assert "dead effect(s)" not in status
             assert client.get("/readyz").status_code == 200
 
