@@ -204,6 +204,12 @@ class PersonalData:
         self._master_id = master_key_id(master_key)
         self._masters = {master_key_id(k): k for k in (*previous_master_keys, master_key)}
         self._cache = _Cache(cache_ttl, cache_size)
+        # Key look-ups read one row: on PostgreSQL without BEGIN and ROLLBACK around it.
+        self._reads = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if engine.dialect.name == "postgresql"
+            else engine
+        )
 
     def install(self) -> None:
         """Create the table; refuse a master key that did not wrap the keys already there."""
@@ -271,7 +277,7 @@ class PersonalData:
         collecting = _collecting.get()
         if collecting is not None and customer_id in collecting.keys:
             return collecting.keys[customer_id]
-        with self.engine.connect() as conn:
+        with self._reads.connect() as conn:
             row = conn.execute(
                 select(data_keys.c.key_id, data_keys.c.wrapped_key, data_keys.c.master_key_id)
                 .where(data_keys.c.customer_id == customer_id)
@@ -305,7 +311,7 @@ class PersonalData:
         cached = self._cache.get("key", key_id)
         if cached is not None:
             return bytes(cached)
-        with self.engine.connect() as conn:
+        with self._reads.connect() as conn:
             row = conn.execute(
                 select(data_keys.c.wrapped_key, data_keys.c.master_key_id).where(
                     data_keys.c.key_id == key_id
