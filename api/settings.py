@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         description="Seconds a process keeps a customer's data key: an erasure takes effect "
         "everywhere within this time",
     )
+    console_session_ttl: float = Field(
+        default=8 * 3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Seconds a console sign-in lasts before the operator signs in again",
+    )
     key_cache_ttl: float = Field(
         default=1.0,
         ge=0,

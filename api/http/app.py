@@ -10,9 +10,11 @@ from importlib.metadata import version
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import Headers
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bootstrap import open_ledger
+from api.http import console
 from api.http.auth import Access, keys_resource
 from api.http.problems import install_problem_handlers
 from api.http.read_models import projections_resource
@@ -64,6 +66,10 @@ def create_app(
     install_problem_handlers(app)
     for router in routers:
         app.include_router(router, **route_access(router).include_options(router))
+    # The console signs in with a key and keeps it in a cookie: its pages check roles themselves.
+    app.include_router(console.router)
+    app.add_exception_handler(console.RefusedError, console.refused_page)  # type: ignore[arg-type]
+    app.mount("/console/static", StaticFiles(directory=console.STATIC), name="console-static")
     return app
 
 
