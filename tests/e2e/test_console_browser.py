@@ -77,12 +77,18 @@ def test_a_rebuild_is_followed_live_to_its_cut_over(
 
     browser.click(f"{row} form button")
 
-    def generation() -> str:
-        return str(browser.driver.find_element(By.CSS_SELECTOR, f"{row} td:nth-child(7)").text)
+    def cells() -> tuple[str, str]:
+        # Read in one script: htmx may swap the table between two element look-ups.
+        found = browser.driver.execute_script(
+            "const row = document.querySelector(arguments[0]);"
+            "return [row.querySelector('td:nth-child(7)').textContent,"
+            " row.querySelector('.state').textContent];",
+            row,
+        )
+        return (str(found[0]).strip(), str(found[1]).strip())
 
     # No reload: htmx refreshes the table every 2 s until the new generation serves.
-    browser.wait_until(lambda: generation() == "2", "generation 2 to serve")
-    assert browser.driver.find_element(By.CSS_SELECTOR, f"{row} .state").text == "live"
+    browser.wait_until(lambda: cells() == ("2", "live"), "generation 2 to serve, live")
 
 
 def test_a_dead_letter_is_retried_until_delivered(

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -61,11 +62,14 @@ class Browser:
         self.driver.find_element(By.CSS_SELECTOR, css).click()
         self.shot()
 
-    def wait_until(self, check: object, what: str, timeout: float = 30.0) -> None:
-        WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
-            lambda _: check(),
-            message=f"waited {timeout}s for {what}",  # type: ignore[operator]
-        )
+    def wait_until(self, check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+        """Poll ``check`` until it is true; an element replaced meanwhile is looked up again."""
+        WebDriverWait(
+            self.driver,
+            timeout,
+            poll_frequency=0.1,
+            ignored_exceptions=(StaleElementReferenceException, NoSuchElementException),
+        ).until(lambda _: check(), message=f"waited {timeout}s for {what}")
         self.shot()
 
     def sign_in(self, token: str) -> None:
