@@ -109,7 +109,7 @@ class TestCancelledByErasure:
         assert smtp_server.received() == []
         assert dispatcher.run_once() == 0  # never retried
 
-    def test_a_later_email_of_the_same_order_is_not_held_back_by_a_cancelled_one(
+    def test_a_later_order_of_the_customer_is_emailed_after_a_cancellation(
         self,
         ledger: OrderLedger,
         runtime: ProjectionRuntime,
