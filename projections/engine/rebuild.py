@@ -46,7 +46,7 @@ def rebuild(
     catalog = runtime.catalog
     catalog.ensure(projection)
     try:
-        building = catalog.start_rebuild(name, target=runtime.source.head(), restart=restart)
+        building = runtime.start_rebuild(name, restart=restart)
     except NewerVersionError as error:
         raise RebuildFailedError(str(error)) from None
     settings = ProcessorSettings(batch_size=batch_size, lease_ttl=runtime.settings.lease_ttl)

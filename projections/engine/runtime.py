@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from domain.ledger import OrderLedger
 from projections.base import Projection
-from projections.engine.catalog import Catalog
+from projections.engine.catalog import Catalog, Generation
 from projections.engine.database import read_model_engine
 from projections.engine.processor import ProcessorSettings
 from projections.engine.source import EventSource
@@ -70,6 +70,14 @@ class ProjectionRuntime:
                 return projection
         known = ", ".join(p.name for p in self.projections)
         raise UnknownProjectionError(f"no projection named {name!r} (known: {known})")
+
+    def start_rebuild(self, name: str, *, restart: bool = False) -> Generation:
+        """Begin rebuilding ``name`` from event zero up to today's head (or return the rebuild
+        in progress; ``restart`` discards it). Raises NewerVersionError when the store holds
+        a newer version of the projection than this code."""
+        return self.catalog.start_rebuild(
+            self.projection(name).name, target=self.source.head(), restart=restart
+        )
 
     def worker(
         self,

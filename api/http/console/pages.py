@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from api.http.auth import get_key_store
 from api.http.console.session import COOKIE, Session, Sessions
 from api.http.read_models import get_projections, read_model
+from api.http.routes.effects import get_effects
+from api.http.routes.order_queries import STATUSES as ORDER_STATUSES
+from api.http.routes.order_queries import order_listing
+from api.http.routes.projections import current_statuses
 from api.key_store import Principal, Role
 from api.settings import Settings
 from domain.errors import OrderNotFoundError
@@ -27,14 +31,14 @@ from projections.audit_log import NAME as AUDIT_LOG
 from projections.audit_log import AuditFilters, list_audit_entries
 from projections.effects.outbox import STATUSES
 from projections.effects.service import EffectNotDeadError, EffectNotFoundError, Effects
-from projections.engine.status import all_statuses
-from projections.order_summaries import InvalidCursorError, list_order_summaries
+from projections.engine.catalog import NewerVersionError
+from projections.engine.runtime import UnknownProjectionError
+from projections.order_summaries import InvalidCursorError
 from projections.verify import verify_store
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
 PAGE = 50
-ORDER_STATUSES = ("pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled")
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -200,10 +204,6 @@ async def sign_out(request: Request) -> Response:
 # -- orders -------------------------------------------------------------------------------------
 
 
-def _start_of(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=UTC)
-
-
 def _day(text: str | None, name: str) -> date | None:
     if not text:
         return None
@@ -226,14 +226,8 @@ async def orders(request: Request) -> Response:
     if status is not None and status not in ORDER_STATUSES:
         raise RefusedError(422, f"unknown status {status!r}")
     placed_from, placed_to = _day(query.get("placed_from"), "from"), _day(query.get("to"), "to")
-    listing = partial(
-        list_order_summaries,
-        customer_id=query.get("customer_id"),
-        status=status,
-        placed_from=_start_of(placed_from) if placed_from else None,
-        placed_to=_start_of(placed_to + timedelta(days=1)) if placed_to else None,
-        limit=PAGE,
-        cursor=query.get("cursor"),
+    listing = order_listing(
+        query.get("customer_id"), status, placed_from, placed_to, PAGE, query.get("cursor")
     )
     try:
         page = await read_model(request, "order_summaries", listing, None)
@@ -297,23 +291,19 @@ async def order(request: Request, order_id: str) -> Response:
 @router.get("/projections")
 async def projections(request: Request) -> Response:
     signed_in = await _require(request, Role.reader)
-    runtime = get_projections(request)
-    stalled_after = request.app.state.settings.projection_stalled_after
-    statuses = await run_in_threadpool(
-        partial(all_statuses, runtime.catalog, runtime.source, stalled_after=stalled_after)
-    )
+    statuses = await run_in_threadpool(current_statuses, get_projections(request), request)
     return _page(request, "projections.html", signed_in=signed_in, statuses=statuses)
 
 
 @router.post("/projections/{name}/rebuild")
 async def rebuild(request: Request, name: str) -> Response:
     await _change(request, Role.admin)
-    runtime = get_projections(request)
-    if name not in runtime.catalog.projections:
-        raise RefusedError(404, f"no projection is called {name!r}")
-    await run_in_threadpool(
-        partial(runtime.catalog.start_rebuild, name, target=runtime.source.head())
-    )
+    try:
+        await run_in_threadpool(get_projections(request).start_rebuild, name)
+    except UnknownProjectionError as error:
+        raise RefusedError(404, str(error)) from None
+    except NewerVersionError as error:
+        raise RefusedError(409, str(error)) from None
     return _redirect("/console/projections")
 
 
@@ -321,8 +311,7 @@ async def rebuild(request: Request, name: str) -> Response:
 
 
 def _effects(request: Request) -> Effects:
-    runtime = get_projections(request)
-    return Effects(runtime.engine, runtime.source, request.app.state.settings.webhook_targets)
+    return get_effects(get_projections(request), request)
 
 
 @router.get("/effects")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from pydantic import AfterValidator
 from pydantic_core import to_json
+from sqlalchemy import Connection, Table
 
 from api.http.dependencies import ReachableMinPositionDep
 from api.http.problems import problem_responses, response_headers
@@ -19,6 +20,7 @@ from api.http.schemas.reads import IdentifierParam, IsoDay, OrderSummariesPublic
 from projections.order_summaries import (
     InvalidCursorError,
     OrderSummary,
+    OrderSummaryPage,
     aware,
     decode_cursor,
     lines_from,
@@ -33,6 +35,7 @@ router = APIRouter(
 
 MAX_PAGE = 200
 Status = Literal["pending_payment", "partially_paid", "paid", "shipped", "delivered", "cancelled"]
+STATUSES: tuple[str, ...] = get_args(Status)
 
 
 def public(summary: OrderSummary) -> OrderSummaryPublic:
@@ -83,6 +86,26 @@ def _end_of(day: date) -> datetime | None:
     return None if day == date.max else _start_of(day + timedelta(days=1))
 
 
+def order_listing(
+    customer_id: str | None,
+    status: str | None,
+    placed_from: date | None,
+    placed_to: date | None,
+    limit: int,
+    cursor: str | None,
+) -> Callable[[Connection, dict[str, Table]], OrderSummaryPage]:
+    """The order_summaries query for a page of orders placed within the days (UTC, inclusive)."""
+    return partial(
+        list_order_summaries,
+        customer_id=customer_id,
+        status=status,
+        placed_from=_start_of(placed_from) if placed_from else None,
+        placed_to=_end_of(placed_to) if placed_to else None,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
 @router.get("")
 async def list_orders(
     request: Request,
@@ -95,15 +118,7 @@ async def list_orders(
     cursor: Annotated[str | None, Query(max_length=512), AfterValidator(_issued_cursor)] = None,
 ) -> OrderSummariesPublic:
     """Orders newest first, by customer, status and placed-date range, one page at a time."""
-    query = partial(
-        list_order_summaries,
-        customer_id=customer_id,
-        status=status,
-        placed_from=_start_of(placed_from) if placed_from else None,
-        placed_to=_end_of(placed_to) if placed_to else None,
-        limit=limit,
-        cursor=cursor,
-    )
+    query = order_listing(customer_id, status, placed_from, placed_to, limit, cursor)
     try:
         page = await read_model(request, "order_summaries", query, min_position)
     except InvalidCursorError as error:

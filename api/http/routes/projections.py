@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
@@ -40,12 +41,16 @@ def _known(runtime: ProjectionRuntime, name: str) -> str:
         raise HTTPException(status_code=404, detail=str(error)) from None
 
 
+def current_statuses(runtime: ProjectionRuntime, request: Request) -> list[ProjectionStatus]:
+    """Every projection's status, stalled after the app's configured time."""
+    stalled_after = request.app.state.settings.projection_stalled_after
+    return all_statuses(runtime.catalog, runtime.source, stalled_after=stalled_after)
+
+
 @router.get("")
 def read_projections(runtime: ProjectionsDep, request: Request) -> ProjectionsPublic:
     """Every projection's position, head, lag, state and last error."""
-    stalled_after = request.app.state.settings.projection_stalled_after
-    statuses = all_statuses(runtime.catalog, runtime.source, stalled_after=stalled_after)
-    return ProjectionsPublic(data=[_public(s) for s in statuses])
+    return ProjectionsPublic(data=[_public(s) for s in current_statuses(runtime, request)])
 
 
 @router.get("/{name}")
@@ -73,9 +78,7 @@ async def rebuild_projection(
     """Start rebuilding from event zero in the background; the current tables keep serving."""
     known = _known(runtime, name)
     try:
-        generation = await run_in_threadpool(
-            runtime.catalog.start_rebuild, known, target=runtime.source.head(), restart=restart
-        )
+        generation = await run_in_threadpool(partial(runtime.start_rebuild, known, restart=restart))
     except NewerVersionError as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
     status_url = str(request.url_for("read_projection", name=known).path)
