@@ -6,16 +6,24 @@ table, created with the table; a ``chain_hash`` column holding each event's link
 order's hash chain (domain/chain.py), written with the event and added to tables made by
 older versions (their events stay unchained); and a query for one aggregate's events with
 their global positions (the notification ids) and hashes, for audit.
+
+Readers pass events in *read order*, a ``Checkpoint`` pair (transaction id, position). SQLite
+has one writer, so its transaction id is always 0 and read order is position order. The
+PostgreSQL recorder takes no table lock: writers commit in parallel, so a lower position can
+commit after a higher one. Each row stores its writing transaction's id, and readers pass only
+rows whose transaction is older than every transaction still running (see ``safe_head``).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
@@ -36,12 +44,51 @@ DATA_KEYS_TABLE = "customer_data_keys"
 """Where domain/personal.py keeps customers' data keys; a new one is inserted with its events."""
 
 
+TX_COLUMN = "tx_id"
+NOTIFY_INTERVAL = 0.02
+"""At most one NOTIFY per this many seconds per process: readers also poll."""
+WRITE_STATEMENT_TIMEOUT = "30s"
+"""No statement of an append transaction runs longer (a stuck writer holds every reader back)."""
+
+
+class Checkpoint(NamedTuple):
+    """A place in read order: every event whose (transaction id, position) is at or before it.
+
+    Pairs compare as tuples. Rows written before transaction ids were recorded, and every
+    SQLite row, have transaction id 0, so a position-only checkpoint ``p`` of an older version
+    is ``Checkpoint(0, p)``.
+    """
+
+    tx: int
+    position: int
+
+
+START = Checkpoint(0, 0)
+"""Before the first event."""
+
+
+def passed_by_position(checkpoint: Checkpoint, position: int) -> bool:
+    """Whether a checkpoint has surely passed ``position`` without looking up the transaction
+    of the event there: a checkpoint of transaction id 0 (every SQLite one, and on PostgreSQL
+    those within the rows of older versions, which precede every later row) passes exactly
+    the positions up to its own."""
+    return checkpoint.tx == 0 and checkpoint.position >= position
+
+
+def reached_at(store: PositionedRecorder, position: int) -> Checkpoint:
+    """The checkpoint at which a reader has passed the event at ``position``; for a position
+    with no committed event (a gap), the safe head: everything committed by now."""
+    return store.checkpoint_at(position) or store.safe_head()
+
+
 @dataclass(frozen=True)
 class ChainedNotification(Notification):
     """A stored event with its global position and its link in the order's hash chain
     (None for an event stored before chaining began)."""
 
     chain_hash: bytes | None = None
+    tx: int = 0
+    """The id of the transaction that wrote it (0 on SQLite and for rows of older versions)."""
 
 
 class PositionedRecorder(Protocol):
@@ -52,6 +99,12 @@ class PositionedRecorder(Protocol):
     ) -> Sequence[ChainedNotification]: ...
 
     def max_notification_id(self) -> int | None: ...
+
+    def safe_head(self) -> Checkpoint: ...
+
+    def last_committed(self) -> Checkpoint: ...
+
+    def checkpoint_at(self, position: int) -> Checkpoint | None: ...
 
 
 class _Chained:
@@ -172,6 +225,20 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
             ),
         ]
 
+    def safe_head(self) -> Checkpoint:
+        """The newest event: with one writer, every committed event is final."""
+        return Checkpoint(0, self.max_notification_id() or 0)
+
+    def last_committed(self) -> Checkpoint:
+        """The newest event (see the PostgreSQL recorder's)."""
+        return self.safe_head()
+
+    def checkpoint_at(self, position: int) -> Checkpoint | None:
+        """Where the event at ``position`` sits in read order (None if nothing is there)."""
+        return (
+            Checkpoint(0, position) if 0 < position <= (self.max_notification_id() or 0) else None
+        )
+
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None
     ) -> Sequence[ChainedNotification]:
@@ -249,6 +316,54 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
                 column=Identifier(CHAIN_COLUMN),
             )
         )
+        # Each row records its writing transaction's id (readers order by it); a table made by
+        # an older version gets the column with 0 for its rows, which were written under the
+        # table lock and so committed in position order. One statement: never half there.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
+                "WHERE table_schema = {schema_name} AND table_name = {table_name} "
+                "AND column_name = {column_name}) THEN "
+                "ALTER TABLE {schema}.{table} ADD COLUMN {column} xid8 NOT NULL DEFAULT '0', "
+                "ALTER COLUMN {column} SET DEFAULT pg_current_xact_id(); END IF; END $do$"
+            ).format(
+                schema_name=Literal(self.datastore.schema),
+                table_name=Literal(self.events_table_name),
+                column_name=Literal(TX_COLUMN),
+                schema=schema,
+                table=table,
+                column=Identifier(TX_COLUMN),
+            )
+        )
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE INDEX IF NOT EXISTS {index} ON {schema}.{table} ({column}, notification_id)"
+            ).format(
+                index=Identifier(f"{self.events_table_name}_read_order"),
+                schema=schema,
+                table=table,
+                column=Identifier(TX_COLUMN),
+            )
+        )
+        safe = SQL("{column} < pg_snapshot_xmin(pg_current_snapshot())").format(
+            column=Identifier(TX_COLUMN)
+        )
+        self._safe_head_statement = SQL(
+            "SELECT (SELECT max({column}) FROM {schema}.{table} WHERE {safe})::text::bigint "
+            "AS tx, (SELECT notification_id FROM {schema}.{table} WHERE {safe} "
+            "ORDER BY notification_id DESC LIMIT 1) AS position"
+        ).format(schema=schema, table=table, column=Identifier(TX_COLUMN), safe=safe)
+        self._last_committed_statement = SQL(
+            "SELECT {column}::text::bigint AS tx, notification_id AS position "
+            "FROM {schema}.{table} ORDER BY {column} DESC, notification_id DESC LIMIT 1"
+        ).format(schema=schema, table=table, column=Identifier(TX_COLUMN))
+        self._checkpoint_at_statement = SQL(
+            "SELECT {column}::text::bigint AS tx FROM {schema}.{table} WHERE notification_id = %s"
+        ).format(schema=schema, table=table, column=Identifier(TX_COLUMN))
+        self._notifier = _Notifier(self)
+        self._statement_timeout = SQL("SET LOCAL statement_timeout = {timeout}").format(
+            timeout=Literal(WRITE_STATEMENT_TIMEOUT)
+        )
         id_type = Identifier(self.datastore.originator_id_type)
         self._insert_chained_statement = SQL(
             "INSERT INTO {schema}.{table} "
@@ -267,10 +382,23 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             "WHERE originator_id = %s AND originator_version = %s"
         ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
         self._select_aggregate_statement = SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state, {column} "
-            "FROM {schema}.{table} WHERE originator_id = %s AND originator_version <= %s "
-            "ORDER BY originator_version"
-        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
+            "SELECT notification_id, originator_id, originator_version, topic, state, {column}, "
+            "{tx}::text::bigint AS tx FROM {schema}.{table} "
+            "WHERE originator_id = %s AND originator_version <= %s ORDER BY originator_version"
+        ).format(
+            schema=schema, table=table, column=Identifier(CHAIN_COLUMN), tx=Identifier(TX_COLUMN)
+        )
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """The library's insert, then a NOTIFY once it committed.
+
+        NOTIFY inside the transaction would queue every commit on one global lock.
+        """
+        positions: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+        self._notifier.notify()
+        return positions
 
     def _insert_stored_events(
         self,
@@ -280,11 +408,13 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         data_keys: Sequence[dict[str, Any]] = (),
         **_: Any,
     ) -> None:
-        """The library's insert (table lock, NOTIFY, one INSERT), with each event's link.
+        """One INSERT of the events with each one's link, without the library's table lock.
 
-        The previous events' hashes are read before the lock: they are committed and never
-        change, so the lock is held no longer than before.
+        Nothing before the INSERT takes a transaction id (reads and SET LOCAL do not), so an
+        order's next event always has a higher transaction id than its previous one, which
+        committed before this transaction read the order.
         """
+        curs.execute(self._statement_timeout, prepare=True)
 
         def previous(originator_id: UUID | str, version: int) -> bytes | None:
             curs.execute(self._previous_hash_statement, (originator_id, version), prepare=True)
@@ -292,8 +422,6 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             return None if row is None or row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN])
 
         hashes = self.links(stored_events, previous)
-        self._lock_table(curs)
-        self._notify_channel(curs)
         curs.execute(
             self._insert_chained_statement,
             (
@@ -342,6 +470,38 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))
 
+    def safe_head(self) -> Checkpoint:
+        """The newest event no reader can be overtaken after: of the rows written by
+        transactions older than every transaction still running, the highest transaction id
+        and the highest position. Every row after it in read order is yet to commit or comes
+        from a transaction still running."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._safe_head_statement, prepare=True)
+            row = curs.fetchone()
+        assert row is not None
+        return Checkpoint(row["tx"] or 0, row["position"] or 0)
+
+    def last_committed(self) -> Checkpoint:
+        """The last committed event in read order: a reader there has passed every event
+        committed so far. It may be beyond the safe head (a transaction that began before it
+        is still running), and readers get there once that transaction ends."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._last_committed_statement, prepare=True)
+            row = curs.fetchone()
+        return START if row is None else Checkpoint(row["tx"], row["position"])
+
+    def checkpoint_at(self, position: int) -> Checkpoint | None:
+        """Where the event at ``position`` sits in read order (None if no committed event is
+        there: a gap, or not yet committed)."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._checkpoint_at_statement, (position,), prepare=True)
+            row = curs.fetchone()
+        return None if row is None else Checkpoint(row["tx"], position)
+
+    def notify(self) -> None:
+        """Wake the store's listeners (soon, coalesced with other commits of this process)."""
+        self._notifier.notify()
+
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None
     ) -> Sequence[ChainedNotification]:
@@ -356,9 +516,53 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
                     topic=row["topic"],
                     state=bytes(row["state"]),
                     chain_hash=None if row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN]),
+                    tx=row["tx"],
                 )
                 for row in curs.fetchall()
             ]
+
+
+class _Notifier:
+    """NOTIFYs the store's channel after commits: at most one per ``NOTIFY_INTERVAL``, from a
+    thread of its own, so no command waits for it. Readers poll as well, so a lost
+    notification only delays them."""
+
+    IDLE_EXIT = 5.0
+    """The thread ends after this many seconds without a commit, and starts again with one."""
+
+    def __init__(self, recorder: PostgresApplicationRecorder) -> None:
+        self._recorder = recorder
+        self._statement = SQL("NOTIFY {channel}").format(channel=Identifier(recorder.channel_name))
+        self._wanted = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def notify(self) -> None:
+        self._wanted.set()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="orderledger-notify", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while self._wanted.wait(self.IDLE_EXIT):
+            self._wanted.clear()
+            try:
+                with self._recorder.datastore.get_connection() as conn:
+                    conn.execute(self._statement)
+            except Exception:  # noqa: S112 - readers poll; the next commit notifies again
+                continue
+            time.sleep(NOTIFY_INTERVAL)
+        with self._lock:
+            if self._wanted.is_set():  # a commit came in as we were leaving
+                self._thread = threading.Thread(
+                    target=self._run, name="orderledger-notify", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._thread = None
 
 
 def _hex(originator_id: UUID | str) -> str:

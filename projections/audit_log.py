@@ -3,8 +3,10 @@
 One row per stored event (orders' events and idempotency records alike): its position, order,
 version, type, time, event id, actor, request, correlation and causation, and its link in the
 order's hash chain. The projection also folds every chained event into the digest of the
-whole sequence (domain/chain.py) and records it at every multiple of ``CHECKPOINT_INTERVAL``
-positions; ``take_checkpoint`` records one on demand. Checkpoints live in one table shared by
+whole sequence (domain/chain.py), in read order (domain/eventstore.py: by transaction id, then
+position), and records it at every multiple of ``CHECKPOINT_INTERVAL`` positions;
+``take_checkpoint`` records one on demand. A checkpoint is the digest of every chained event
+up to its (transaction id, position) pair in read order. Checkpoints live in one table shared by
 every generation: a rebuild computes the same digests and keeps those already there, so a
 checkpoint handed out once stays comparable with the store for good.
 """
@@ -31,14 +33,17 @@ from sqlalchemy import (
     String,
     Table,
     select,
+    tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.audit import metadata_of
 from domain.chain import ALGORITHM, GENESIS, extend_digest
+from domain.eventstore import START
+from domain.eventstore import Checkpoint as StoreCheckpoint
 from projections.base import Batch, Projection
-from projections.engine.database import insert_rows, write_transaction
+from projections.engine.database import add_missing_columns, insert_rows, write_transaction
 from projections.engine.source import RecordedEvent
 
 CHECKPOINT_INTERVAL = 10_000
@@ -56,6 +61,8 @@ checkpoints = Table(
     Column("digest", LargeBinary(32), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("reason", String(16), nullable=False),
+    # With position, where the checkpoint sits in read order; 0 in rows of older versions.
+    Column("tx_id", BigInteger, nullable=False, default=0, server_default="0"),
 )
 
 
@@ -69,7 +76,8 @@ class InvalidCheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The digest of every chained event up to ``position`` (``events`` of them)."""
+    """The digest of every chained event up to ``(tx, position)`` in read order (``events`` of
+    them)."""
 
     position: int
     events: int
@@ -77,11 +85,19 @@ class Checkpoint:
     created_at: datetime
     reason: str
     """``interval`` (every CHECKPOINT_INTERVAL positions) or ``requested``."""
+    tx: int = 0
+    """The transaction id of the read order pair (0 on SQLite and for older checkpoints)."""
+
+    @property
+    def at(self) -> StoreCheckpoint:
+        """Where it sits in read order."""
+        return StoreCheckpoint(self.tx, self.position)
 
     def document(self) -> dict[str, Any]:
         """The checkpoint as it is handed out (JSON), to be kept outside the store."""
         return {
             "algorithm": ALGORITHM,
+            "tx": self.tx,
             "position": self.position,
             "events": self.events,
             "digest": self.digest.hex(),
@@ -100,6 +116,7 @@ class Checkpoint:
             )
         try:
             position, events = document["position"], document["events"]
+            tx = document.get("tx", 0)
             digest = bytes.fromhex(document["digest"])
             created_at = datetime.fromisoformat(document.get("created_at") or "1970-01-01Z")
         except (KeyError, TypeError, ValueError) as error:
@@ -108,9 +125,12 @@ class Checkpoint:
             ) from None
         if type(position) is not int or type(events) is not int or position < 1 or events < 0:
             raise InvalidCheckpointError("position must be 1 or more and events 0 or more")
+        if type(tx) is not int or tx < 0:
+            raise InvalidCheckpointError("tx must be 0 or more")
         if len(digest) != 32:
             raise InvalidCheckpointError("the digest must be 64 hex characters (SHA-256)")
-        return cls(position, events, digest, created_at, str(document.get("reason", "given")))
+        reason = str(document.get("reason", "given"))
+        return cls(position, events, digest, created_at, reason, tx)
 
 
 def checkpoints_from_json(text: str) -> list[Checkpoint]:
@@ -168,15 +188,16 @@ class AuditLogProjection(Projection):
     """Every event's who and why, and the digest of the whole sequence."""
 
     name = NAME
-    version = 1
+    version = 2
     handles = ()
     """Every event: the digest must cover every stored row."""
 
-    def setup(self, engine: Engine, head: int) -> None:
+    def setup(self, engine: Engine, head: StoreCheckpoint) -> None:
         for attempt in (1, 2):
             try:
                 with write_transaction(engine) as conn:
                     checkpoint_metadata.create_all(conn, checkfirst=True)
+                    add_missing_columns(conn, checkpoints)
                 return
             except (IntegrityError, OperationalError, ProgrammingError):
                 if attempt == 2:  # another process created it at the same moment
@@ -200,6 +221,8 @@ class AuditLogProjection(Projection):
             Column("correlation_id", String(200), nullable=False),
             Column("causation_id", String(64), nullable=False),
             Column("chain_hash", LargeBinary(32)),
+            Column("tx_id", BigInteger, nullable=False),
+            Index(f"audit_log{suffix}_read_order", "tx_id", "position"),
             Index(f"audit_log{suffix}_order", "order_id", "position"),
             Index(f"audit_log{suffix}_actor", "actor_id", "position"),
             Index(f"audit_log{suffix}_correlation", "correlation_id", "position"),
@@ -211,6 +234,7 @@ class AuditLogProjection(Projection):
             metadata,
             Column("id", Integer, primary_key=True, autoincrement=False),
             Column("position", BigInteger, nullable=False),
+            Column("tx_id", BigInteger, nullable=False),
             Column("events", BigInteger, nullable=False),
             Column("digest", LargeBinary(32), nullable=False),
         )
@@ -227,7 +251,7 @@ class AuditLogBatch(Batch):
         super().__init__(conn, tables)
         self.rows: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
-        self.position = 0
+        self.last = START
         self.events = 0
         self.digest = GENESIS
         self.found = False
@@ -237,7 +261,8 @@ class AuditLogBatch(Batch):
         row = self.conn.execute(select(table).where(table.c.id == _DIGEST_ROW)).first()
         if row is not None:
             self.found = True
-            self.position, self.events, self.digest = row.position, row.events, bytes(row.digest)
+            self.last = StoreCheckpoint(row.tx_id, row.position)
+            self.events, self.digest = row.events, bytes(row.digest)
 
     def handle(self, recorded: RecordedEvent) -> None:
         event = recorded.event
@@ -260,20 +285,24 @@ class AuditLogBatch(Batch):
                 "correlation_id": metadata["correlation_id"],
                 "causation_id": metadata["causation_id"],
                 "chain_hash": link,
+                "tx_id": recorded.tx,
             }
         )
         if link is None:
             return  # recorded before events were chained: not part of the digest
-        boundary = -(-self.position // CHECKPOINT_INTERVAL) * CHECKPOINT_INTERVAL
+        # A boundary B passed between the last event and this one is the pair (last tx, B):
+        # no event of the last one's transaction lies between them in read order.
+        boundary = -(-self.last.position // CHECKPOINT_INTERVAL) * CHECKPOINT_INTERVAL
         while self.events and boundary < recorded.position:
             self.checkpoints.append(self._checkpoint(boundary, "interval"))
             boundary += CHECKPOINT_INTERVAL
         self.digest = extend_digest(self.digest, recorded.position, link)
         self.events += 1
-        self.position = recorded.position
+        self.last = recorded.checkpoint
 
     def _checkpoint(self, position: int, reason: str) -> dict[str, Any]:
         return {
+            "tx_id": self.last.tx,
             "position": position,
             "events": self.events,
             "digest": self.digest,
@@ -287,7 +316,12 @@ class AuditLogBatch(Batch):
         if not self.events:
             return
         table = self.tables["audit_digest"]
-        values = {"position": self.position, "events": self.events, "digest": self.digest}
+        values = {
+            "position": self.last.position,
+            "tx_id": self.last.tx,
+            "events": self.events,
+            "digest": self.digest,
+        }
         if self.found:
             self.conn.execute(table.update().where(table.c.id == _DIGEST_ROW).values(values))
         else:
@@ -306,6 +340,7 @@ def insert_checkpoints(conn: Connection, rows: list[dict[str, Any]]) -> None:
 
 def _entry(row: Any) -> AuditEntry:
     values = dict(row._mapping)
+    del values["tx_id"]  # read order is the engine's business; entries list by position
     values["recorded_at"] = _utc(values["recorded_at"])
     if values["chain_hash"] is not None:
         values["chain_hash"] = bytes(values["chain_hash"])
@@ -369,46 +404,65 @@ def list_audit_entries(
     return AuditPage(items=items, next_cursor=next_cursor)
 
 
+AuditRow = tuple[int, str, int, bytes | None, int]
+"""(position, order id, version, chain hash, transaction id) as the audit log recorded it."""
+
+
 def audit_rows(
-    conn: Connection, tables: dict[str, Table], *, after: int, upto: int, limit: int
-) -> list[tuple[int, str, int, bytes | None]]:
-    """(position, order id, version, chain hash) of the log's rows in (after, upto], in order."""
+    conn: Connection,
+    tables: dict[str, Table],
+    *,
+    after: StoreCheckpoint,
+    upto: StoreCheckpoint,
+    limit: int,
+) -> list[AuditRow]:
+    """The log's rows in (after, upto], in read order."""
     table = tables["audit_log"]
+    at = tuple_(table.c.tx_id, table.c.position)
     query = (
-        select(table.c.position, table.c.order_id, table.c.version, table.c.chain_hash)
-        .where(table.c.position > after, table.c.position <= upto)
-        .order_by(table.c.position)
+        select(*_audit_row_columns(table))
+        .where(at > tuple_(*after), at <= tuple_(*upto))
+        .order_by(table.c.tx_id, table.c.position)
         .limit(limit)
     )
-    return [
-        (row[0], row[1], row[2], None if row[3] is None else bytes(row[3]))
-        for row in conn.execute(query)
-    ]
+    return [_audit_row(row) for row in conn.execute(query)]
 
 
 def order_audit_rows(
-    conn: Connection, tables: dict[str, Table], order_id: str, *, upto: int
-) -> list[tuple[int, str, int, bytes | None]]:
-    """(position, order id, version, chain hash) of one order's rows up to ``upto``."""
+    conn: Connection, tables: dict[str, Table], order_id: str, *, upto: StoreCheckpoint
+) -> list[AuditRow]:
+    """One order's rows up to ``upto`` in read order (an order's positions only grow)."""
     table = tables["audit_log"]
     query = (
-        select(table.c.position, table.c.order_id, table.c.version, table.c.chain_hash)
-        .where(table.c.order_id == order_id, table.c.position <= upto)
+        select(*_audit_row_columns(table))
+        .where(
+            table.c.order_id == order_id,
+            tuple_(table.c.tx_id, table.c.position) <= tuple_(*upto),
+        )
         .order_by(table.c.position)
     )
-    return [
-        (row[0], row[1], row[2], None if row[3] is None else bytes(row[3]))
-        for row in conn.execute(query)
-    ]
+    return [_audit_row(row) for row in conn.execute(query)]
+
+
+def _audit_row_columns(table: Table) -> list[Any]:
+    c = table.c
+    return [c.position, c.order_id, c.version, c.chain_hash, c.tx_id]
+
+
+def _audit_row(row: Any) -> AuditRow:
+    return (row[0], row[1], row[2], None if row[3] is None else bytes(row[3]), row[4])
 
 
 def list_checkpoints(conn: Connection) -> list[Checkpoint]:
     """Every recorded checkpoint, oldest first."""
-    rows = conn.execute(select(checkpoints).order_by(checkpoints.c.position)).all()
-    return [
-        Checkpoint(r.position, r.events, bytes(r.digest), _utc(r.created_at), r.reason)
-        for r in rows
-    ]
+    rows = conn.execute(
+        select(checkpoints).order_by(checkpoints.c.tx_id, checkpoints.c.position)
+    ).all()
+    return [_checkpoint_of(r) for r in rows]
+
+
+def _checkpoint_of(r: Any) -> Checkpoint:
+    return Checkpoint(r.position, r.events, bytes(r.digest), _utc(r.created_at), r.reason, r.tx_id)
 
 
 def take_checkpoint(conn: Connection, tables: dict[str, Table]) -> Checkpoint | None:
@@ -421,6 +475,7 @@ def take_checkpoint(conn: Connection, tables: dict[str, Table]) -> Checkpoint | 
         conn,
         [
             {
+                "tx_id": row.tx_id,
                 "position": row.position,
                 "events": row.events,
                 "digest": bytes(row.digest),
@@ -430,9 +485,7 @@ def take_checkpoint(conn: Connection, tables: dict[str, Table]) -> Checkpoint | 
         ],
     )
     found = conn.execute(select(checkpoints).where(checkpoints.c.position == row.position)).one()
-    return Checkpoint(
-        found.position, found.events, bytes(found.digest), _utc(found.created_at), found.reason
-    )
+    return _checkpoint_of(found)
 
 
 def request_checkpoint(engine: Engine, serving_tables: Any) -> Checkpoint | None:

@@ -9,6 +9,7 @@ from typing import ClassVar
 from eventsourcing.domain import Aggregate
 from sqlalchemy import Connection, Engine, MetaData, Table
 
+from domain.eventstore import Checkpoint
 from projections.engine.source import RecordedEvent, topics_of
 
 
@@ -56,7 +57,7 @@ class Projection(ABC):
     def topics(self) -> list[str]:
         return topics_of(self.handles)
 
-    def setup(self, engine: Engine, head: int) -> None:  # noqa: B027 - optional hook
+    def setup(self, engine: Engine, head: Checkpoint) -> None:  # noqa: B027 - optional hook
         """Create anything shared by every generation (called once at start-up)."""
 
     @abstractmethod

@@ -26,8 +26,11 @@ from uuid import UUID
 
 from domain.chain import GENESIS, event_hash, extend_digest
 from domain.errors import OrderNotFoundError
+from domain.eventstore import START
+from domain.eventstore import Checkpoint as StoreCheckpoint
 from projections.audit_log import NAME as AUDIT_LOG
 from projections.audit_log import (
+    AuditRow,
     Checkpoint,
     audit_rows,
     list_checkpoints,
@@ -36,9 +39,6 @@ from projections.audit_log import (
 from projections.engine.runtime import ProjectionRuntime
 
 PAGE = 10_000
-
-AuditRow = tuple[int, str, int, bytes | None]
-"""(position, order id, version, chain hash) as the audit log recorded it."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,18 @@ class _Chains:
                     version,
                 )
             )
+        if previous is not None and position < previous[2]:
+            raise _BrokenLinkError(
+                Problem(
+                    "out_of_order",
+                    f"order {order} version {version} at position {position} comes after "
+                    f"version {previous[0]} at position {previous[2]}: an order's positions "
+                    "only grow",
+                    position,
+                    order,
+                    version,
+                )
+            )
         report.events_checked += 1
         if previous is None:
             report.aggregates_checked += 1
@@ -191,17 +203,18 @@ class _Chains:
 
 
 class _AuditLog:
-    """The audit log's rows, read in pages, compared with the store's in position order."""
+    """The audit log's rows, read in pages, compared with the store's in read order."""
 
-    def __init__(self, rows: Iterator[AuditRow], upto: int) -> None:
+    def __init__(self, rows: Iterator[AuditRow], upto: StoreCheckpoint) -> None:
         self._rows = rows
         self.upto = upto
         self._next = next(self._rows, None)
 
-    def compare(self, position: int, order_id: str, version: int, link: bytes | None) -> None:
-        self.only_in_log(before=position)
+    def compare(self, at: StoreCheckpoint, order_id: str, version: int, link: bytes | None) -> None:
+        self.only_in_log(before=at)
+        position = at.position
         logged = self._next
-        if logged is not None and logged[0] == position:
+        if logged is not None and (logged[4], logged[0]) == at:
             self._next = next(self._rows, None)
             if (logged[1], logged[2], logged[3]) != (order_id, version, link):
                 raise _BrokenLinkError(
@@ -215,22 +228,22 @@ class _AuditLog:
                         version,
                     )
                 )
-        elif position <= self.upto:
+        elif at <= self.upto:
             raise _BrokenLinkError(
                 Problem(
                     "not_in_audit_log",
                     f"order {order_id} version {version} at position {position} is not in the "
                     "audit log, which has seen every event up to position "
-                    f"{self.upto}: it was inserted afterwards",
+                    f"{self.upto.position}: it was inserted afterwards",
                     position,
                     order_id,
                     version,
                 )
             )
 
-    def only_in_log(self, before: int | None = None) -> None:
+    def only_in_log(self, before: StoreCheckpoint | None = None) -> None:
         logged = self._next
-        if logged is not None and (before is None or logged[0] < before):
+        if logged is not None and (before is None or (logged[4], logged[0]) < before):
             raise _BrokenLinkError(
                 Problem(
                     "missing_from_store",
@@ -244,21 +257,22 @@ class _AuditLog:
 
 
 class _Checkpoints:
-    """Checkpoints in position order, each compared once the digest has passed it."""
+    """Checkpoints in read order, each compared once the digest has passed it."""
 
     def __init__(self, checkpoints: Sequence[tuple[Checkpoint, str]], report: VerifyReport) -> None:
-        self._pending = sorted(checkpoints, key=lambda item: item[0].position)
+        self._pending = sorted(checkpoints, key=lambda item: item[0].at)
         self.report = report
 
-    def reached(self, position: int, chains: _Chains) -> None:
-        """Compare every checkpoint before ``position`` (all events up to it have been seen)."""
-        while self._pending and self._pending[0][0].position < position:
+    def reached(self, at: StoreCheckpoint, chains: _Chains) -> None:
+        """Compare every checkpoint before ``at`` (all events up to it have been seen)."""
+        while self._pending and self._pending[0][0].at < at:
             checkpoint, origin = self._pending.pop(0)
             self._compare(checkpoint, origin, chains)
 
-    def end(self, head: int, chains: _Chains) -> None:
+    def end(self, end: StoreCheckpoint, chains: _Chains) -> None:
+        head = end.position
         for checkpoint, origin in self._pending:
-            if checkpoint.position > head:
+            if checkpoint.at > end:
                 raise _BrokenLinkError(
                     Problem(
                         "truncated",
@@ -288,10 +302,13 @@ class _Checkpoints:
 
 def verify_store(runtime: ProjectionRuntime, given: Sequence[Checkpoint] = ()) -> VerifyReport:
     """Check every event in the store against its chain, the audit log and the checkpoints."""
-    audit_position = _audit_position(runtime)
+    audit_at = _audit_checkpoint(runtime)
     source = runtime.source
-    head = source.head()
-    report = VerifyReport(head=head, audit_log_position=audit_position)
+    # Only up to the safe head: later events may still be committing before it in read order.
+    end = source.safe_head()
+    report = VerifyReport(
+        head=end.position, audit_log_position=None if audit_at is None else audit_at.position
+    )
     chains = _Chains(report)
     with runtime.engine.connect() as conn:
         stored = list_checkpoints(conn)
@@ -301,27 +318,26 @@ def verify_store(runtime: ProjectionRuntime, given: Sequence[Checkpoint] = ()) -
         report,
     )
     log = (
-        _AuditLog(_paged_audit_rows(runtime, audit_position), audit_position)
-        if audit_position is not None
-        else None
+        _AuditLog(_paged_audit_rows(runtime, audit_at), audit_at) if audit_at is not None else None
     )
     try:
-        after = 0
+        after = START
         while True:
-            rows = source.stored_rows(after, head, PAGE)
+            rows = source.stored_rows(after, end, PAGE)
             if not rows:
                 break
-            for position, originator_id, version, topic, state, link in rows:
-                checkpoints.reached(position, chains)
+            for position, originator_id, version, topic, state, link, tx in rows:
+                at = StoreCheckpoint(tx, position)
+                checkpoints.reached(at, chains)
                 state_bytes = state if type(state) is bytes else bytes(state)
                 link_bytes = link if link is None or type(link) is bytes else bytes(link)
                 if log is not None:
-                    log.compare(position, str(originator_id), version, link_bytes)
+                    log.compare(at, str(originator_id), version, link_bytes)
                 chains.check(position, originator_id, version, topic, state_bytes, link_bytes)
-            after = rows[-1][0]
+            after = StoreCheckpoint(rows[-1][6], rows[-1][0])
         if log is not None:
             log.only_in_log()
-        checkpoints.end(head, chains)
+        checkpoints.end(end, chains)
     except _BrokenLinkError as broken:
         report.problem = broken.problem
     return report
@@ -330,25 +346,28 @@ def verify_store(runtime: ProjectionRuntime, given: Sequence[Checkpoint] = ()) -
 def verify_order(runtime: ProjectionRuntime, order_id: UUID) -> VerifyReport:
     """Check one order's events against their chain and the audit log."""
     ledger = runtime.ledger
-    audit_position = _audit_position(runtime)
+    audit_at = _audit_checkpoint(runtime)
     stored = ledger.store.select_aggregate_notifications(order_id)
     logged: list[AuditRow] = []
-    if audit_position is not None:
+    if audit_at is not None:
         logged = runtime.read(
-            AUDIT_LOG,
-            lambda conn, tables: order_audit_rows(conn, tables, str(order_id), upto=audit_position),
+            AUDIT_LOG, partial(order_audit_rows, order_id=str(order_id), upto=audit_at)
         )
     if not stored and not logged:
         raise OrderNotFoundError(f"order {order_id} not found")
     report = VerifyReport(
-        head=ledger.head_position(), audit_log_position=audit_position, order_id=str(order_id)
+        head=ledger.head_position(),
+        audit_log_position=None if audit_at is None else audit_at.position,
+        order_id=str(order_id),
     )
     chains = _Chains(report)
-    log = _AuditLog(iter(logged), audit_position) if audit_position is not None else None
+    log = _AuditLog(iter(logged), audit_at) if audit_at is not None else None
     try:
+        # One order's events: their transaction ids grow with their positions.
         for n in sorted(stored, key=lambda n: n.id):
             if log is not None:
-                log.compare(n.id, str(n.originator_id), n.originator_version, n.chain_hash)
+                at = StoreCheckpoint(n.tx, n.id)
+                log.compare(at, str(n.originator_id), n.originator_version, n.chain_hash)
             chains.check(
                 n.id, n.originator_id, n.originator_version, n.topic, n.state, n.chain_hash
             )
@@ -359,16 +378,16 @@ def verify_order(runtime: ProjectionRuntime, order_id: UUID) -> VerifyReport:
     return report
 
 
-def _audit_position(runtime: ProjectionRuntime) -> int | None:
+def _audit_checkpoint(runtime: ProjectionRuntime) -> StoreCheckpoint | None:
     serving = runtime.catalog.serving(AUDIT_LOG)
-    return None if serving is None else serving.position
+    return None if serving is None else serving.checkpoint
 
 
-def _paged_audit_rows(runtime: ProjectionRuntime, upto: int) -> Iterator[AuditRow]:
-    after = 0
+def _paged_audit_rows(runtime: ProjectionRuntime, upto: StoreCheckpoint) -> Iterator[AuditRow]:
+    after = START
     while True:
         rows = runtime.read(AUDIT_LOG, partial(audit_rows, after=after, upto=upto, limit=PAGE))
         if not rows:
             return
         yield from rows
-        after = rows[-1][0]
+        after = StoreCheckpoint(rows[-1][4], rows[-1][0])

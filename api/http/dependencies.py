@@ -20,6 +20,7 @@ from api.key_store import Principal
 from api.logs import correlation_id
 from domain.audit import Actor, CommandContext, acting_as
 from domain.errors import InvalidCommandError
+from domain.eventstore import Checkpoint, reached_at
 from domain.ledger import OrderLedger
 from domain.money import MAX_AMOUNT
 
@@ -170,9 +171,10 @@ async def reachable_min_position(
         int | None,
         Header(alias="Orderledger-Min-Position", ge=0, le=MAX_AMOUNT),
     ] = None,
-) -> int | None:
-    """The position a read must reflect (query string or header, the higher), refused if the
-    store has not recorded it yet.
+) -> Checkpoint | None:
+    """Where the read model must be for the read to reflect a position (query string or
+    header, the higher): the checkpoint of the event there. Refused if the store has not
+    recorded that position yet.
 
     Positions come from command responses, so one beyond the newest event is a client error:
     waiting for it would only end in a 503 after the read timeout.
@@ -181,8 +183,14 @@ async def reachable_min_position(
     position = max(values) if values else None
     if position is None:
         return None
-    head = await run_in_threadpool(get_ledger(request).head_position)
-    if position > head:
+    ledger = get_ledger(request)
+
+    def target() -> tuple[int, Checkpoint | None]:
+        head = ledger.head_position()
+        return head, None if position > head else reached_at(ledger.store, position)
+
+    head, checkpoint = await run_in_threadpool(target)
+    if checkpoint is None:
         raise RequestValidationError(
             [
                 {
@@ -194,10 +202,10 @@ async def reachable_min_position(
                 }
             ]
         )
-    return position
+    return checkpoint
 
 
-ReachableMinPositionDep = Annotated[int | None, Depends(reachable_min_position)]
+ReachableMinPositionDep = Annotated[Checkpoint | None, Depends(reachable_min_position)]
 
 
 def is_json_media_type(content_type: str) -> bool:

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.bootstrap import Background, background, open_read_models
 from api.settings import Settings
+from domain.eventstore import Checkpoint
 from projections.engine.point_read import PointReader
 from projections.engine.runtime import ProjectionRuntime
 
@@ -63,22 +64,22 @@ ProjectionsDep = Annotated[ProjectionRuntime, Depends(_projections)]
 
 
 async def wait_for_position(
-    runtime: ProjectionRuntime, settings: Settings, name: str, position: int | None
+    runtime: ProjectionRuntime, settings: Settings, name: str, target: Checkpoint | None
 ) -> None:
-    """Read-your-writes: wait (bounded) until projection ``name`` has applied ``position``."""
-    if position is None:
+    """Read-your-writes: wait (bounded) until projection ``name`` has reached ``target``."""
+    if target is None:
         return
     deadline = time.monotonic() + settings.read_your_writes_timeout
     while True:
         serving = await run_in_threadpool(runtime.catalog.serving, name)
-        if serving is not None and serving.position >= position:
+        if serving is not None and serving.checkpoint >= target:
             return
         if time.monotonic() >= deadline:
             reached = serving.position if serving is not None else 0
             raise HTTPException(
                 status_code=503,
                 detail=f"the {name} read model has reached position {reached}, not yet "
-                f"{position}; retry shortly",
+                f"{target.position}; retry shortly",
                 headers={"Retry-After": "1"},
             )
         await asyncio.sleep(0.01)
@@ -88,7 +89,7 @@ async def read_model(
     request: Request,
     name: str,
     query: Callable[[Connection, dict[str, Table]], T],
-    min_position: int | None,
+    min_position: Checkpoint | None,
 ) -> T:
     """Run a query on read model ``name`` once it has applied ``min_position``."""
     runtime = get_projections(request)
@@ -103,12 +104,12 @@ async def read_model(
 
 
 async def point_read(
-    request: Request, reader: PointReader, key: str, min_position: int | None
+    request: Request, reader: PointReader, key: str, min_position: Checkpoint | None
 ) -> dict[str, Any] | None:
     """One row of a read model by its key (None if there is none), once the read model has
     applied ``min_position``: one statement on the event loop, no thread hand-off."""
     found = await reader.aget(key)
-    if found is None or found.position < (min_position or 0):
+    if found is None or (min_position is not None and found.checkpoint < min_position):
         runtime = get_projections(request)
         await wait_for_position(runtime, request.app.state.settings, reader.name, min_position)
         found = await reader.aget(key)

@@ -33,15 +33,17 @@ from sqlalchemy import (
     UniqueConstraint,
     insert,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from domain.eventstore import START, Checkpoint
 from domain.order import EVENT_TYPES, Order
 from domain.personal import ERASED, PersonalDataErasure, reveal
 from projections.base import Batch, Projection
-from projections.engine.database import db_now, write_transaction
+from projections.engine.database import add_missing_columns, db_now, write_transaction
 from projections.engine.source import RecordedEvent
 
 PENDING = "pending"
@@ -112,6 +114,7 @@ subscriptions = Table(
     Column("active", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("created_position", BigInteger, nullable=False),
+    Column("created_tx_id", BigInteger, nullable=False, default=0, server_default="0"),
 )
 
 watermarks = Table(
@@ -120,6 +123,9 @@ watermarks = Table(
     Column("name", String(64), primary_key=True),
     Column("installed_position", BigInteger, nullable=False),
     Column("position", BigInteger, nullable=False),
+    # With the positions, checkpoints (domain/eventstore.py); 0 in rows of older versions.
+    Column("installed_tx_id", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("tx_id", BigInteger, nullable=False, default=0, server_default="0"),
 )
 
 
@@ -134,7 +140,7 @@ def email_target(customer_id: str) -> str:
     return f"{EMAIL}:{customer_id}"
 
 
-def install_outbox(engine: Engine, head: int) -> None:
+def install_outbox(engine: Engine, head: Checkpoint) -> None:
     """Create the outbox tables; the first install starts effects after the current head.
 
     Effects begin when the outbox is installed: events recorded before (e.g. demo data or an
@@ -145,6 +151,8 @@ def install_outbox(engine: Engine, head: int) -> None:
         try:
             with write_transaction(engine) as conn:
                 outbox_metadata.create_all(conn, checkfirst=True)
+                add_missing_columns(conn, watermarks)
+                add_missing_columns(conn, subscriptions)
                 for index in effects.indexes:  # added to a table created by an older version
                     index.create(conn, checkfirst=True)
                 exists = conn.execute(
@@ -153,7 +161,11 @@ def install_outbox(engine: Engine, head: int) -> None:
                 if exists is None:
                     conn.execute(
                         insert(watermarks).values(
-                            name=OutboxProjection.name, installed_position=head, position=head
+                            name=OutboxProjection.name,
+                            installed_position=head.position,
+                            installed_tx_id=head.tx,
+                            position=head.position,
+                            tx_id=head.tx,
                         )
                     )
                 conn.execute(
@@ -176,11 +188,13 @@ class Subscription:
     event_types: list[str]
     active: bool
     created_position: int
+    created_tx: int = 0
+    """With ``created_position``, the checkpoint after which it receives events."""
 
-    def wants(self, event_type: str, position: int) -> bool:
+    def wants(self, event_type: str, checkpoint: Checkpoint) -> bool:
         return (
             self.active
-            and position > self.created_position
+            and checkpoint > Checkpoint(self.created_tx, self.created_position)
             and ("*" in self.event_types or event_type in self.event_types)
         )
 
@@ -214,7 +228,7 @@ def effect_rows(
     targets = [
         (f"{WEBHOOK}:{subscription.id}", WEBHOOK, subscription.url)
         for subscription in subscriptions
-        if subscription.wants(event_type, recorded.position)
+        if subscription.wants(event_type, recorded.checkpoint)
     ]
     if contact is not None and event_type in EMAIL_EVENTS:
         targets.append((f"{EMAIL}:{event_type}", EMAIL, email_target(contact)))
@@ -240,6 +254,16 @@ def effect_rows(
     ]
 
 
+def watermark_of(row: Any) -> Checkpoint:
+    """The outbox's high-water mark: effects of events up to it are recorded."""
+    return Checkpoint(row.tx_id, row.position)
+
+
+def installed_at(row: Any) -> Checkpoint:
+    """Where the outbox was installed: events up to it trigger nothing."""
+    return Checkpoint(row.installed_tx_id, row.installed_position)
+
+
 def load_subscriptions(conn: Connection) -> list[Subscription]:
     rows = conn.execute(select(subscriptions).where(subscriptions.c.active.is_(True)))
     return [
@@ -249,6 +273,7 @@ def load_subscriptions(conn: Connection) -> list[Subscription]:
             event_types=json.loads(row.event_types),
             active=row.active,
             created_position=row.created_position,
+            created_tx=row.created_tx_id,
         )
         for row in rows
     ]
@@ -311,7 +336,7 @@ class OutboxProjection(Projection):
         PersonalDataErasure.Erased,
     )
 
-    def setup(self, engine: Engine, head: int) -> None:
+    def setup(self, engine: Engine, head: Checkpoint) -> None:
         install_outbox(engine, head)
 
     def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
@@ -339,17 +364,19 @@ class OutboxBatch(Batch):
         self.rows: list[dict[str, Any]] = []
         self.erasures: list[tuple[str, int]] = []
         self.subscriptions: list[Subscription] = []
-        self.watermark = 0
-        self.last_position = 0
+        self.watermark = START
+        self.last = START
         self.now = 0.0
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
         # Locked until the batch commits: a subscription being added waits for us, or we see it.
-        self.watermark = self.conn.execute(
-            select(watermarks.c.position)
-            .where(watermarks.c.name == OutboxProjection.name)
-            .with_for_update()
-        ).scalar_one()
+        self.watermark = watermark_of(
+            self.conn.execute(
+                select(watermarks)
+                .where(watermarks.c.name == OutboxProjection.name)
+                .with_for_update()
+            ).one()
+        )
         self.now = float(self.conn.execute(select(db_now(self.conn.dialect.name))).scalar_one())
         self.subscriptions = load_subscriptions(self.conn)
         ids = list({str(r.event.originator_id) for r in events})
@@ -361,13 +388,13 @@ class OutboxBatch(Batch):
                 self.contacts[row.order_id] = row.customer_id
 
     def handle(self, recorded: RecordedEvent) -> None:
-        self.last_position = recorded.position
+        self.last = recorded.checkpoint
         if isinstance(recorded.event, PersonalDataErasure.Erased):
             self.erasures.append((recorded.event.customer_id, recorded.position))
             return
         order_id = str(recorded.event.originator_id)
         self.on_event(recorded.event, order_id)
-        if recorded.position <= self.watermark:
+        if recorded.checkpoint <= self.watermark:
             return  # already recorded by an earlier generation: never twice
         email = self.contacts.get(order_id)
         self.rows.extend(effect_rows(recorded, self.subscriptions, email, self.now))
@@ -389,12 +416,12 @@ class OutboxBatch(Batch):
         insert_ignoring_duplicates(self.conn, self.rows)
         for customer_id, position in self.erasures:
             cancel_emails(self.conn, self.contacts_table, customer_id, before=position)
-        if self.last_position > self.watermark:
+        if self.last > self.watermark:
             self.conn.execute(
                 update(watermarks)
                 .where(
                     watermarks.c.name == OutboxProjection.name,
-                    watermarks.c.position < self.last_position,
+                    tuple_(watermarks.c.tx_id, watermarks.c.position) < tuple_(*self.last),
                 )
-                .values(position=self.last_position)
+                .values(position=self.last.position, tx_id=self.last.tx)
             )

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, func, select, update
 
+from domain.eventstore import START
 from domain.order import EVENT_TYPES, Order
 from projections.effects.outbox import (
     DEAD,
@@ -21,8 +22,10 @@ from projections.effects.outbox import (
     effect_rows,
     effects,
     insert_ignoring_duplicates,
+    installed_at,
     load_subscriptions,
     subscriptions,
+    watermark_of,
     watermarks,
 )
 from projections.effects.senders import new_secret
@@ -113,21 +116,23 @@ class Effects:
             known = ", ".join(sorted(EVENT_TYPES))
             raise InvalidSubscriptionError(f"unknown event types {unknown}; known: {known}, *")
         secret = new_secret()
-        head = self.source.head()
+        head = self.source.safe_head()
         with write_transaction(self.engine) as conn:
             # Take turns with outbox batches (they lock the same row): a batch either sees this
             # subscription, or it committed first and the subscription starts after it.
-            mark = conn.execute(
-                select(watermarks.c.position)
+            row = conn.execute(
+                select(watermarks)
                 .where(watermarks.c.name == OutboxProjection.name)
                 .with_for_update()
-            ).scalar_one_or_none()
+            ).first()
+            created = max(head, watermark_of(row)) if row is not None else head
             subscription = Subscription(
                 id=str(uuid.uuid4()),
                 url=url,
                 event_types=types,
                 active=True,
-                created_position=max(head, mark or 0),
+                created_position=created.position,
+                created_tx=created.tx,
             )
             conn.execute(
                 subscriptions.insert().values(
@@ -138,6 +143,7 @@ class Effects:
                     active=True,
                     created_at=self.now,
                     created_position=subscription.created_position,
+                    created_tx_id=subscription.created_tx,
                 )
             )
         return CreatedSubscription(subscription, secret)
@@ -153,6 +159,7 @@ class Effects:
                     event_types=json.loads(row.event_types),
                     active=row.active,
                     created_position=row.created_position,
+                    created_tx=row.created_tx_id,
                 )
                 for row in conn.execute(select(subscriptions).order_by(subscriptions.c.created_at))
             ]
@@ -280,18 +287,19 @@ class Effects:
             now = float(conn.execute(select(self.now)).scalar_one())
         contacts: dict[str, str | None] = {}
         missing = 0
-        position = 0
-        while position < mark.position:
+        position = START
+        until, installed = watermark_of(mark), installed_at(mark)
+        while position < until:
             batch = self.source.read(position, page)
             rows = []
             for recorded in batch.events:
-                if recorded.position > mark.position:
+                if recorded.checkpoint > until:
                     break
                 event = recorded.event
                 order_id = str(event.originator_id)
                 if isinstance(event, Order.Placed):
                     contacts[order_id] = contact_of(event)
-                if recorded.position <= mark.installed_position:
+                if recorded.checkpoint <= installed:
                     continue
                 rows += effect_rows(recorded, active, contacts.get(order_id), now)
             if rows:

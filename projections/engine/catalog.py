@@ -2,7 +2,7 @@
 
 A projection's tables exist in generations (``order_summaries_g1``, ``_g2``, ...). Exactly one
 generation is *serving* (readers use it); at most one is *building* (a rebuild from event zero).
-Each generation is advanced by compare-and-set on its position and on the fencing epoch of the
+Each generation is advanced by compare-and-set on its checkpoint and on the fencing epoch of the
 lease its worker holds, in the same transaction as its read-model rows.
 """
 
@@ -30,12 +30,14 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from domain.eventstore import Checkpoint
 from projections.base import Projection, generation_suffix
-from projections.engine.database import db_now, write_transaction
+from projections.engine.database import add_missing_columns, db_now, write_transaction
 
 log = logging.getLogger("orderledger.projections")
 
@@ -59,6 +61,8 @@ generations = Table(
     Column("version", Integer, nullable=False),
     Column("role", String(16), nullable=False),
     Column("position", BigInteger, nullable=False, default=0),
+    # With position, the checkpoint (domain/eventstore.py); 0 in rows of older versions.
+    Column("tx_id", BigInteger, nullable=False, default=0, server_default="0"),
     Column("target_position", BigInteger, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
@@ -97,6 +101,7 @@ class Generation:
     version: int
     role: str
     position: int
+    tx_id: int
     target_position: int
     created_at: float
     updated_at: float
@@ -113,6 +118,11 @@ class Generation:
     @property
     def failed(self) -> bool:
         return self.error_position is not None
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """Every event up to here in read order is applied."""
+        return Checkpoint(self.tx_id, self.position)
 
 
 @dataclass(frozen=True)
@@ -151,11 +161,13 @@ class Catalog:
                 generations.c.generation == bindparam("a_generation"),
                 generations.c.role.in_([SERVING, BUILDING]),
                 generations.c.position == bindparam("a_expected"),
+                generations.c.tx_id == bindparam("a_expected_tx"),
                 generations.c.lease_owner == bindparam("a_owner"),
                 generations.c.lease_epoch == bindparam("a_epoch"),
             )
             .values(
                 position=bindparam("a_position", type_=BigInteger),
+                tx_id=bindparam("a_tx", type_=BigInteger),
                 updated_at=self.now,
                 progressed_at=self.now,
                 lease_expires_at=self.now + bindparam("a_ttl", type_=Float),
@@ -169,13 +181,17 @@ class Catalog:
 
     def install(self) -> None:
         """Create the tracking table (idempotent; safe when several processes start at once)."""
-        try:
-            with self.engine.begin() as conn:
-                catalog_metadata.create_all(conn, checkfirst=True)
-        except (IntegrityError, OperationalError, ProgrammingError):
-            # Another process created it between our check and our CREATE.
-            with self.engine.begin() as conn:
-                catalog_metadata.create_all(conn, checkfirst=True)
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    catalog_metadata.create_all(conn, checkfirst=True)
+                    # A position-only checkpoint p of an older version is the pair (0, p).
+                    add_missing_columns(conn, generations)
+                return
+            except (IntegrityError, OperationalError, ProgrammingError):
+                # Another process created it between our check and our CREATE.
+                if attempt == 2:
+                    raise
 
     # -- tables of a generation -------------------------------------------------------------
 
@@ -331,6 +347,7 @@ class Catalog:
                 version=projection.version,
                 role=role,
                 position=0,
+                tx_id=0,
                 target_position=target,
                 created_at=self.now,
                 updated_at=self.now,
@@ -387,10 +404,10 @@ class Catalog:
                 )
         return dropped
 
-    def promote(self, conn: Connection, lease: Lease, position: int) -> bool:
+    def promote(self, conn: Connection, lease: Lease, checkpoint: Checkpoint) -> bool:
         """In the caller's transaction, make a caught-up building generation the serving one.
 
-        Only at or past the serving generation's position, so reads never go backwards;
+        Only at or past the serving generation's checkpoint, so reads never go backwards;
         False (nothing changed) while the serving one is further on.
         """
         retired = conn.execute(
@@ -398,7 +415,7 @@ class Catalog:
             .where(
                 generations.c.name == lease.name,
                 generations.c.role == SERVING,
-                generations.c.position <= position,
+                tuple_(generations.c.tx_id, generations.c.position) <= tuple_(*checkpoint),
             )
             .values(role=RETIRED, updated_at=self.now)
         )
@@ -410,7 +427,8 @@ class Catalog:
                 generations.c.name == lease.name,
                 generations.c.generation == lease.generation,
                 generations.c.role == BUILDING,
-                generations.c.position == position,
+                generations.c.position == checkpoint.position,
+                generations.c.tx_id == checkpoint.tx,
                 generations.c.lease_owner == lease.owner,
                 generations.c.lease_epoch == lease.epoch,
             )
@@ -451,25 +469,32 @@ class Catalog:
         return Lease(name=name, generation=generation, owner=owner, epoch=epoch)
 
     def advance(
-        self, conn: Connection, lease: Lease, expected: int, position: int, ttl: float
+        self,
+        conn: Connection,
+        lease: Lease,
+        expected: Checkpoint,
+        checkpoint: Checkpoint,
+        ttl: float,
     ) -> None:
-        """In the caller's transaction: compare-and-set the position; raise if it moved on."""
+        """In the caller's transaction: compare-and-set the checkpoint; raise if it moved on."""
         result = conn.execute(
             self._advance,
             {
                 "a_name": lease.name,
                 "a_generation": lease.generation,
-                "a_expected": expected,
+                "a_expected": expected.position,
+                "a_expected_tx": expected.tx,
                 "a_owner": lease.owner,
                 "a_epoch": lease.epoch,
-                "a_position": position,
+                "a_position": checkpoint.position,
+                "a_tx": checkpoint.tx,
                 "a_ttl": ttl,
             },
         )
         if result.rowcount != 1:
             raise LeaseLostError(
-                f"{lease.name} generation {lease.generation} is no longer at position "
-                f"{expected} under lease epoch {lease.epoch}"
+                f"{lease.name} generation {lease.generation} is no longer at checkpoint "
+                f"{tuple(expected)} under lease epoch {lease.epoch}"
             )
 
     def heartbeat(self, lease: Lease, ttl: float) -> bool:

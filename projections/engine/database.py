@@ -11,9 +11,20 @@ from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Column, Connection, Dialect, Engine, Table, create_engine, event
+from sqlalchemy import (
+    Column,
+    Connection,
+    Dialect,
+    Engine,
+    Table,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.types import Float
@@ -121,6 +132,17 @@ def _begin_sqlite(connection: Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         connection.exec_driver_sql("BEGIN")
+
+
+def add_missing_columns(conn: Connection, table: Table) -> None:
+    """In the caller's transaction, add the columns a table made by an older version lacks,
+    each filled with its server default."""
+    present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+    name = conn.dialect.identifier_preparer.format_table(table)
+    for column in table.columns:
+        if column.name not in present:
+            ddl = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {name} ADD COLUMN {ddl}"))
 
 
 def db_now(dialect_name: str) -> ColumnElement[float]:

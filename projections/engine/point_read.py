@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import ColumnElement, Engine, Select, Table, bindparam, func, literal_column, select
 from sqlalchemy.dialects import postgresql
 
+from domain.eventstore import Checkpoint
 from projections.engine.catalog import SERVING, Catalog, generations
 
 BATCH_KEYS = 256
@@ -48,8 +49,8 @@ the pages in use are the operating system's file cache either way)."""
 class PointRead:
     """What a point read saw in one snapshot."""
 
-    position: int
-    """The serving generation's applied position."""
+    checkpoint: Checkpoint
+    """The serving generation's checkpoint."""
     row: dict[str, Any] | None
     """The row, with SQLAlchemy's own type conversions applied; None when there is none."""
 
@@ -198,7 +199,7 @@ class PointReader:
             for result in (self._result(statement, record) for record in records)
             if result is not None and result.row is not None
         }
-        absent = PointRead(records[0][0], None)
+        absent = PointRead(Checkpoint(records[0][0], records[0][1]), None)
         for key, futures in batch.items():
             for future in futures:
                 if not future.done():
@@ -256,16 +257,17 @@ class PointReader:
         """What the statement's one record says; None when the generation no longer serves."""
         if record is None:
             return None
-        position, *values = record
+        tx, position, *values = record
+        checkpoint = Checkpoint(tx, position)
         if values[0] is None:  # the key column of the outer join: no such row
-            return PointRead(position, None)
+            return PointRead(checkpoint, None)
         row = {
             column: convert(value) if convert is not None and value is not None else value
             for column, convert, value in zip(
                 statement.columns, statement.convert, values, strict=True
             )
         }
-        return PointRead(position, row)
+        return PointRead(checkpoint, row)
 
     def _prepare(self) -> _Statement | None:
         serving = self.catalog.serving(self.name)
@@ -366,8 +368,8 @@ class _AsyncConnections:
 
 
 def _compile(engine: Engine, table: Table, generation: int) -> _Statement:
-    """``SELECT g.position, t.* FROM catalog g LEFT JOIN table t ON t.key = :key`` where ``g`` is
-    the generation's catalog row, still serving."""
+    """``SELECT g.tx_id, g.position, t.* FROM catalog g LEFT JOIN table t ON t.key = :key``
+    where ``g`` is the generation's catalog row, still serving."""
     dialect = engine.dialect
     (key,) = table.primary_key.columns
     columns = [key, *(c for c in table.columns if c is not key)]
@@ -375,7 +377,7 @@ def _compile(engine: Engine, table: Table, generation: int) -> _Statement:
     def rows(matching: ColumnElement[bool]) -> Select[Any]:
         """The serving generation's catalog row joined to the table's rows ``matching``."""
         return (
-            select(generations.c.position, *columns)
+            select(generations.c.tx_id, generations.c.position, *columns)
             .select_from(generations.outerjoin(table, matching))
             .where(
                 generations.c.name == bindparam("name"),

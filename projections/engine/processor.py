@@ -11,6 +11,7 @@ from enum import Enum
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
+from domain.eventstore import START, Checkpoint
 from projections.base import EventHandlingError, Projection
 from projections.engine.catalog import BUILDING, SERVING, Catalog, Lease, LeaseLostError
 from projections.engine.database import BATCH_WRITE, write_transaction
@@ -50,16 +51,16 @@ class Outcome(Enum):
 class StepResult:
     outcome: Outcome
     events: int = 0
-    position: int = 0
-    head: int = 0
+    checkpoint: Checkpoint = START
+    head: Checkpoint = START
 
     @property
     def behind(self) -> bool:
-        return self.position < self.head
+        return self.checkpoint < self.head
 
 
 class Processor:
-    """Applies events to one generation's tables, exactly once per position."""
+    """Applies events to one generation's tables, exactly once per event."""
 
     def __init__(
         self,
@@ -78,11 +79,11 @@ class Processor:
         self.settings = settings or ProcessorSettings()
         self.tables = catalog.tables(projection.name, generation)
         self.lease: Lease | None = None
-        self.position = 0
+        self.checkpoint = START
         self.role = SERVING
         self.failed = False
         self.finished = False
-        self._isolate_until = 0
+        self._isolate_until = START
         self._refused_at = -float("inf")
         self._ahead: _ReadAhead | None = None
         self._read_ahead = (
@@ -101,10 +102,12 @@ class Processor:
             return StepResult(Outcome.FINISHED if self.finished else Outcome.BUSY_ELSEWHERE)
         assert self.lease is not None
         # After a batch failed outside any one handler, go one event at a time to find the culprit.
-        limit = 1 if self.position < self._isolate_until else self.settings.batch_size
+        limit = 1 if self.checkpoint < self._isolate_until else self.settings.batch_size
         batch = self._read(limit, reads)
-        if batch.checkpoint == self.position and not (self.role == BUILDING and batch.reached_head):
-            return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
+        if batch.checkpoint == self.checkpoint and not (
+            self.role == BUILDING and batch.reached_head
+        ):
+            return StepResult(Outcome.IDLE, checkpoint=self.checkpoint, head=batch.head)
         if self._read_ahead and limit > 1 and len(batch.events) == limit:
             # Catching up: read the next batch while this one commits (while either waits on
             # the database server, the other thread runs). It is used only if this commit
@@ -114,7 +117,7 @@ class Processor:
             promoted = self._commit(self.lease, batch)
         except EventHandlingError as error:
             self._fail(self.lease, batch, error)
-            return StepResult(Outcome.FAILED, position=self.position, head=batch.head)
+            return StepResult(Outcome.FAILED, checkpoint=self.checkpoint, head=batch.head)
         except LeaseLostError as error:
             log.warning(
                 "lease lost projection=%s generation=%s: %s",
@@ -123,20 +126,20 @@ class Processor:
                 error,
             )
             self.lease = None
-            return StepResult(Outcome.LOST, position=self.position, head=batch.head)
+            return StepResult(Outcome.LOST, checkpoint=self.checkpoint, head=batch.head)
         except TRANSIENT_ERRORS:
             raise
         except Exception as error:
             # load() or flush() failed: no single event is to blame yet.
             if len(batch.events) > 1:
                 self._isolate_until = batch.checkpoint
-                return StepResult(Outcome.IDLE, position=self.position, head=batch.head)
+                return StepResult(Outcome.IDLE, checkpoint=self.checkpoint, head=batch.head)
             if not batch.events:
                 raise
             self._fail(self.lease, batch, EventHandlingError(0, batch.events[0], error))
-            return StepResult(Outcome.FAILED, position=self.position, head=batch.head)
+            return StepResult(Outcome.FAILED, checkpoint=self.checkpoint, head=batch.head)
         applied = len(batch.events)
-        self.position = batch.checkpoint
+        self.checkpoint = batch.checkpoint
         if promoted:
             self.role = SERVING
             dropped = self.catalog.drop_retired(self.projection.name)
@@ -144,16 +147,16 @@ class Processor:
                 "rebuilt generation took over projection=%s generation=%s position=%s",
                 self.projection.name,
                 self.generation,
-                self.position,
+                self.checkpoint.position,
                 extra={
                     "projection": self.projection.name,
                     "generation": self.generation,
-                    "position": self.position,
+                    "position": self.checkpoint.position,
                     "retired_generations_dropped": dropped,
                 },
             )
-            return StepResult(Outcome.PROMOTED, applied, self.position, batch.head)
-        return StepResult(Outcome.APPLIED, applied, self.position, batch.head)
+            return StepResult(Outcome.PROMOTED, applied, self.checkpoint, batch.head)
+        return StepResult(Outcome.APPLIED, applied, self.checkpoint, batch.head)
 
     def heartbeat(self) -> None:
         """Keep the lease while idle (or while stopped on an error, so nobody loops on it)."""
@@ -171,15 +174,15 @@ class Processor:
             self.lease = None
 
     def _read(self, limit: int, reads: SharedReads | None) -> EventBatch:
-        """The batch after our position: the one read ahead if it starts there, else read now."""
+        """The batch after our checkpoint: the one read ahead if it starts there, else read now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            batch = ahead.result(self.position, limit)
+            batch = ahead.result(self.checkpoint, limit)
             if batch is not None:
                 return batch
         if reads is not None and limit == self.settings.batch_size:
-            return reads.read(self.position, limit, self.projection.topics)
-        return self.source.read(self.position, limit, self.projection.topics)
+            return reads.read(self.checkpoint, limit, self.projection.topics)
+        return self.source.read(self.checkpoint, limit, self.projection.topics)
 
     def _try_acquire(self) -> bool:
         # Someone else's lease lasts lease_ttl: asking far more often only contends for the
@@ -203,7 +206,7 @@ class Processor:
         if lease is None:
             return False
         self.lease = lease
-        self.position = row.position
+        self.checkpoint = row.checkpoint
         self.role = row.role
         return True
 
@@ -213,7 +216,7 @@ class Processor:
             # Compare-and-set first: a fenced or overtaken processor touches no read-model row,
             # and on PostgreSQL the tracking row stays locked by us until we commit.
             self.catalog.advance(
-                conn, lease, self.position, batch.checkpoint, self.settings.lease_ttl
+                conn, lease, self.checkpoint, batch.checkpoint, self.settings.lease_ttl
             )
             self.projection.apply(conn, self.tables, batch.events)
             if self.role == BUILDING and batch.reached_head:
@@ -224,14 +227,15 @@ class Processor:
         """Commit the events before the failing one, then stop there and record why."""
         failing = error.recorded
         before = batch.events[: error.index]
-        stop_at = max(self.position, failing.position - 1)
+        # Just before the failing event in read order.
+        stop_at = max(self.checkpoint, Checkpoint(failing.tx, failing.position - 1))
         try:
             engine = self.catalog.engine
             with write_transaction(engine, BATCH_WRITE) as conn:
                 # Also when nothing moves: a fenced processor must not stop the projection.
-                self.catalog.advance(conn, lease, self.position, stop_at, self.settings.lease_ttl)
+                self.catalog.advance(conn, lease, self.checkpoint, stop_at, self.settings.lease_ttl)
                 self.projection.apply(conn, self.tables, before)
-            self.position = stop_at
+            self.checkpoint = stop_at
         except LeaseLostError:
             self.lease = None
             return
@@ -264,7 +268,9 @@ class Processor:
 class _ReadAhead:
     """One batch read in a background thread, for the step after the current commit."""
 
-    def __init__(self, source: EventSource, after: int, limit: int, topics: Sequence[str]) -> None:
+    def __init__(
+        self, source: EventSource, after: Checkpoint, limit: int, topics: Sequence[str]
+    ) -> None:
         self.after = after
         self.limit = limit
         self._batch: EventBatch | None = None
@@ -282,7 +288,7 @@ class _ReadAhead:
         except Exception:  # the step reads again itself and meets the error there
             log.debug("reading ahead failed; the next step reads again", exc_info=True)
 
-    def result(self, after: int, limit: int) -> EventBatch | None:
+    def result(self, after: Checkpoint, limit: int) -> EventBatch | None:
         """The batch, if it was read from ``after`` with ``limit`` and without an error."""
         self._thread.join()
         if after != self.after or limit != self.limit:

@@ -64,7 +64,7 @@ def rebuild(
                 raise RebuildFailedError(f"generation {building.generation} of {name} vanished")
             done = row.role == SERVING
             if on_progress is not None:
-                head = max(result.head, runtime.source.head())
+                head = max(result.head.position, runtime.source.head())
                 on_progress(Progress(name, row.generation, row.position, head, events, done))
             if done:
                 return row

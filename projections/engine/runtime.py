@@ -52,7 +52,7 @@ class ProjectionRuntime:
         catalog = Catalog(engine, chosen)
         catalog.install()
         source = EventSource(ledger, poll_interval=poll_interval)
-        head = source.head()
+        head = source.safe_head()
         for projection in chosen:
             projection.setup(engine, head)
         return cls(

@@ -1,8 +1,10 @@
 """The one seam through which projections read the event store.
 
 "Events after this checkpoint, at most N" returns the events and the next checkpoint. A
-projection never assumes positions are contiguous: gaps are permanent and normal. Today the
-checkpoint is the global position; it could become (transaction id, position) behind this seam.
+checkpoint is the pair (transaction id, position) of domain/eventstore.py: events are read in
+that order, and only up to the store's safe head, so an event committed late with a low
+position is read after those that committed before it rather than skipped. A projection never
+assumes positions are contiguous: gaps are permanent and normal.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from eventsourcing.persistence import (
     JSONTranscoder,
     Mapper,
     MapperDeserialisationError,
+    Notification,
     Transcoding,
     find_id_convertor,
     pass_through_convertor,
@@ -34,7 +37,7 @@ from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from domain.eventstore import CHAIN_COLUMN
+from domain.eventstore import CHAIN_COLUMN, TX_COLUMN, Checkpoint, reached_at
 from domain.ledger import EVENT_NAMES, OrderLedger
 from domain.personal import SEALED, MasterKeyError, SealedValue
 
@@ -47,6 +50,13 @@ class RecordedEvent:
     position: int
     event: Aggregate.Event
     chain_hash: bytes | None = None
+    tx: int = 0
+    """The id of the transaction that wrote it (0 on SQLite and for rows of older versions)."""
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """Where it sits in read order."""
+        return Checkpoint(self.tx, self.position)
 
     @property
     def type_name(self) -> str:
@@ -58,9 +68,9 @@ class EventBatch:
     """Events after a checkpoint, and the checkpoint a projection may advance to after them."""
 
     events: list[RecordedEvent]
-    checkpoint: int
-    head: int
-    """The newest position committed when the batch was read."""
+    checkpoint: Checkpoint
+    head: Checkpoint
+    """The store's safe head when the batch was read."""
 
     @property
     def reached_head(self) -> bool:
@@ -75,91 +85,100 @@ def topics_of(event_types: Sequence[type[Aggregate.Event]]) -> list[str]:
 class EventSource:
     """Reads committed events by position from the ledger's recorder, and waits for new ones."""
 
-    def __init__(self, ledger: OrderLedger, *, poll_interval: float = 0.05) -> None:
+    def __init__(
+        self, ledger: OrderLedger, *, poll_interval: float = 0.05, horizon_poll: float = 0.1
+    ) -> None:
         self._ledger = ledger
         self.poll_interval = poll_interval
+        self.horizon_poll = horizon_poll
+        """While listening, how often to look whether the safe head moved without a NOTIFY."""
         self._listener: _PostgresListener | None = None
         self.server_side = isinstance(ledger.recorder, PostgresApplicationRecorder)
         """Reading waits on a database server (rather than on this process's own work)."""
         if isinstance(ledger.recorder, PostgresApplicationRecorder):
             self._listener = _PostgresListener(ledger.recorder)
         self._rows = _row_reader(ledger)
-        self._decode = _Decoder(ledger.mapper) if _Decoder.fits(ledger.mapper) else None
+        self._decode: Callable[..., RecordedEvent] = (
+            _Decoder(ledger.mapper)
+            if _Decoder.fits(ledger.mapper)
+            else _library_decoder(ledger.mapper)
+        )
 
     def head(self) -> int:
         """The newest committed position (0 for an empty store)."""
         return self._ledger.head_position()
 
-    def read(self, after: int, limit: int, topics: Sequence[str] = ()) -> EventBatch:
-        """Up to ``limit`` events of the given topics after ``after``, oldest first.
+    def safe_head(self) -> Checkpoint:
+        """The checkpoint a reader may pass now: later events may still be committing."""
+        return self._ledger.store.safe_head()
 
-        The head is read first: every position at or below a visible head is final, because
-        the store commits in position order (the library's recorders serialise inserts). So
-        when fewer than ``limit`` events come back, the checkpoint moves to the head, past
-        every event of other topics and every gap.
+    def last_committed(self) -> Checkpoint:
+        """The checkpoint of the last committed event in read order: a reader there has
+        applied every event committed so far."""
+        return self._ledger.store.last_committed()
+
+    def read(self, after: Checkpoint, limit: int, topics: Sequence[str] = ()) -> EventBatch:
+        """Up to ``limit`` events of the given topics after ``after`` in read order.
+
+        The safe head is read first: every event at or before it is final, since every
+        transaction that could still add one there has ended. So when fewer than ``limit``
+        events come back, the checkpoint moves to the safe head, past every event of other
+        topics and every gap.
         """
         return self.read_with_topics(after, limit, topics)[0]
 
     def read_with_topics(
-        self, after: int, limit: int, topics: Sequence[str] = ()
+        self, after: Checkpoint, limit: int, topics: Sequence[str] = ()
     ) -> tuple[EventBatch, list[str]]:
         """``read``, and the stored topic of each event in the batch."""
-        head = self.head()
+        head = self.safe_head()
         if head <= after:
             return EventBatch(events=[], checkpoint=after, head=head), []
-        if self._rows is not None and self._decode is not None:
-            decode = self._decode
-            rows = self._rows(after, head, topics, limit)
-            events = [decode(*row) for row in rows]
-            stored = [row[3] for row in rows]
-        else:
-            notifications = self._ledger.recorder.select_notifications(
-                start=after, limit=limit, stop=head, topics=topics, inclusive_of_start=False
-            )
-            mapper = self._ledger.mapper
-            events = [
-                RecordedEvent(n.id, cast(Aggregate.Event, mapper.to_domain_event(n)))
-                for n in notifications
-            ]
-            stored = [n.topic for n in notifications]
-        checkpoint = events[-1].position if len(events) == limit else head
+        decode = self._decode
+        rows = self._rows(after, head, topics, limit)
+        events = [decode(*row) for row in rows]
+        stored = [row[3] for row in rows]
+        checkpoint = events[-1].checkpoint if len(events) == limit else head
         return EventBatch(events=events, checkpoint=checkpoint, head=head), stored
 
-    def stored_rows(self, after: int, stop: int, limit: int) -> list[StoredRow]:
-        """Up to ``limit`` events after ``after`` up to ``stop`` as stored, undecoded, oldest
-        first: (position, originator id, version, topic, state bytes, chain hash)."""
-        if self._rows is None:
-            raise NotImplementedError(f"no row reader for {type(self._ledger.recorder)}")
+    def stored_rows(self, after: Checkpoint, stop: Checkpoint, limit: int) -> list[StoredRow]:
+        """Up to ``limit`` events after ``after`` up to ``stop`` in read order as stored,
+        undecoded: (position, originator id, version, topic, state bytes, chain hash, tx)."""
         return self._rows(after, stop, (), limit)
 
-    def timestamp_after(self, position: int) -> float | None:
-        """The time (epoch seconds) of the first event after a position, if there is one."""
-        notifications = self._ledger.recorder.select_notifications(
-            start=position, limit=1, inclusive_of_start=False
-        )
-        if not notifications:
+    def checkpoint_at(self, position: int) -> Checkpoint | None:
+        """Where the event at ``position`` sits in read order (None: no committed event)."""
+        return self._ledger.store.checkpoint_at(position)
+
+    def reached(self, position: int) -> Checkpoint:
+        """The checkpoint at which a reader has passed the event at ``position``."""
+        return reached_at(self._ledger.store, position)
+
+    def timestamp_after(self, after: Checkpoint) -> float | None:
+        """The time (epoch seconds) of the first event after a checkpoint, if there is one
+        (committing or not yet safe to pass, too: it is waiting all the same)."""
+        rows = self._rows(after, Checkpoint(2**63 - 1, 2**63 - 1), (), 1)
+        if not rows:
             return None
-        domain_event = cast(Aggregate.Event, self._ledger.mapper.to_domain_event(notifications[0]))
-        return domain_event.timestamp.timestamp()
+        return self._decode(*rows[0]).event.timestamp.timestamp()
 
-    def wait_for_events(self, after: int, timeout: float) -> None:
-        """Block until an event after ``after`` may exist, or the timeout passes.
+    def wait_for_events(self, after: Checkpoint, timeout: float) -> None:
+        """Block until an event after ``after`` may be safe to read, or the timeout passes.
 
-        PostgreSQL wakes up on the store's NOTIFY; SQLite (and a lost listener) polls.
+        PostgreSQL wakes up on the store's NOTIFY, and polls too: the safe head also moves
+        when a transaction that held it back ends, which notifies nobody. SQLite (and a lost
+        listener) polls.
         """
         deadline = time.monotonic() + timeout
-        listening = self._listener is not None and self._listener.connected
-        # If the listener drops while we wait, poll for the rest of the time.
-        if (
-            listening
-            and self._listener is not None
-            and (self._listener.wait(timeout) or self._listener.connected)
-        ):
-            return
-        while time.monotonic() < deadline:
-            if self.head() > after:
+        while (left := deadline - time.monotonic()) > 0:
+            listener = self._listener
+            if listener is not None and listener.connected:
+                if listener.wait(min(left, self.horizon_poll)):
+                    return
+            else:
+                time.sleep(min(self.poll_interval, left))
+            if self.safe_head() > after:
                 return
-            time.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
         if self._listener is not None:
@@ -184,9 +203,9 @@ class SharedReads:
             if not topic_lists or any(not topics for topics in topic_lists)
             else sorted({topic for topics in topic_lists for topic in topics})
         )
-        self._batches: dict[tuple[int, int], tuple[EventBatch, list[str]]] = {}
+        self._batches: dict[tuple[Checkpoint, int], tuple[EventBatch, list[str]]] = {}
 
-    def read(self, after: int, limit: int, topics: Sequence[str]) -> EventBatch:
+    def read(self, after: Checkpoint, limit: int, topics: Sequence[str]) -> EventBatch:
         """What ``EventSource.read(after, limit, topics)`` could return, read once per round."""
         if not topics and self._topics:
             return self._source.read(after, limit, topics)
@@ -206,39 +225,42 @@ class SharedReads:
         return EventBatch(events=events, checkpoint=batch.checkpoint, head=batch.head)
 
 
-StoredRow = tuple[int, Any, int, str, bytes, bytes | None]
-"""(position, originator id, version, topic, state, chain hash) of one stored event."""
-_Rows = Callable[[int, int, Sequence[str], int], list[StoredRow]]
-"""(after, stop, topics, limit) -> stored rows, oldest first."""
+StoredRow = tuple[int, Any, int, str, bytes, bytes | None, int]
+"""(position, originator id, version, topic, state, chain hash, transaction id) of one event."""
+_Rows = Callable[[Checkpoint, Checkpoint, Sequence[str], int], list[StoredRow]]
+"""(after, stop, topics, limit) -> stored rows in read order."""
 
 
-def _row_reader(ledger: OrderLedger) -> _Rows | None:
-    """The library's notification query without its per-row objects, for bulk reads.
+def _row_reader(ledger: OrderLedger) -> _Rows:
+    """The store's rows in read order as plain tuples, for bulk reads.
 
-    ``select_notifications`` builds a Notification (and on SQLite a UUID) per row; reading
-    plain tuples through the recorder's own connections and decoding once is about twice
-    as fast during catch-up. None for recorders this does not know.
+    The library's ``select_notifications`` builds a Notification (and on SQLite a UUID) per
+    row; reading plain tuples through the recorder's own connections and decoding once is
+    about twice as fast during catch-up.
     """
     recorder = ledger.recorder
     if isinstance(recorder, SQLiteApplicationRecorder):
         return _sqlite_rows(recorder)
     if isinstance(recorder, PostgresApplicationRecorder):
         return _postgres_rows(recorder)
-    return None
+    raise NotImplementedError(f"no row reader for {type(recorder).__name__}")
 
 
 def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
     table = recorder.events_table_name
+    # One writer: every transaction id is 0 and read order is position order.
     # Our own table name; the values are bound parameters.
     base = (
-        f"SELECT rowid, originator_id, originator_version, topic, state, {CHAIN_COLUMN} "  # noqa: S608
+        f"SELECT rowid, originator_id, originator_version, topic, state, {CHAIN_COLUMN}, 0 "  # noqa: S608
         f"FROM {table} "
         "WHERE rowid>? AND rowid<=? "
     )
     order = "ORDER BY rowid LIMIT ?"
     as_uuid = recorder.datastore.originator_id_type == "uuid"
 
-    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[StoredRow]:
+    def rows(
+        after: Checkpoint, stop: Checkpoint, topics: Sequence[str], limit: int
+    ) -> list[StoredRow]:
         statement = base
         if topics:
             statement += f"AND topic IN ({','.join('?' * len(topics))}) "
@@ -246,14 +268,14 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
         with recorder.datastore.transaction(commit=False) as c:
             cursor = c.sqlite_cursor
             cursor.row_factory = None
-            cursor.execute(statement, (after, stop, *topics, limit))
+            cursor.execute(statement, (after.position, stop.position, *topics, limit))
             fetched = cursor.fetchall()
         if as_uuid:
             # An order's events mostly share a batch: parse each originator id once.
             ids: dict[str, UUID] = {}
             return [
-                (p, ids.get(i) or ids.setdefault(i, UUID(i)), v, t, s, h)
-                for p, i, v, t, s, h in fetched
+                (p, ids.get(i) or ids.setdefault(i, UUID(i)), v, t, s, h, x)
+                for p, i, v, t, s, h, x in fetched
             ]
         return fetched
 
@@ -262,21 +284,27 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
 
 def _postgres_rows(recorder: PostgresApplicationRecorder) -> _Rows:
     columns = SQL(
-        "SELECT notification_id, originator_id, originator_version, topic, state, {column} "
-        "FROM {schema}.{table} WHERE notification_id > %s AND notification_id <= %s"
+        "SELECT notification_id, originator_id, originator_version, topic, state, {chain}, "
+        "{tx}::text::bigint FROM {schema}.{table} "
+        "WHERE ({tx}, notification_id) > (%s::text::xid8, %s) "
+        "AND ({tx}, notification_id) <= (%s::text::xid8, %s)"
     ).format(
         schema=Identifier(recorder.datastore.schema),
         table=Identifier(recorder.events_table_name),
-        column=Identifier(CHAIN_COLUMN),
+        chain=Identifier(CHAIN_COLUMN),
+        tx=Identifier(TX_COLUMN),
     )
-    with_topics = columns + SQL(" AND topic = ANY(%s) ORDER BY notification_id LIMIT %s")
-    without_topics = columns + SQL(" ORDER BY notification_id LIMIT %s")
+    order = SQL(" ORDER BY {tx}, notification_id LIMIT %s").format(tx=Identifier(TX_COLUMN))
+    with_topics = columns + SQL(" AND topic = ANY(%s)") + order
+    without_topics = columns + order
 
-    def rows(after: int, stop: int, topics: Sequence[str], limit: int) -> list[StoredRow]:
+    def rows(
+        after: Checkpoint, stop: Checkpoint, topics: Sequence[str], limit: int
+    ) -> list[StoredRow]:
         statement, params = (
-            (with_topics, (after, stop, list(topics), limit))
+            (with_topics, (*after, *stop, list(topics), limit))
             if topics
-            else (without_topics, (after, stop, limit))
+            else (without_topics, (*after, *stop, limit))
         )
         with (
             recorder.datastore.get_connection() as conn,
@@ -286,6 +314,31 @@ def _postgres_rows(recorder: PostgresApplicationRecorder) -> _Rows:
             return cursor.fetchall()
 
     return rows
+
+
+def _library_decoder(mapper: Mapper[Any]) -> Callable[..., RecordedEvent]:
+    """Decode rows with the library's own mapper (a cipher or a compressor configured)."""
+
+    def decode(
+        position: int,
+        originator_id: Any,
+        version: int,
+        topic: str,
+        state: bytes,
+        chain_hash: bytes | None,
+        tx: int,
+    ) -> RecordedEvent:
+        notification = Notification(
+            id=position,
+            originator_id=originator_id,
+            originator_version=version,
+            topic=topic,
+            state=bytes(state),
+        )
+        event = cast(Aggregate.Event, mapper.to_domain_event(notification))
+        return RecordedEvent(position, event, chain_hash, tx)
+
+    return decode
 
 
 _TYPED = b'"_type_"'
@@ -364,6 +417,7 @@ class _Decoder:
         topic: str,
         state: bytes,
         chain_hash: bytes | None,
+        tx: int,
     ) -> RecordedEvent:
         try:
             cls, convert, class_version = self._classes[topic]
@@ -389,12 +443,13 @@ class _Decoder:
             from_version += 1
         domain_event = _new(cls)
         _set_attribute(domain_event, "__dict__", event_state)
-        # RecordedEvent(position, domain_event, chain_hash) without the frozen dataclass's
+        # RecordedEvent(position, domain_event, chain_hash, tx) without the frozen dataclass's
         # __init__.
         recorded = _new(RecordedEvent)
         _set_position(recorded, position)
         _set_event(recorded, domain_event)
         _set_chain_hash(recorded, chain_hash)
+        _set_tx(recorded, tx)
         return recorded
 
 
@@ -408,6 +463,7 @@ _recorded_slots: Any = RecordedEvent
 _set_position = _recorded_slots.position.__set__
 _set_event = _recorded_slots.event.__set__
 _set_chain_hash = _recorded_slots.chain_hash.__set__
+_set_tx = _recorded_slots.tx.__set__
 
 
 class _PostgresListener:

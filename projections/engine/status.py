@@ -134,7 +134,7 @@ def projection_status(
             refused=refused,
         )
     lag_events = max(0, head - serving.position)
-    oldest = source.timestamp_after(serving.position) if lag_events else None
+    oldest = source.timestamp_after(serving.checkpoint) if lag_events else None
     lag_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
     error = _error(serving)
     if refused is not None:

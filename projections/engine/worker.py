@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from domain.eventstore import Checkpoint
 from projections.base import Projection
 from projections.engine.catalog import BUILDING, RETIRED, SERVING, Catalog
 from projections.engine.processor import Outcome, Processor, ProcessorSettings
@@ -101,7 +102,7 @@ class Worker:
                     self._stop.wait(1.0)
                     continue
                 if not busy:
-                    self.source.wait_for_events(self._lowest_position(), self.idle_wait)
+                    self.source.wait_for_events(self._lowest_checkpoint(), self.idle_wait)
                     rest = started + self.gather - time.monotonic()
                     if rest > 0:
                         self._stop.wait(rest)
@@ -144,7 +145,7 @@ class Worker:
             # that everything is caught up, look now (and step any that appeared).
             if self.run_once() or self.refresh():
                 continue
-            head = self.source.head()
+            head = self.source.last_committed()
             rows = [
                 row
                 for projection in self.projections
@@ -153,12 +154,12 @@ class Worker:
                 and row.version == projection.version
                 and not row.failed
             ]
-            if all(row.position >= head and row.role == SERVING for row in rows):
+            if all(row.checkpoint >= head and row.role == SERVING for row in rows):
                 return
             if any(p.failed for p in self.processors.values()):
                 return
             # Someone else holds a lease, or events arrived meanwhile: do not spin.
-            self.source.wait_for_events(self._lowest_position(), min(self.idle_wait, 0.1))
+            self.source.wait_for_events(self._lowest_checkpoint(), min(self.idle_wait, 0.1))
         raise TimeoutError("projections did not catch up in time")
 
     def release_all(self) -> None:
@@ -204,10 +205,10 @@ class Worker:
         self._last_drop[name] = now
         self.catalog.drop_retired(name)
 
-    def _lowest_position(self) -> int:
+    def _lowest_checkpoint(self) -> Checkpoint:
         """Where to wait from: only processors that hold a lease can act on new events."""
-        positions = [
-            p.position for p in self.processors.values() if p.lease is not None and not p.failed
+        checkpoints = [
+            p.checkpoint for p in self.processors.values() if p.lease is not None and not p.failed
         ]
         # Holding nothing: new events are someone else's to apply, so never wake early.
-        return min(positions, default=2**62)
+        return min(checkpoints, default=Checkpoint(2**62, 2**62))

@@ -356,7 +356,7 @@ class TestPointReader:
             runtime.worker().run_until_caught_up(timeout=60)
             first = reader.get(str(placed.order_id))
             assert first is not None and first.row is not None
-            assert first.position >= placed.position
+            assert first.checkpoint.position >= placed.position
             assert first.row["customer_id"] == "before-rebuild"
             old = runtime.catalog.serving("order_summaries")
             assert old is not None
@@ -367,7 +367,7 @@ class TestPointReader:
             assert {k: v for k, v in again.row.items()} == first.row
             missing = reader.get("00000000-0000-4000-8000-000000000000")
             assert missing is not None and missing.row is None
-            assert missing.position == again.position
+            assert missing.checkpoint == again.checkpoint
         finally:
             reader.close()
             runtime.close()
@@ -439,7 +439,7 @@ def test_concurrent_reads_on_postgresql_are_batched_and_each_gets_its_own_answer
                 assert found.row["customer_id"] == placed[key]
             else:
                 assert found.row is None
-            assert found.position == answers[0].position  # type: ignore[union-attr]
+            assert found.checkpoint == answers[0].checkpoint  # type: ignore[union-attr]
         assert sum(reader.batches) == len(set(keys))  # every key asked for once
         assert len(reader.batches) < len(keys) and max(reader.batches) > 1
     finally:

@@ -171,7 +171,15 @@ class TestTamperingIsFound:
         shop.raw.swap_positions(
             shop.at(shop.a, 2), shop.at(shop.a, 3), table=_audit_table(runtime), column="position"
         )
-        broken(verify_store(runtime), "version_gap", shop.at(shop.a, 2), shop.a, 2)
+        report = verify_store(runtime)
+        assert report.problem is not None
+        assert (report.problem.position, report.problem.order_id) == (
+            shop.at(shop.a, 2),
+            str(shop.a),
+        )
+        # Read by position (SQLite), version 3 comes first; read by transaction (PostgreSQL),
+        # version 2 comes first, at the higher position.
+        assert report.problem.kind in ("version_gap", "out_of_order")
 
     def test_an_event_inserted_in_the_middle_with_every_hash_recomputed(
         self, shop: Shop, runtime: ProjectionRuntime

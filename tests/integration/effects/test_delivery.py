@@ -315,11 +315,17 @@ class TestSubscribingWhileOrdersFlow:
             adding.start()
             wait_for(lambda: _waiting_for_lock(engine) == 1, "the subscription to wait", timeout=10)
             concurrent = place(ledger)
-            # The outbox may finish, or wait for the subscription if it serialises with it.
+            # The outbox may finish, or wait for the subscription if it serialises with it, or
+            # not read the new event yet: the subscription's transaction began before it, so
+            # readers pass it only once that transaction ends.
             outbox = threading.Thread(target=catch_up)
             outbox.start()
             wait_for(
-                lambda: not outbox.is_alive() or _waiting_for_lock(engine) == 2,
+                lambda: (
+                    not outbox.is_alive()
+                    or _waiting_for_lock(engine) == 2
+                    or ledger.store.safe_head() < ledger.store.last_committed()
+                ),
                 "the outbox to run or to wait for the subscription",
                 timeout=20,
             )

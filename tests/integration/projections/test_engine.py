@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError
 
+from domain.eventstore import START
 from domain.ledger import OrderLedger
 from domain.order import Order
 from projections.engine.catalog import LeaseLostError
@@ -320,14 +321,15 @@ class TestCompareAndSet:
                 "the lease was taken over",
                 timeout=WAIT_TIMEOUT,
             )
-            batch = runtime.source.read(2, 10, runtime.projection(COUNTING).topics)
+            second = runtime.source.reached(2)
+            batch = runtime.source.read(second, 10, runtime.projection(COUNTING).topics)
 
             with pytest.raises(LeaseLostError):  # noqa: SIM117 - the rollback is the point
                 with runtime.engine.begin() as conn:
                     runtime.projection(COUNTING).apply(
                         conn, runtime.catalog.tables(COUNTING, generation), batch.events
                     )
-                    runtime.catalog.advance(conn, stale.lease, 2, batch.checkpoint, 1.0)
+                    runtime.catalog.advance(conn, stale.lease, second, batch.checkpoint, 1.0)
 
             assert applied_positions(runtime) == [1, 2]
 
@@ -364,11 +366,11 @@ class TestSharedReads:
                 ledger.cancel_order(order_id, reason="customer asked")
             everything = runtime.projection(COUNTING).topics
             payments = runtime.projection(PaymentsOnlyProjection.name).topics
-            alone = runtime.source.read(0, 1000, payments).events
+            alone = runtime.source.read(START, 1000, payments).events
 
             seen = []
-            after = 0
-            while after < ledger.head_position():
+            after = START
+            while after < runtime.source.safe_head():
                 reads = SharedReads(runtime.source, [everything, payments])
                 mine = reads.read(after, 5, payments)
                 shared = reads.read(after, 5, everything)

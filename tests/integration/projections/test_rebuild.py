@@ -326,7 +326,7 @@ class TestStartingARebuild:
             again = runtime.catalog.start_rebuild(SUMMARIES)
 
             assert again.generation == first.generation == 2
-            assert again.position == step.position == 10
+            assert again.position == step.checkpoint.position == 10
             assert len(runtime.catalog.rows(SUMMARIES)) == 2
 
     def test_restart_drops_the_partial_generation_and_starts_over_from_zero(
@@ -442,7 +442,7 @@ class TestASwitchOverBehindALongReader:
                 new = reader.get(str(after[0]))
                 old = reader.get(str(before[0]))
                 assert time.monotonic() - started < WAIT_TIMEOUT / 2
-                assert new is not None and new.row is not None and new.position >= head
+                assert new is not None and new.row is not None and new.checkpoint.position >= head
                 assert old is not None and old.row == first.row
                 status = projection_status(runtime.catalog, runtime.source, SUMMARIES)
                 assert status.pending_drops == [1]
@@ -526,10 +526,10 @@ class TestPromotionNeverGoesBackwards:
             runtime.catalog.start_rebuild(SUMMARIES)
             step = builder(runtime, 2)
             assert step.step().outcome is Outcome.APPLIED
-            assert step.lease is not None and step.position < serving.position
+            assert step.lease is not None and step.checkpoint < serving.checkpoint
 
             with write_transaction(runtime.engine) as conn:
-                promoted = runtime.catalog.promote(conn, step.lease, step.position)
+                promoted = runtime.catalog.promote(conn, step.lease, step.checkpoint)
 
             assert only_generation(runtime, SUMMARIES, SERVING) == serving
             assert promoted is False
