@@ -219,6 +219,11 @@ class StoreCollector(Collector):
         statuses = all_statuses(
             self.runtime.catalog, self.runtime.source, stalled_after=self.stalled_after
         )
+        oldest = GaugeMetricFamily(
+            "orderledger_oldest_transaction_seconds",
+            "Age of the oldest transaction still running (PostgreSQL): projections wait for it",
+        )
+        oldest.add_metric([], statuses[0].oldest_transaction_seconds if statuses else 0.0)
         for status in statuses:
             name = [status.name]
             position.add_metric(name, status.position)
@@ -230,7 +235,16 @@ class StoreCollector(Collector):
             if status.rebuild is not None:
                 rebuild_position.add_metric(name, status.rebuild.position)
                 rebuild_head.add_metric(name, status.rebuild.head)
-        return [position, head, lag_events, lag_seconds, state, rebuild_position, rebuild_head]
+        return [
+            position,
+            head,
+            lag_events,
+            lag_seconds,
+            state,
+            rebuild_position,
+            rebuild_head,
+            oldest,
+        ]
 
     def _effects(self) -> list[Metric]:
         outbox = GaugeMetricFamily(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import effects, http, projections, write_path
+from benchmarks import effects, http, projections, write_path, writers
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "projections": Benchmark.from_module(projections),
     "effects": Benchmark.from_module(effects),
     "http": Benchmark.from_module(http),
+    "writers": Benchmark.from_module(writers),
 }
 DEFAULT = "write"
 

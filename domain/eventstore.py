@@ -81,6 +81,10 @@ def reached_at(store: PositionedRecorder, position: int) -> Checkpoint:
     return store.checkpoint_at(position) or store.safe_head()
 
 
+class StoreFromAnotherClusterError(RuntimeError):
+    """The events carry transaction ids this PostgreSQL cluster has not reached yet."""
+
+
 @dataclass(frozen=True)
 class ChainedNotification(Notification):
     """A stored event with its global position and its link in the order's hash chain
@@ -103,6 +107,8 @@ class PositionedRecorder(Protocol):
     def safe_head(self) -> Checkpoint: ...
 
     def last_committed(self) -> Checkpoint: ...
+
+    def oldest_transaction_age(self) -> float: ...
 
     def checkpoint_at(self, position: int) -> Checkpoint | None: ...
 
@@ -233,6 +239,10 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         """The newest event (see the PostgreSQL recorder's)."""
         return self.safe_head()
 
+    def oldest_transaction_age(self) -> float:
+        """Nothing holds readers back on SQLite (see the PostgreSQL recorder's)."""
+        return 0.0
+
     def checkpoint_at(self, position: int) -> Checkpoint | None:
         """Where the event at ``position`` sits in read order (None if nothing is there)."""
         return (
@@ -353,6 +363,17 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             "AS tx, (SELECT notification_id FROM {schema}.{table} WHERE {safe} "
             "ORDER BY notification_id DESC LIMIT 1) AS position"
         ).format(schema=schema, table=table, column=Identifier(TX_COLUMN), safe=safe)
+        self._ids_ahead_statement = SQL(
+            "SELECT max({column})::text::bigint AS newest, "
+            "pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next, "
+            "max({column}) >= pg_snapshot_xmax(pg_current_snapshot()) AS ahead "
+            "FROM {schema}.{table}"
+        ).format(schema=schema, table=table, column=Identifier(TX_COLUMN))
+        self._oldest_transaction_statement = SQL(
+            "SELECT extract(epoch FROM clock_timestamp() - least("
+            "(SELECT min(xact_start) FROM pg_stat_activity WHERE backend_xid IS NOT NULL), "
+            "(SELECT min(prepared) FROM pg_prepared_xacts)))::float8 AS age"
+        )
         self._last_committed_statement = SQL(
             "SELECT {column}::text::bigint AS tx, notification_id AS position "
             "FROM {schema}.{table} ORDER BY {column} DESC, notification_id DESC LIMIT 1"
@@ -469,6 +490,25 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
                 super().create_table()
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))
+        self._refuse_ids_from_another_cluster()
+
+    def _refuse_ids_from_another_cluster(self) -> None:
+        """Refuse a store whose rows carry transaction ids this cluster has not reached.
+
+        A logical restore (pg_dump) into another cluster keeps the rows' ids; new events would
+        get lower ones and readers past the restored rows would skip them.
+        """
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._ids_ahead_statement)
+            row = curs.fetchone()
+        if row is not None and row["ahead"]:
+            raise StoreFromAnotherClusterError(
+                f"the events table {self.datastore.schema}.{self.events_table_name} holds "
+                f"transaction ids up to {row['newest']}, ahead of this PostgreSQL cluster's "
+                f"next id {row['next']}: it was restored from another cluster with pg_dump. "
+                "Readers would skip new events, so nothing is written. Restore from a physical "
+                "backup (pg_basebackup, PITR), a replica or pg_upgrade, which keep the ids."
+            )
 
     def safe_head(self) -> Checkpoint:
         """The newest event no reader can be overtaken after: of the rows written by
@@ -489,6 +529,15 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             curs.execute(self._last_committed_statement, prepare=True)
             row = curs.fetchone()
         return START if row is None else Checkpoint(row["tx"], row["position"])
+
+    def oldest_transaction_age(self) -> float:
+        """Seconds since the oldest transaction still running in the cluster began (0 for
+        none): readers wait at the events after its start. Prepared transactions count; other
+        roles' sessions only where this role may see them (``pg_read_all_stats``)."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._oldest_transaction_statement, prepare=True)
+            row = curs.fetchone()
+        return 0.0 if row is None or row["age"] is None else max(0.0, float(row["age"]))
 
     def checkpoint_at(self, position: int) -> Checkpoint | None:
         """Where the event at ``position`` sits in read order (None if no committed event is

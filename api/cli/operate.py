@@ -166,9 +166,15 @@ def status(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) 
             "lag_seconds": round(item.lag_seconds, 1),
             "state": item.state,
             "note": _note(item),
+            "oldest_transaction_seconds": item.oldest_transaction_seconds,
         }
         for item in statuses
     ]
+    held = max((item.oldest_transaction_seconds for item in statuses), default=0.0)
+    held_hint = (
+        f"[yellow]a transaction open for {held:.0f} s[/] holds every projection at the events "
+        "recorded since it began; see pg_stat_activity (docs/projections.md)."
+    )
     projections = Listing(
         "projections",
         "projections",
@@ -184,6 +190,7 @@ def status(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) 
             Column("note", "note", text=lambda note: note or ""),
         ],
         rows,
+        notes=[held_hint] if held > HELD_NOTE_SECONDS else [],
     )
     dead_hint = (
         f"[red]{counts[DEAD]} dead effect(s)[/]: see `orderledger effects list --status dead`; "
@@ -197,6 +204,11 @@ def status(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) 
         notes=[dead_hint] if counts[DEAD] else [],
     )
     show(projections, effects, as_json=as_json)
+
+
+HELD_NOTE_SECONDS = 5.0
+"""A transaction older than this is worth a line under the projections (the ledger's own
+sessions end idle ones at 5 s)."""
 
 
 def _note(item: ProjectionStatus) -> str | None:

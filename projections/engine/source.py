@@ -112,6 +112,10 @@ class EventSource:
         """The checkpoint a reader may pass now: later events may still be committing."""
         return self._ledger.store.safe_head()
 
+    def oldest_transaction_age(self) -> float:
+        """Seconds the oldest transaction still running has held readers back (PostgreSQL)."""
+        return self._ledger.store.oldest_transaction_age()
+
     def last_committed(self) -> Checkpoint:
         """The checkpoint of the last committed event in read order: a reader there has
         applied every event committed so far."""

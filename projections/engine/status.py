@@ -68,6 +68,9 @@ class ProjectionStatus:
     """Retired generations whose tables a reader still holds; dropped on a later pass."""
     refused: str | None
     """Why this version of the code leaves the projection alone (the store holds a newer one)."""
+    oldest_transaction_seconds: float = 0.0
+    """Age of the oldest transaction still running (PostgreSQL): events recorded after it
+    began wait for it to end."""
 
 
 def _time(value: float | None) -> datetime | None:
@@ -93,11 +96,15 @@ def projection_status(
     *,
     stalled_after: float = 30.0,
     live_lag_seconds: float = 2.0,
+    oldest_transaction: float | None = None,
 ) -> ProjectionStatus:
-    """The status of one projection, read from the tracking table and the store."""
+    """The status of one projection, read from the tracking table and the store.
+
+    ``oldest_transaction``: the store's oldest transaction age, if already read."""
     projection = catalog.projections[name]
     rows = catalog.rows(name)
     head = source.head()
+    held = source.oldest_transaction_age() if oldest_transaction is None else oldest_transaction
     with catalog.engine.connect() as conn:
         now = float(conn.execute(select(catalog.now)).scalar_one())
     serving = next((r for r in rows if r.role == SERVING), None)
@@ -132,6 +139,7 @@ def projection_status(
             rebuild=rebuild,
             pending_drops=pending_drops,
             refused=refused,
+            oldest_transaction_seconds=round(held, 3),
         )
     lag_events = max(0, head - serving.position)
     oldest = source.timestamp_after(serving.checkpoint) if lag_events else None
@@ -165,9 +173,14 @@ def projection_status(
         rebuild=rebuild,
         pending_drops=pending_drops,
         refused=refused,
+        oldest_transaction_seconds=round(held, 3),
     )
 
 
 def all_statuses(catalog: Catalog, source: EventSource, **kwargs: float) -> list[ProjectionStatus]:
     """The status of every registered projection."""
-    return [projection_status(catalog, source, name, **kwargs) for name in catalog.projections]
+    held = source.oldest_transaction_age()
+    return [
+        projection_status(catalog, source, name, oldest_transaction=held, **kwargs)
+        for name in catalog.projections
+    ]

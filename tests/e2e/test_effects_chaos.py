@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Row, func, select
 
+from domain.eventstore import START
 from projections.effects.outbox import (
     DELIVERED,
     PENDING,
@@ -78,7 +79,7 @@ def _attempt_count(runtime: ProjectionRuntime) -> int:
 def _event_positions(runtime: ProjectionRuntime) -> dict[int, tuple[str, str]]:
     """Every event in the store: position -> (order id, event type)."""
     found: dict[int, tuple[str, str]] = {}
-    after = 0
+    after = START
     while True:
         batch = runtime.source.read(after, 2000)
         for recorded in batch.events:

@@ -73,6 +73,7 @@ _PROJECTION_EXAMPLE: dict[str, JsonValue] = {
     "rebuild": None,
     "pending_drops": [],
     "refused": None,
+    "oldest_transaction_seconds": 0.012,
 }
 _DAY_EXAMPLE: dict[str, JsonValue] = {
     "day": "2026-01-31",
@@ -224,6 +225,9 @@ class ProjectionPublic(BaseModel):
     """Retired generations whose tables a reader still holds; dropped on a later pass."""
     refused: str | None
     """Why this version of the code leaves the projection alone (the store holds a newer one)."""
+    oldest_transaction_seconds: float
+    """Age of the oldest transaction still running in the database cluster (PostgreSQL; 0 on
+    SQLite): events recorded after it began wait until it ends."""
 
 
 class ProjectionsPublic(BaseModel):

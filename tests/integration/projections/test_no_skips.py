@@ -19,11 +19,12 @@ import psycopg
 import pytest
 from sqlalchemy import select, text
 
-from domain.eventstore import Checkpoint
+from domain.eventstore import Checkpoint, StoreFromAnotherClusterError
 from domain.ledger import OrderLedger
 from projections.engine.catalog import SERVING
 from projections.engine.processor import ProcessorSettings
 from projections.engine.runtime import ProjectionRuntime
+from projections.engine.status import all_statuses
 from tests.support.commits import (
     DeliveryLogProjection,
     HeldAppend,
@@ -32,6 +33,7 @@ from tests.support.commits import (
     roll_back,
 )
 from tests.support.engine import WAIT_TIMEOUT, only_generation, opened
+from tests.support.stores import open_ledger_at
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -194,6 +196,11 @@ class TestDeterministicCases:
                 placed = ledger.place_order(**ORDER)
                 steps(runtime)
                 assert delivered(runtime) == []
+                time.sleep(1)
+                # Operators see how long it has held the projections.
+                (status,) = all_statuses(runtime.catalog, runtime.source)
+                assert status.oldest_transaction_seconds >= 1
+                assert status.lag_events == 1
                 started = time.monotonic()
 
                 runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
@@ -378,3 +385,22 @@ class TestMigratingAStore:
 
             assert [p for p, _, _ in delivered(runtime)][:5] == before + after
             assert_exactly_once_in_order(ledger, runtime)
+
+    def test_a_store_restored_into_a_cluster_behind_its_ids_is_refused(
+        self, postgres_url: str
+    ) -> None:
+        """Rows whose transaction ids this cluster has not reached (a pg_dump restored into
+        another cluster) would put new events before them: the ledger refuses to open."""
+        with opened(postgres_url, [DeliveryLogProjection()]) as (ledger, runtime):
+            ledger.place_order(**ORDER)
+            table = ledger.recorder.events_table_name  # type: ignore[attr-defined]
+            with runtime.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        f"INSERT INTO {table} (originator_id, originator_version, topic, state,"
+                        " tx_id) SELECT gen_random_uuid(), 1, topic, state, '999999999999'"
+                        f" FROM {table} LIMIT 1"
+                    )
+                )
+        with pytest.raises(StoreFromAnotherClusterError, match="restored from another cluster"):
+            open_ledger_at(postgres_url)

@@ -1,0 +1,186 @@
+"""Concurrent writers on PostgreSQL: commits per second with 1-16 writer processes.
+
+Each writer process does little but save prepared events, one event per transaction, so that
+the database is what is measured. Three variants on the same table shape, each in a fresh
+database: ours (``PostgresEventRecorder``: no table lock, the transaction id in each row,
+NOTIFY after commit), the library's recorder (``LOCK TABLE ... EXCLUSIVE`` and NOTIFY inside
+every transaction) and raw psycopg INSERT + COMMIT of the same rows (the ceiling). Goals: ours
+at least 3x the locking recorder with 8 writers, and at least 70% of raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import psycopg
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+
+from benchmarks.common import (
+    console,
+    library_env,
+    machine_description,
+    note,
+    postgres_admin_url,
+    postgres_unreachable_reason,
+    print_description,
+    print_table,
+    temporary_postgres_url,
+)
+from domain.eventstore import PostgresEventRecorder, event_store_env
+
+OURS = "orderledger"
+LOCKING = "library (table lock)"
+RAW = "raw psycopg"
+VARIANTS = (OURS, LOCKING, RAW)
+WRITERS = (1, 2, 4, 8, 16)
+TOPIC = "domain.order:Order.Placed"
+STATE = orjson.dumps(
+    {
+        "timestamp": {"_type_": "datetime_iso", "_data_": "2026-12-05T10:00:00+00:00"},
+        "customer_id": "cust-bench",
+        "currency": "EUR",
+        "lines": [{"sku": "SKU-TEA-001", "quantity": 2, "unit_price": 1250}],
+    }
+)
+LOCK_GOAL = 3.0
+RAW_GOAL = 0.70
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="how long each round writes (default 3)"
+    )
+    parser.add_argument(
+        "--writers",
+        type=int,
+        nargs="+",
+        default=list(WRITERS),
+        help="writer process counts to measure (default 1 2 4 8 16)",
+    )
+
+
+def _recorder(variant: str, url: str) -> Any:
+    """The variant's recorder on the store at ``url`` (None for raw psycopg)."""
+    if variant == RAW:
+        return None
+    env = event_store_env(url) if variant == OURS else library_env(url)
+    datastore = PostgresDatastore(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=env["POSTGRES_PORT"],
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+        schema=env["POSTGRES_SCHEMA"],
+        pool_size=2,
+        lock_timeout=30,
+    )
+    cls = PostgresEventRecorder if variant == OURS else PostgresApplicationRecorder
+    return cls(datastore)
+
+
+def _writer(variant: str, url: str, seconds: float, ready: Any, counts: Any, slot: int) -> None:
+    """Save one prepared event per transaction until the time is up; report how many."""
+    recorder = _recorder(variant, url)
+    events = [
+        StoredEvent(originator_id=uuid.uuid4(), originator_version=1, topic=TOPIC, state=STATE)
+        for _ in range(20000)
+    ]
+    conn = None
+    if recorder is None:
+        conn = psycopg.connect(url.replace("postgresql://", "postgres://"), autocommit=True)
+    done = 0
+    ready.wait(60)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline and done < len(events):
+        stored = events[done]
+        if conn is not None:
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO stored_events (originator_id, originator_version, topic, state) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (stored.originator_id, 1, stored.topic, stored.state),
+                    prepare=True,
+                )
+        else:
+            recorder.insert_events([stored])
+        done += 1
+    counts[slot] = done
+    if conn is not None:
+        conn.close()
+    if recorder is not None:
+        recorder.datastore.close()
+
+
+def commits_per_second(variant: str, writers: int, seconds: float, admin: str) -> float:
+    """Total commits per second of ``writers`` processes of one variant, in a fresh database."""
+    ctx = multiprocessing.get_context("spawn")
+    with temporary_postgres_url(admin) as url:
+        # Ours creates the table: our columns and triggers; the others write the same shape.
+        creator = _recorder(OURS, url)
+        creator.create_table()
+        creator.datastore.close()
+        ready = ctx.Barrier(writers + 1)
+        counts = ctx.Array("q", writers)
+        processes = [
+            ctx.Process(target=_writer, args=(variant, url, seconds, ready, counts, n))
+            for n in range(writers)
+        ]
+        for process in processes:
+            process.start()
+        ready.wait(120)
+        started = time.perf_counter()
+        for process in processes:
+            process.join()
+        elapsed = max(seconds, time.perf_counter() - started)
+        if any(process.exitcode != 0 for process in processes):
+            raise RuntimeError(f"a {variant} writer failed")
+        return sum(counts[:]) / elapsed
+
+
+def run(args: argparse.Namespace) -> int:
+    admin = postgres_admin_url()
+    unreachable = postgres_unreachable_reason(admin)
+    if unreachable is not None:
+        note(f"PostgreSQL: {unreachable}")
+        return 1
+    print_description(machine_description(admin))
+    counts: Sequence[int] = args.writers
+    results: dict[tuple[str, int], float] = {}
+    for writers in counts:
+        for variant in VARIANTS:
+            results[variant, writers] = commits_per_second(variant, writers, args.seconds, admin)
+    rows = []
+    for writers in counts:
+        ours, locking, raw = (results[v, writers] for v in VARIANTS)
+        rows.append(
+            [
+                str(writers),
+                f"{ours:,.0f}",
+                f"{locking:,.0f}",
+                f"{raw:,.0f}",
+                f"{ours / locking:.2f}x",
+                f"{ours / raw:.0%}",
+            ]
+        )
+    print_table(
+        f"Commits per second, one event each, {args.seconds:g} s per round",
+        ["writers", OURS, LOCKING, RAW, "ours / locking", "ours / raw"],
+        rows,
+    )
+    if 8 in counts:
+        lock_ratio = results[OURS, 8] / results[LOCKING, 8]
+        raw_ratio = results[OURS, 8] / results[RAW, 8]
+        met = lock_ratio >= LOCK_GOAL and raw_ratio >= RAW_GOAL
+        console.print(
+            f"8 writers: ours {lock_ratio:.2f}x the locking recorder (goal {LOCK_GOAL:g}x), "
+            f"{raw_ratio:.0%} of raw (goal {RAW_GOAL:.0%}): "
+            + ("[green]met[/green]" if met else "[red]not met[/red]")
+        )
+    return 0
