@@ -27,9 +27,15 @@ from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
-from eventsourcing.persistence import Notification, StoredEvent
+from eventsourcing.persistence import (
+    InterfaceError,
+    Notification,
+    OperationalError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import retry
 from psycopg.sql import SQL, Identifier, Literal
 
 from domain.chain import chain_hashes
@@ -410,14 +416,26 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             schema=schema, table=table, column=Identifier(CHAIN_COLUMN), tx=Identifier(TX_COLUMN)
         )
 
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        """The library's insert, then a NOTIFY once it committed.
+        """One transaction: the INSERT and its positions, then a NOTIFY once it committed.
 
-        NOTIFY inside the transaction would queue every commit on one global lock.
+        Retried as the library retries a lost connection (the ledger recognises its own
+        events when the retry meets them). A plain transaction costs about 30% less CPU per
+        commit than the library's pipelined one, and NOTIFY inside the transaction would
+        queue every commit on one global lock.
         """
-        positions: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+        if not stored_events:
+            return []
+        with (
+            self.datastore.get_connection() as conn,
+            conn.transaction(),
+            conn.cursor() as curs,
+        ):
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            positions = [row["notification_id"] for row in curs.fetchall()]
         self._notifier.notify()
         return positions
 
@@ -456,7 +474,7 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         )
         if data_keys:
             # After the events' INSERT (nothing before it takes a transaction id), on a cursor
-            # of its own: the library reads the positions from this one's results.
+            # of its own: insert_events reads the positions from this one's results.
             with curs.connection.cursor() as keys:
                 self._insert_data_keys(keys, data_keys)
 

@@ -146,20 +146,27 @@ class CommitAckDroppingProxy:
             if query.startswith(b"INSERT") and self.table.upper() in query:
                 connection.inserting_statements.add(name)
                 connection.wrote_events = True
-            elif query == b"COMMIT" and connection.wrote_events:
-                with self._lock:
-                    if self._armed.is_set():
-                        self._armed.clear()
-                        connection.cut = True
             elif query in (b"COMMIT", b"ROLLBACK"):
-                connection.wrote_events = False
+                self._ended(connection, query)
         elif kind == b"B":
             _portal, _, rest = body.partition(b"\0")
             statement = rest.split(b"\0", 1)[0]
             if statement and statement in connection.inserting_statements:
                 connection.wrote_events = True
-        elif kind == b"Q" and body.rstrip(b"\0").strip().upper() == b"COMMIT":
-            connection.wrote_events = False
+        elif kind == b"Q":
+            # psycopg sends COMMIT as a simple query outside pipeline mode.
+            query = body.rstrip(b"\0").strip().upper()
+            if query in (b"COMMIT", b"ROLLBACK"):
+                self._ended(connection, query)
+
+    def _ended(self, connection: _Connection, query: bytes) -> None:
+        """A transaction ends: cut the answer to its COMMIT if it wrote events and we are armed."""
+        if query == b"COMMIT" and connection.wrote_events:
+            with self._lock:
+                if self._armed.is_set():
+                    self._armed.clear()
+                    connection.cut = True
+        connection.wrote_events = False
 
     def _relay_answers(self, connection: _Connection) -> None:
         buffer = bytearray()
