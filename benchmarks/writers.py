@@ -6,15 +6,22 @@ database: ours (``PostgresEventRecorder``: no table lock, the transaction id in 
 NOTIFY after commit), the library's recorder (``LOCK TABLE ... EXCLUSIVE`` and NOTIFY inside
 every transaction) and raw psycopg INSERT + COMMIT of the same rows (the ceiling). Goals: ours
 at least 3x the locking recorder with 8 writers, and at least 70% of raw.
+
+Then the whole write path as users run it: ``orderledger demo`` (400 orders each) in 1 and in
+8 processes on one database, events per second from the first start to the last exit. Goal: 8
+processes at least 1.5x one.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -51,6 +58,8 @@ STATE = orjson.dumps(
 )
 LOCK_GOAL = 3.0
 RAW_GOAL = 0.70
+DEMO_GOAL = 1.5
+DEMO_ORDERS = 400
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(WRITERS),
         help="writer process counts to measure (default 1 2 4 8 16)",
+    )
+    parser.add_argument(
+        "--demo-processes",
+        type=int,
+        default=8,
+        help="orderledger demo processes measured against one (0 skips; default 8)",
     )
 
 
@@ -144,6 +159,35 @@ def commits_per_second(variant: str, writers: int, seconds: float, admin: str) -
         return sum(counts[:]) / elapsed
 
 
+def demo_events_per_second(processes: int, admin: str) -> float:
+    """Events per second of ``processes`` concurrent ``orderledger demo`` runs on one database,
+    from the first start to the last exit."""
+    cli = str(Path(sys.executable).parent / "orderledger")
+    with temporary_postgres_url(admin) as url:
+        # The schema first, so the timed processes do not queue on creating it.
+        subprocess.run(
+            [cli, "demo", "-n", "1", "--database-url", url], check=True, capture_output=True
+        )
+        with psycopg.connect(url) as conn:
+            before = conn.execute("SELECT count(*) FROM orderledger_events").fetchone()
+        started = time.perf_counter()
+        running = [
+            subprocess.Popen(
+                [cli, "demo", "-n", str(DEMO_ORDERS), "--seed", str(n), "--database-url", url],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for n in range(processes)
+        ]
+        if any(process.wait() != 0 for process in running):
+            raise RuntimeError("an orderledger demo process failed")
+        elapsed = time.perf_counter() - started
+        with psycopg.connect(url) as conn:
+            after = conn.execute("SELECT count(*) FROM orderledger_events").fetchone()
+    assert before is not None and after is not None
+    return (after[0] - before[0]) / elapsed
+
+
 def run(args: argparse.Namespace) -> int:
     admin = postgres_admin_url()
     unreachable = postgres_unreachable_reason(admin)
@@ -182,5 +226,21 @@ def run(args: argparse.Namespace) -> int:
             f"8 writers: ours {lock_ratio:.2f}x the locking recorder (goal {LOCK_GOAL:g}x), "
             f"{raw_ratio:.0%} of raw (goal {RAW_GOAL:.0%}): "
             + ("[green]met[/green]" if met else "[red]not met[/red]")
+        )
+    if args.demo_processes:
+        one = demo_events_per_second(1, admin)
+        many = demo_events_per_second(args.demo_processes, admin)
+        print_table(
+            f"orderledger demo, {DEMO_ORDERS} orders per process, events per second",
+            ["processes", "events/s", "against one"],
+            [
+                ["1", f"{one:,.0f}", "1.00x"],
+                [str(args.demo_processes), f"{many:,.0f}", f"{many / one:.2f}x"],
+            ],
+        )
+        ratio = many / one
+        console.print(
+            f"{args.demo_processes} demo processes: {ratio:.2f}x one (goal {DEMO_GOAL:g}x): "
+            + ("[green]met[/green]" if ratio >= DEMO_GOAL else "[red]not met[/red]")
         )
     return 0

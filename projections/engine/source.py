@@ -288,8 +288,9 @@ def _sqlite_rows(recorder: SQLiteApplicationRecorder) -> _Rows:
 
 def _postgres_rows(recorder: PostgresApplicationRecorder) -> _Rows:
     columns = SQL(
+        # Named apart from the column: ORDER BY {tx} must sort by the indexed xid8.
         "SELECT notification_id, originator_id, originator_version, topic, state, {chain}, "
-        "{tx}::text::bigint FROM {schema}.{table} "
+        "{tx}::text::bigint AS read_tx FROM {schema}.{table} "
         "WHERE ({tx}, notification_id) > (%s::text::xid8, %s) "
         "AND ({tx}, notification_id) <= (%s::text::xid8, %s)"
     ).format(
