@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(WRITERS),
         help="writer process counts to measure (default 1 2 4 8 16)",
     )
+    parser.add_argument("--markdown", action="store_true", help="tables as Markdown")
     parser.add_argument(
         "--demo-processes",
         type=int,
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         f"Commits per second, one event each, {args.seconds:g} s per round",
         ["writers", OURS, LOCKING, RAW, "ours / locking", "ours / raw"],
         rows,
+        markdown=args.markdown,
     )
     if 8 in counts:
         lock_ratio = results[OURS, 8] / results[LOCKING, 8]
@@ -237,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 ["1", f"{one:,.0f}", "1.00x"],
                 [str(args.demo_processes), f"{many:,.0f}", f"{many / one:.2f}x"],
             ],
+            markdown=args.markdown,
         )
         ratio = many / one
         console.print(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -388,26 +389,36 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             "SELECT {column}::text::bigint AS tx FROM {schema}.{table} WHERE notification_id = %s"
         ).format(schema=schema, table=table, column=Identifier(TX_COLUMN))
         self._notifier = _Notifier(self)
-        self._statement_timeout = SQL("SET LOCAL statement_timeout = {timeout}").format(
+        # Set once per connection (a session setting): not a statement in every append.
+        self._statement_timeout = SQL("SET statement_timeout = {timeout}").format(
             timeout=Literal(WRITE_STATEMENT_TIMEOUT)
         )
+        self._timed: weakref.WeakSet[Any] = weakref.WeakSet()
         id_type = Identifier(self.datastore.originator_id_type)
-        self._insert_chained_statement = SQL(
-            "INSERT INTO {schema}.{table} "
-            "(originator_id, originator_version, topic, state, {column}) "
-            "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
-            "%s::bytea[]) RETURNING notification_id"
-        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
+        self._insert_chained_statement = (
+            SQL(
+                "INSERT INTO {schema}.{table} "
+                "(originator_id, originator_version, topic, state, {column}) "
+                "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
+                "%s::bytea[]) RETURNING notification_id"
+            )
+            .format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
+            .as_string(None)
+        )  # rendered once: composing it costs about as much as sending it
         self._insert_data_keys_statement = SQL(
             "INSERT INTO {schema}.{keys} "
             "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
             "%s::timestamptz[])"
         ).format(schema=schema, keys=Identifier(DATA_KEYS_TABLE))
-        self._previous_hash_statement = SQL(
-            "SELECT {column} FROM {schema}.{table} "
-            "WHERE originator_id = %s AND originator_version = %s"
-        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
+        self._previous_hash_statement = (
+            SQL(
+                "SELECT {column} FROM {schema}.{table} "
+                "WHERE originator_id = %s AND originator_version = %s"
+            )
+            .format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN))
+            .as_string(None)
+        )
         self._select_aggregate_statement = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state, {column}, "
             "{tx}::text::bigint AS tx FROM {schema}.{table} "
@@ -429,13 +440,13 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         """
         if not stored_events:
             return []
-        with (
-            self.datastore.get_connection() as conn,
-            conn.transaction(),
-            conn.cursor() as curs,
-        ):
-            self._insert_stored_events(curs, stored_events, **kwargs)
-            positions = [row["notification_id"] for row in curs.fetchall()]
+        with self.datastore.get_connection() as conn:
+            if conn not in self._timed:
+                conn.execute(self._statement_timeout)
+                self._timed.add(conn)
+            with conn.transaction(), conn.cursor() as curs:
+                self._insert_stored_events(curs, stored_events, **kwargs)
+                positions = [row["notification_id"] for row in curs.fetchall()]
         self._notifier.notify()
         return positions
 
@@ -449,11 +460,10 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
     ) -> None:
         """One INSERT of the events with each one's link, without the library's table lock.
 
-        Nothing before the INSERT takes a transaction id (reads and SET LOCAL do not), so an
+        Nothing before the INSERT takes a transaction id (reads do not), so an
         order's next event always has a higher transaction id than its previous one, which
         committed before this transaction read the order.
         """
-        curs.execute(self._statement_timeout, prepare=True)
 
         def previous(originator_id: UUID | str, version: int) -> bytes | None:
             curs.execute(self._previous_hash_statement, (originator_id, version), prepare=True)
