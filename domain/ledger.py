@@ -30,6 +30,7 @@ from domain.errors import (
     ConcurrencyConflictError,
     IdempotencyKeyReusedError,
     InvalidCommandError,
+    OrderLedgerError,
     OrderNotFoundError,
     OrderRuleError,
 )
@@ -388,15 +389,22 @@ class OrderLedger(Application[UUID]):
                     f"idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
                 )
             fingerprint = _fingerprint(command, order_id, args)
-            earlier = self._recorded_result(idempotency_key, fingerprint)
-            if earlier is not None:
-                return earlier
+        # A key is looked up only when the command fails: recorded once already, its repeat
+        # either breaks a rule now (paid twice, say) or collides with its unique record.
         retries = _UNCONDITIONAL_RETRIES if expected_version is None else 0
         attempt = 0
         command_id = str(uuid4())
         context = current_context()
         while True:
-            order, read_version = self._apply(command, order_id, args, expected_version)
+            try:
+                order, read_version = self._apply(command, order_id, args, expected_version)
+            except OrderLedgerError:
+                if idempotency_key is None or fingerprint is None:
+                    raise
+                earlier = self._recorded_result(idempotency_key, fingerprint)
+                if earlier is None:
+                    raise
+                return earlier
             pending: list[Aggregate] = [order]
             if idempotency_key is not None and fingerprint is not None:
                 pending.append(

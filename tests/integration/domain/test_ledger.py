@@ -359,6 +359,32 @@ class TestIdempotency:
         assert ledger.head_position() == head
         assert ledger.order_history(first.order_id) == history
 
+    def test_a_key_is_read_only_when_its_command_fails(
+        self, ledger: OrderLedger, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The unique record makes a key once; the store is asked about it only after a
+        failure: never for a first command, once for its repeat."""
+        reads: list[str] = []
+        original = OrderLedger._recorded_result
+
+        def counted(self: OrderLedger, key: str, fingerprint: str) -> CommandResult | None:
+            reads.append(key)
+            return original(self, key, fingerprint)
+
+        monkeypatch.setattr(OrderLedger, "_recorded_result", counted)
+        order_id = _placed(ledger)
+        pay = {"amount": 100, "payment_reference": "p1", "idempotency_key": "pay-once"}
+        place = {"customer_id": "c-9", "currency": "EUR", "idempotency_key": "place-once"}
+        lines = [{"sku": "SKU-1", "quantity": 1, "unit_price": 100}]
+
+        ledger.capture_payment(order_id, **pay)
+        ledger.place_order(**place, lines=lines)
+        assert reads == []
+
+        assert ledger.capture_payment(order_id, **pay).replayed  # breaks a rule: paid twice
+        assert ledger.place_order(**place, lines=lines).replayed  # collides with its record
+        assert reads == ["pay-once", "place-once"]
+
     def test_the_first_result_comes_back_after_the_order_moved_on(
         self, ledger: OrderLedger
     ) -> None:
