@@ -444,6 +444,7 @@ _CHECKPOINT_EXAMPLE: dict[str, JsonValue] = {
     "digest": _HASH,
     "created_at": _AT,
     "reason": "interval",
+    "tx": 0,
 }
 
 
@@ -493,6 +494,14 @@ class CheckpointPublic(BaseModel):
     digest: str = Field(description="SHA-256, hex.")
     created_at: datetime
     reason: str = Field(examples=["interval", "requested"])
+    tx: int = Field(
+        0,
+        ge=0,
+        le=2**63 - 1,
+        description="With position, where the checkpoint sits in the store's read order: the "
+        "transaction id of its last event on PostgreSQL, 0 on SQLite and for checkpoints "
+        "taken before transaction ids were recorded.",
+    )
 
 
 class CheckpointsPublic(BaseModel):

@@ -251,6 +251,20 @@ class TestCheckpointsAndVerify:
 
 
 class TestVerifyOnEveryStore:
+    def test_a_checkpoint_handed_out_verifies_when_given_back(
+        self, store_client: TestClient
+    ) -> None:
+        """Taken over HTTP, kept outside, given back: it matches (its tx says where it sits)."""
+        shop = Shop(store_client)
+        shop.log()
+        checkpoint = _ok(store_client.post("/audit/checkpoints"), 201)
+        Shop(store_client).log()  # more events after it
+
+        report = _ok(store_client.post("/audit/verify", json={"checkpoints": [checkpoint]}))
+
+        assert report["ok"] is True, report["problem"]
+        assert report["checkpoints_checked"] >= 1
+
     def test_finds_an_altered_event(self, store_client: TestClient) -> None:
         shop = Shop(store_client)
         shop.log()
