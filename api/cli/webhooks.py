@@ -185,16 +185,26 @@ def retry_effects(
         typer.Argument(help="The dead effect's id.", metavar="[ID]", show_default=False),
     ] = None,
     all_dead: Annotated[bool, typer.Option("--all-dead", help="Retry every dead effect.")] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="With --all-dead: only those of this target (webhook:<subscription id>, "
+            "email:<customer id>)."
+        ),
+    ] = None,
     database_url: DatabaseUrlOption = None,
 ) -> None:
     """Send dead effects again with a fresh set of attempts (a running worker delivers them)."""
     if (effect_id is None) == (not all_dead):
         fail("give an effect ID or --all-dead (not both)", EXIT_USAGE)
+    if target is not None and not all_dead:
+        fail("--target goes with --all-dead", EXIT_USAGE)
     out = Console(highlight=False)
     with _effects(database_url) as effects:
         if effect_id is None:
-            count = effects.retry_all_dead()
-            out.print(f"{count} dead effect(s) will be sent again.")
+            count = effects.retry_all_dead(target=target)
+            of = f" of {target}" if target is not None else ""
+            out.print(f"{count} dead effect(s){of} will be sent again.")
             return
         try:
             view = effects.retry(effect_id)

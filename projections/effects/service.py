@@ -262,11 +262,26 @@ class Effects:
             )
         return self.get(identifier)
 
-    def retry_all_dead(self) -> int:
+    def dead_by_target(self) -> list[tuple[str, int]]:
+        """Dead effects per target (a webhook subscription, or a customer's email), most first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(effects.c.target, func.count())
+                .where(effects.c.status == DEAD)
+                .group_by(effects.c.target)
+                .order_by(func.count().desc(), effects.c.target)
+            )
+            return [(row[0], int(row[1])) for row in rows]
+
+    def retry_all_dead(self, *, target: str | None = None) -> int:
+        """Send every dead effect (of one target, if given) again; returns how many."""
+        condition = effects.c.status == DEAD
+        if target is not None:
+            condition = condition & (effects.c.target == target)
         with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(effects)
-                .where(effects.c.status == DEAD)
+                .where(condition)
                 .values(status=PENDING, attempts=0, next_attempt_at=self.now, last_error=None)
             )
         return int(result.rowcount)

@@ -323,6 +323,8 @@ async def effects(request: Request) -> Response:
     service = _effects(request)
     counts = await run_in_threadpool(service.counts)
     found = await run_in_threadpool(partial(service.find, status=status, limit=100))
+    dead_targets = await run_in_threadpool(service.dead_by_target)
+    webhooks = await run_in_threadpool(partial(service.subscription_views, include_inactive=True))
     return _page(
         request,
         "effects.html",
@@ -330,6 +332,8 @@ async def effects(request: Request) -> Response:
         counts=counts,
         effects=found,
         status=status,
+        dead_targets=dead_targets,
+        webhooks=webhooks,
         moment=_moment,
     )
 
@@ -357,16 +361,23 @@ async def retry(request: Request, effect_id: str) -> Response:
 
 @router.get("/effects-retry-dead")
 async def confirm_retry_dead(request: Request) -> Response:
+    """Ask first, saying how many dead effects (of one target, if given) go out again."""
     signed_in = await _require(request, Role.admin)
-    counts = await run_in_threadpool(_effects(request).counts)
-    return _page(request, "retry_dead.html", signed_in=signed_in, dead=counts["dead"])
+    target = request.query_params.get("target") or None
+    service = _effects(request)
+    if target is None:
+        dead = (await run_in_threadpool(service.counts))["dead"]
+    else:
+        dead = dict(await run_in_threadpool(service.dead_by_target)).get(target, 0)
+    return _page(request, "retry_dead.html", signed_in=signed_in, dead=dead, target=target)
 
 
 @router.post("/effects-retry-dead")
 async def retry_dead(request: Request) -> Response:
-    await _change(request, Role.admin)
-    await run_in_threadpool(_effects(request).retry_all_dead)
-    return _redirect("/console/effects")
+    _, form = await _change(request, Role.admin)
+    target = form.get("target") or None
+    await run_in_threadpool(partial(_effects(request).retry_all_dead, target=target))
+    return _redirect("/console/effects?status=dead" if target else "/console/effects")
 
 
 def _moment(epoch: float | None) -> str:

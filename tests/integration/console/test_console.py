@@ -6,6 +6,7 @@ tests/e2e/test_console_browser.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -16,9 +17,11 @@ from api.http.console.pages import CONTENT_SECURITY_POLICY
 from api.http.console.session import COOKIE
 from api.key_store import ApiKeyStore, Role
 from api.settings import Settings
+from tests import LOCAL_RECEIVERS
 from tests.support.auth import bearer, issue_key
 from tests.support.console import HOSTILE_SKU, QUOTED_CUSTOMER, csrf_of, sign_in
 from tests.support.http import order_body
+from tests.support.receivers import WebhookReceiver
 from tests.support.waiting import wait_for
 
 PAGES = ("/console/orders", "/console/projections")
@@ -207,3 +210,53 @@ class TestPages:
         assert found.headers["location"] == f"/console/orders/{order_id}"
         bad = console.get("/console/orders", params={"order_id": "12'3"})
         assert bad.status_code == 422 and "not an order id: &#34;12&#39;3&#34;" in bad.text
+
+
+class TestDeadLetters:
+    def test_dead_letters_are_grouped_by_target_and_retried_one_target_at_a_time(
+        self, sqlite_url: str, receiver: WebhookReceiver
+    ) -> None:
+        """Two endpoints refuse; the page counts each one's dead letters, the confirmation
+        says how many of that target go out again, and only those do. Subscriptions are
+        listed without their secrets."""
+        settings = Settings(
+            database_url=sqlite_url,
+            key_cache_ttl=0,
+            webhook_allowed_networks=LOCAL_RECEIVERS,
+            effect_max_attempts=1,
+        )
+        one, other = receiver.url, f"{receiver.url}/other"
+        receiver.status = 500
+        with TestClient(create_app(settings)) as console:
+            admin = issue_key(sqlite_url, Role.admin)
+            secrets = [
+                console.post(
+                    "/webhooks", json={"url": url, "event_types": ["*"]}, headers=bearer(admin)
+                ).json()["secret"]
+                for url in (one, other)
+            ]
+            _place(console)
+            sign_in(console, sqlite_url, Role.admin)
+
+            def dead_rows() -> list[tuple[str, str]]:
+                page = console.get("/console/effects").text
+                return re.findall(r"<tr>\s*<td>([^<]*)</td>\s*<td class=\"num\">(\d+)</td>", page)
+
+            wait_for(lambda: dead_rows() == sorted([(one, "1"), (other, "1")]), "both dead")
+            page = console.get("/console/effects").text
+            assert one in page and other in page
+            assert not any(secret in page for secret in secrets)
+
+            confirm = console.get("/console/effects-retry-dead", params={"target": one})
+            assert re.search(r'id="dead-count">1<', confirm.text)
+            receiver.status = 204
+            retried = console.post(
+                "/console/effects-retry-dead",
+                data={"csrf": csrf_of(console), "target": one},
+                follow_redirects=False,
+            )
+            assert retried.status_code == 303
+
+            wait_for(lambda: len(receiver.accepted()) == 1, "the retried webhook delivered")
+            assert receiver.accepted()[0].path == "/hooks"
+            assert dead_rows() == [(other, "1")]

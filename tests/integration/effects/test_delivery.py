@@ -732,6 +732,36 @@ class TestPoisonedOrder:
         history = effects_service.get(first["id"]).history
         assert [a["outcome"] for a in history] == ["failed", "failed", "dead", DELIVERED]
 
+    def test_retrying_one_targets_dead_letters_leaves_the_others_dead(
+        self,
+        ledger: OrderLedger,
+        effects_service: Effects,
+        catch_up: CatchUp,
+        receiver: WebhookReceiver,
+        make_dispatcher: MakeDispatcher,
+    ) -> None:
+        """Two endpoints go dead; retrying one target's dead letters sends only those again."""
+        settings = DispatchSettings(max_attempts=1, backoff_base=0.01, backoff_cap=0.02)
+        one, other = receiver.url, f"{receiver.url}/other"
+        for url in (one, other):
+            effects_service.add_subscription(url, ["OrderPlaced"])
+        receiver.status = 500
+        for _ in range(2):
+            place(ledger)
+        catch_up()
+        dispatcher = make_dispatcher(settings)
+        settle(dispatcher, effects_service.engine)
+        assert sorted(effects_service.dead_by_target()) == sorted([(one, 2), (other, 2)])
+
+        receiver.status = 204
+        assert effects_service.retry_all_dead(target=one) == 2
+        settle(dispatcher, effects_service.engine)
+
+        assert effects_service.dead_by_target() == [(other, 2)]
+        assert effects_service.counts()[DELIVERED] == 2
+        retried = {r["id"] for r in outbox_rows(effects_service.engine) if r["target"] == one}
+        assert {r.webhook_id for r in receiver.accepted()} == retried
+
 
 # -- competing dispatchers -----------------------------------------------------------------------
 
