@@ -23,8 +23,9 @@ from tests.support.waiting import wait_for
 
 
 @pytest.fixture
-def console_server(sqlite_url: str, deploy: Deploy) -> Server:
-    return deploy(sqlite_url, webhook_allowed_networks="127.0.0.0/8").serve(
+def console_server(store_url: str, deploy: Deploy) -> Server:
+    """serve on each store, workers in the process, delivering to the local receiver."""
+    return deploy(store_url, webhook_allowed_networks="127.0.0.0/8").serve(
         effect_max_attempts=1, effect_backoff_base=0.05
     )
 
