@@ -92,6 +92,28 @@ generations = Table(
 )
 
 
+lag_samples = Table(
+    "projection_lag_samples",
+    catalog_metadata,
+    Column("name", String(64), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),
+    Column("lag_events", BigInteger, nullable=False),
+    Column("lag_seconds", Float, nullable=False),
+)
+"""Each serving projection's lag, one sample a minute (the last of that minute), for an hour."""
+
+LAG_HISTORY_MINUTES = 60
+
+
+@dataclass(frozen=True)
+class LagSample:
+    """A projection's lag at one minute (epoch seconds // 60)."""
+
+    minute: int
+    lag_events: int
+    lag_seconds: float
+
+
 @dataclass(frozen=True)
 class Generation:
     """One row of the tracking table."""
@@ -526,6 +548,38 @@ class Catalog:
                 )
                 .values(lease_owner=None, lease_expires_at=None)
             )
+
+    def record_lag(self, name: str, at: float, lag_events: int, lag_seconds: float) -> None:
+        """Keep the projection's lag for the minute of ``at``; forget samples over an hour old."""
+        minute = int(at // 60)
+        values = {"lag_events": lag_events, "lag_seconds": lag_seconds}
+        with write_transaction(self.engine) as conn:
+            conn.execute(
+                lag_samples.delete().where(lag_samples.c.minute <= minute - LAG_HISTORY_MINUTES)
+            )
+            updated = conn.execute(
+                update(lag_samples)
+                .where(lag_samples.c.name == name, lag_samples.c.minute == minute)
+                .values(values)
+            )
+            if updated.rowcount == 0:
+                conn.execute(insert(lag_samples).values(name=name, minute=minute, **values))
+
+    def lag_history(self, at: float) -> dict[str, list[LagSample]]:
+        """Every projection's samples of the hour before ``at``, oldest first."""
+        since = int(at // 60) - LAG_HISTORY_MINUTES
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(lag_samples)
+                .where(lag_samples.c.minute > since)
+                .order_by(lag_samples.c.name, lag_samples.c.minute)
+            )
+            found: dict[str, list[LagSample]] = {}
+            for row in rows:
+                found.setdefault(row.name, []).append(
+                    LagSample(row.minute, row.lag_events, row.lag_seconds)
+                )
+        return found
 
     def record_error(
         self,

@@ -15,6 +15,7 @@ from projections.base import Projection
 from projections.engine.catalog import BUILDING, RETIRED, SERVING, Catalog
 from projections.engine.processor import Outcome, Processor, ProcessorSettings
 from projections.engine.source import EventSource, SharedReads
+from projections.engine.status import projection_status
 
 log = logging.getLogger("orderledger.projections")
 
@@ -50,6 +51,7 @@ class Worker:
         idle_wait: float = 0.5,
         owner: str | None = None,
         gather: float | None = None,
+        lag_sample_every: float = 60.0,
     ) -> None:
         self.catalog = catalog
         self.source = source
@@ -67,6 +69,9 @@ class Worker:
         self._last_refresh = 0.0
         self._last_heartbeat = 0.0
         self._last_drop: dict[str, float] = {}
+        self.lag_sample_every = lag_sample_every
+        """How often to record the lag of each serving generation this worker holds."""
+        self._last_lag_sample = -float("inf")
 
     # -- running -----------------------------------------------------------------------------
 
@@ -129,7 +134,22 @@ class Worker:
             for processor in self.processors.values():
                 processor.heartbeat()
             self._last_heartbeat = now
+        if now - self._last_lag_sample >= self.lag_sample_every:
+            self._last_lag_sample = now
+            self._sample_lag()
         return busy
+
+    def _sample_lag(self) -> None:
+        """Record the lag of each serving generation this worker holds (for the console)."""
+        for processor in list(self.processors.values()):
+            if processor.lease is None or processor.role != SERVING:
+                continue
+            name = processor.projection.name
+            try:
+                status = projection_status(self.catalog, self.source, name)
+                self.catalog.record_lag(name, time.time(), status.lag_events, status.lag_seconds)
+            except Exception:  # a chart's sample is never worth stopping for
+                log.warning("could not record the lag of projection=%s", name, exc_info=True)
 
     def run_until_caught_up(self, timeout: float = 300.0) -> None:
         """Process until every generation this worker can hold is at the head (for tests, CLI)."""

@@ -82,7 +82,7 @@ def test_a_rebuild_is_followed_live_to_its_cut_over(
         # Read in one script: htmx may swap the table between two element look-ups.
         found = browser.driver.execute_script(
             "const row = document.querySelector(arguments[0]);"
-            "return [row.querySelector('td:nth-child(7)').textContent,"
+            "return [row.querySelector('.generation').textContent,"
             " row.querySelector('.state').textContent];",
             row,
         )

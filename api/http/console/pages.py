@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
@@ -31,8 +32,8 @@ from projections.audit_log import NAME as AUDIT_LOG
 from projections.audit_log import AuditFilters, list_audit_entries
 from projections.effects.outbox import STATUSES
 from projections.effects.service import EffectNotDeadError, EffectNotFoundError, Effects
-from projections.engine.catalog import NewerVersionError
-from projections.engine.runtime import UnknownProjectionError
+from projections.engine.catalog import LAG_HISTORY_MINUTES, LagSample, NewerVersionError
+from projections.engine.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.order_summaries import InvalidCursorError
 from projections.verify import verify_store
 
@@ -288,11 +289,51 @@ async def order(request: Request, order_id: str) -> Response:
 # -- projections ------------------------------------------------------------------------------
 
 
+LAG_CHART_WIDTH = 120
+LAG_CHART_HEIGHT = 24
+
+
+@dataclass(frozen=True)
+class LagChart:
+    """A small line of a projection's lag in seconds over the last hour, newest at the right."""
+
+    points: str
+    last: tuple[float, float]
+    top: float
+    """The highest lag shown (the chart's full height), in seconds."""
+
+
+def lag_chart(samples: Sequence[LagSample], now: float) -> LagChart | None:
+    """The chart of a projection's samples, or None without any."""
+    if not samples:
+        return None
+    first_minute = int(now // 60) - LAG_HISTORY_MINUTES + 1
+    top = max(1.0, *(sample.lag_seconds for sample in samples))
+    step = LAG_CHART_WIDTH / LAG_HISTORY_MINUTES
+
+    def point(sample: LagSample) -> tuple[float, float]:
+        x = (sample.minute - first_minute) * step + step / 2
+        y = LAG_CHART_HEIGHT - 1 - (LAG_CHART_HEIGHT - 2) * sample.lag_seconds / top
+        return round(x, 1), round(y, 1)
+
+    points = [point(sample) for sample in samples]
+    return LagChart(" ".join(f"{x},{y}" for x, y in points), points[-1], top)
+
+
+def _projections_page(runtime: ProjectionRuntime, request: Request) -> dict[str, Any]:
+    now = time.time()
+    history = runtime.catalog.lag_history(now)
+    return {
+        "statuses": current_statuses(runtime, request),
+        "charts": {name: lag_chart(samples, now) for name, samples in history.items()},
+    }
+
+
 @router.get("/projections")
 async def projections(request: Request) -> Response:
     signed_in = await _require(request, Role.reader)
-    statuses = await run_in_threadpool(current_statuses, get_projections(request), request)
-    return _page(request, "projections.html", signed_in=signed_in, statuses=statuses)
+    shown = await run_in_threadpool(_projections_page, get_projections(request), request)
+    return _page(request, "projections.html", signed_in=signed_in, **shown)
 
 
 @router.post("/projections/{name}/rebuild")

@@ -260,3 +260,21 @@ class TestDeadLetters:
             wait_for(lambda: len(receiver.accepted()) == 1, "the retried webhook delivered")
             assert receiver.accepted()[0].path == "/hooks"
             assert dead_rows() == [(other, "1")]
+
+
+class TestProjectionsPage:
+    def test_each_projection_shows_its_lag_over_the_last_hour(self, console: TestClient) -> None:
+        """The worker in the process records a sample as it starts; the page draws it."""
+        _place(console)
+        sign_in(console, _url(console), Role.reader)
+
+        def chart() -> str | None:
+            page = console.get("/console/projections").text
+            row = re.search(r'<tr data-name="order_summaries">.*?</tr>', page, re.S)
+            assert row is not None
+            found = re.search(r'<svg class="lag"[^>]*>.*?<polyline points="([^"]+)"', row[0])
+            return None if found is None else found.group(1)
+
+        wait_for(lambda: chart() is not None, "a lag sample drawn")
+        x, y = map(float, str(chart()).split()[-1].split(","))
+        assert 116 <= x <= 120 and y == 23.0  # this minute (or the last), no lag

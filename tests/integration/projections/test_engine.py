@@ -522,3 +522,32 @@ class TestLivePasses:
         with opened(postgres_url, [AppliedPositionsProjection()]) as (_ledger, runtime):
             assert runtime.source.server_side
             assert runtime.worker().gather == 0.0
+
+
+class TestLagHistory:
+    """Workers record each serving projection's lag once a minute, kept for an hour."""
+
+    def test_a_worker_records_the_lag_of_what_it_serves(self, store_url: str) -> None:
+        with opened(store_url, [AppliedPositionsProjection()]) as (ledger, runtime):
+            place_and_pay(ledger, 3)
+            worker = runtime.worker()
+            worker.lag_sample_every = 0.0
+            worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
+
+            sample = runtime.catalog.lag_history(time.time())[COUNTING][-1]
+
+            assert int(time.time() // 60) - sample.minute in (0, 1)
+            assert (sample.lag_events, sample.lag_seconds) == (0, 0.0)
+
+    def test_one_sample_a_minute_and_none_older_than_an_hour(self, store_url: str) -> None:
+        with opened(store_url, [AppliedPositionsProjection()]) as (_, runtime):
+            catalog, now = runtime.catalog, time.time()
+            catalog.record_lag(COUNTING, now - 3600, 9, 9.0)
+            catalog.record_lag(COUNTING, now - 60, 5, 2.5)
+            catalog.record_lag(COUNTING, now, 7, 1.0)
+            catalog.record_lag(COUNTING, now, 3, 0.5)  # the same minute: the last one stays
+
+            samples = catalog.lag_history(now)[COUNTING]
+
+            assert [(s.lag_events, s.lag_seconds) for s in samples] == [(5, 2.5), (3, 0.5)]
+            assert [s.minute for s in samples] == [int(now // 60) - 1, int(now // 60)]
