@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import effects, http, projections, write_path, writers
+from benchmarks import console, effects, http, projections, write_path, writers
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "effects": Benchmark.from_module(effects),
     "http": Benchmark.from_module(http),
     "writers": Benchmark.from_module(writers),
+    "console": Benchmark.from_module(console),
 }
 DEFAULT = "write"
 
