@@ -225,6 +225,27 @@ class Effects:
             rows = list(conn.execute(query))
         return [self._view(row, []) for row in rows]
 
+    def dead_letters(self, *, limit: int = 100) -> list[EffectView]:
+        """Dead effects by order, then position, each with every attempt."""
+        query = (
+            select(effects)
+            .where(effects.c.status == DEAD)
+            .order_by(effects.c.order_id, effects.c.position, effects.c.effect)
+            .limit(limit)
+        )
+        history: dict[str, list[dict[str, object]]] = {}
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query))
+            ids = [row.id for row in rows]
+            for start in range(0, len(ids), 500):
+                for attempt in conn.execute(
+                    select(attempts)
+                    .where(attempts.c.effect_id.in_(ids[start : start + 500]))
+                    .order_by(attempts.c.effect_id, attempts.c.attempt)
+                ):
+                    history.setdefault(attempt.effect_id, []).append(dict(attempt._mapping))
+        return [self._view(row, history.get(row.id, [])) for row in rows]
+
     def get(self, identifier: str) -> EffectView:
         with self.engine.connect() as conn:
             row = conn.execute(select(effects).where(effects.c.id == identifier)).first()

@@ -365,6 +365,7 @@ async def effects(request: Request) -> Response:
     counts = await run_in_threadpool(service.counts)
     found = await run_in_threadpool(partial(service.find, status=status, limit=100))
     dead_targets = await run_in_threadpool(service.dead_by_target)
+    dead_letters = await run_in_threadpool(service.dead_letters) if status == "dead" else []
     webhooks = await run_in_threadpool(partial(service.subscription_views, include_inactive=True))
     return _page(
         request,
@@ -374,6 +375,7 @@ async def effects(request: Request) -> Response:
         effects=found,
         status=status,
         dead_targets=dead_targets,
+        dead_letters=dead_letters,
         webhooks=webhooks,
         moment=_moment,
     )

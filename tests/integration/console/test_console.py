@@ -246,6 +246,11 @@ class TestDeadLetters:
             page = console.get("/console/effects").text
             assert one in page and other in page
             assert not any(secret in page for secret in secrets)
+            # The dead letters of each order, with every attempt.
+            dead = console.get("/console/effects?status=dead").text
+            (section,) = re.findall(r'<section class="dead-order".*?</section>', dead, re.S)
+            assert section.count('<table class="attempts">') == 2
+            assert section.count("HTTP 500") == 2
 
             confirm = console.get("/console/effects-retry-dead", params={"target": one})
             assert re.search(r'id="dead-count">1<', confirm.text)
