@@ -90,6 +90,7 @@ effects = Table(
     Index("outbox_effects_due", "status", "next_attempt_at"),
     Index("outbox_effects_sequence", "order_id", "target", "position"),
     Index("outbox_effects_claims", "claim_expires_at"),
+    Index("outbox_effects_order", "position", "effect"),  # the list, oldest first
 )
 
 attempts = Table(

@@ -261,12 +261,33 @@ class Effects:
             ]
         return self._view(row, history)
 
-    def counts(self) -> dict[str, int]:
-        """How many effects are in each status."""
+    def counts(self, *, up_to: int | None = None) -> dict[str, int]:
+        """How many effects are in each status.
+
+        With ``up_to``, each count stops past that many (a page shows "more than"): an index
+        range of at most that many rows per status, where an exact count reads every row.
+        """
+        if up_to is None:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(effects.c.status, func.count()).group_by(effects.c.status)
+                )
+                found: dict[str, int] = {row[0]: int(row[1]) for row in rows}
+            return {status: found.get(status, 0) for status in STATUSES}
         with self.engine.connect() as conn:
-            rows = conn.execute(select(effects.c.status, func.count()).group_by(effects.c.status))
-            found: dict[str, int] = {row[0]: int(row[1]) for row in rows}
-        return {status: found.get(status, 0) for status in STATUSES}
+            return {
+                status: int(
+                    conn.execute(
+                        select(func.count()).select_from(
+                            select(effects.c.id)
+                            .where(effects.c.status == status)
+                            .limit(up_to + 1)
+                            .subquery()
+                        )
+                    ).scalar_one()
+                )
+                for status in STATUSES
+            }
 
     def retry(self, identifier: str) -> EffectView:
         """Send a dead effect again (with a fresh set of attempts); its history is kept."""

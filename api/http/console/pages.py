@@ -351,6 +351,11 @@ async def rebuild(request: Request, name: str) -> Response:
 # -- effects ----------------------------------------------------------------------------------
 
 
+EFFECT_COUNT_CAP = 10_000
+"""The effects page counts each status up to this many ("10000+"): exact counts of a large
+outbox read every row."""
+
+
 def _effects(request: Request) -> Effects:
     return get_effects(get_projections(request), request)
 
@@ -362,7 +367,7 @@ async def effects(request: Request) -> Response:
     if status is not None and status not in STATUSES:
         raise RefusedError(422, f"unknown status {status!r}")
     service = _effects(request)
-    counts = await run_in_threadpool(service.counts)
+    counts = await run_in_threadpool(partial(service.counts, up_to=EFFECT_COUNT_CAP))
     found = await run_in_threadpool(partial(service.find, status=status, limit=100))
     dead_targets = await run_in_threadpool(service.dead_by_target)
     dead_letters = await run_in_threadpool(service.dead_letters) if status == "dead" else []
@@ -377,6 +382,7 @@ async def effects(request: Request) -> Response:
         dead_targets=dead_targets,
         dead_letters=dead_letters,
         webhooks=webhooks,
+        cap=EFFECT_COUNT_CAP,
         moment=_moment,
     )
 
@@ -407,11 +413,8 @@ async def confirm_retry_dead(request: Request) -> Response:
     """Ask first, saying how many dead effects (of one target, if given) go out again."""
     signed_in = await _require(request, Role.admin)
     target = request.query_params.get("target") or None
-    service = _effects(request)
-    if target is None:
-        dead = (await run_in_threadpool(service.counts))["dead"]
-    else:
-        dead = dict(await run_in_threadpool(service.dead_by_target)).get(target, 0)
+    by_target = dict(await run_in_threadpool(_effects(request).dead_by_target))
+    dead = sum(by_target.values()) if target is None else by_target.get(target, 0)
     return _page(request, "retry_dead.html", signed_in=signed_in, dead=dead, target=target)
 
 

@@ -653,6 +653,26 @@ class TestFlakyReceiver:
             assert mine == sorted(mine), f"order {order_id} arrived out of order: {mine}"
 
 
+class TestCounting:
+    def test_counts_may_stop_past_a_cap(
+        self, ledger: OrderLedger, effects_service: Effects, catch_up: CatchUp
+    ) -> None:
+        """Capped, a status with more effects than the cap counts cap + 1 ("more than")."""
+        for _ in range(3):
+            place(ledger, email="buyer@example.com")
+        catch_up()
+
+        assert effects_service.counts()[PENDING] == 3
+        assert effects_service.counts(up_to=5) == effects_service.counts()
+        assert effects_service.counts(up_to=2) == {
+            PENDING: 3,
+            DELIVERED: 0,
+            DEAD: 0,
+            CANCELLED: 0,
+        }
+        assert effects_service.counts(up_to=1)[PENDING] == 2
+
+
 class TestPoisonedOrder:
     """An order its receiver keeps refusing goes dead without holding up other orders."""
 
