@@ -283,4 +283,3 @@ class TestProjectionsPage:
         wait_for(lambda: chart() is not None, "a lag sample drawn")
         x, y = map(float, str(chart()).split()[-1].split(","))
         assert 116 <= x <= 120 and y == 23.0  # this minute (or the last), no lag
-
