@@ -270,7 +270,6 @@ class TestDeadLetters:
 class TestProjectionsPage:
     def test_each_projection_shows_its_lag_over_the_last_hour(self, console: TestClient) -> None:
         """The worker in the process records a sample as it starts; the page draws it."""
-        _place(console)
         sign_in(console, _url(console), Role.reader)
 
         def chart() -> str | None:
