@@ -37,7 +37,7 @@ from eventsourcing.persistence import (
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import retry
-from psycopg.sql import SQL, Identifier, Literal
+from psycopg.sql import SQL, Composable, Composed, Identifier, Literal
 
 from domain.chain import chain_hashes
 from domain.sqlite_writes import sqlite_write_lock
@@ -317,39 +317,17 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
                 )
             )
         # A table made before events were chained gets the column; its rows stay unchained.
-        # Looked up first: ALTER TABLE takes its exclusive lock even when the column exists.
-        self.sql_create_statements.append(
-            SQL(
-                "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
-                "WHERE table_schema = {schema_name} AND table_name = {table_name} "
-                "AND column_name = {column_name}) THEN "
-                "ALTER TABLE {schema}.{table} ADD COLUMN {column} bytea; END IF; END $do$"
-            ).format(
-                schema_name=Literal(self.datastore.schema),
-                table_name=Literal(self.events_table_name),
-                column_name=Literal(CHAIN_COLUMN),
-                schema=schema,
-                table=table,
-                column=Identifier(CHAIN_COLUMN),
-            )
-        )
+        self.sql_create_statements.append(self._added_column(CHAIN_COLUMN, SQL("bytea")))
         # Each row records its writing transaction's id (readers order by it); a table made by
         # an older version gets the column with 0 for its rows, which were written under the
         # table lock and so committed in position order. One statement: never half there.
         self.sql_create_statements.append(
-            SQL(
-                "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
-                "WHERE table_schema = {schema_name} AND table_name = {table_name} "
-                "AND column_name = {column_name}) THEN "
-                "ALTER TABLE {schema}.{table} ADD COLUMN {column} xid8 NOT NULL DEFAULT '0', "
-                "ALTER COLUMN {column} SET DEFAULT pg_current_xact_id(); END IF; END $do$"
-            ).format(
-                schema_name=Literal(self.datastore.schema),
-                table_name=Literal(self.events_table_name),
-                column_name=Literal(TX_COLUMN),
-                schema=schema,
-                table=table,
-                column=Identifier(TX_COLUMN),
+            self._added_column(
+                TX_COLUMN,
+                SQL(
+                    "xid8 NOT NULL DEFAULT '0', "
+                    "ALTER COLUMN {column} SET DEFAULT pg_current_xact_id()"
+                ).format(column=Identifier(TX_COLUMN)),
             )
         )
         self.sql_create_statements.append(
@@ -425,6 +403,25 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             "WHERE originator_id = %s AND originator_version <= %s ORDER BY originator_version"
         ).format(
             schema=schema, table=table, column=Identifier(CHAIN_COLUMN), tx=Identifier(TX_COLUMN)
+        )
+
+    def _added_column(self, column: str, definition: Composable) -> Composed:
+        """Add a column to a table made by an older version, its rows given the definition's
+        default. Looked up first: ALTER TABLE takes its exclusive lock even when the column
+        exists."""
+        return SQL(
+            "DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns "
+            "WHERE table_schema = {schema_name} AND table_name = {table_name} "
+            "AND column_name = {column_name}) THEN "
+            "ALTER TABLE {schema}.{table} ADD COLUMN {column} {definition}; END IF; END $do$"
+        ).format(
+            definition=definition,
+            schema_name=Literal(self.datastore.schema),
+            table_name=Literal(self.events_table_name),
+            column_name=Literal(column),
+            schema=Identifier(self.datastore.schema),
+            table=Identifier(self.events_table_name),
+            column=Identifier(column),
         )
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
