@@ -26,6 +26,7 @@ from domain.errors import (
     OrderNotFoundError,
     OrderRuleError,
 )
+from projections.engine.runtime import ReadModelUpgradingError
 
 log = logging.getLogger("orderledger.api")
 
@@ -128,6 +129,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_problem)
     app.add_exception_handler(StarletteHTTPException, http_problem)
     app.add_exception_handler(PersistenceError, store_unavailable_problem)
+    app.add_exception_handler(ReadModelUpgradingError, upgrading_problem)
     app.add_exception_handler(Exception, internal_error_problem)
 
 
@@ -249,6 +251,18 @@ async def store_unavailable_problem(request: Request, exc: Exception) -> Respons
         title="Store unavailable",
         detail="the event store could not complete the request; nothing was recorded, retry",
         headers={"Retry-After": "1"},
+    )
+
+
+async def upgrading_problem(request: Request, exc: Exception) -> Response:
+    """A read model built by another version, being rebuilt for this one: retry shortly."""
+    return problem_response(
+        request,
+        status=503,
+        slug="read-model-upgrading",
+        title="Read model being rebuilt",
+        detail=str(exc),
+        headers={"Retry-After": "5"},
     )
 
 

@@ -26,6 +26,11 @@ class UnknownProjectionError(LookupError):
     """No projection has that name."""
 
 
+class ReadModelUpgradingError(Exception):
+    """The serving tables were built by another version of the projection, with columns this
+    code does not find: readable again once this version's rebuild takes over."""
+
+
 @dataclass
 class ProjectionRuntime:
     """Everything projections need, built once at start-up."""
@@ -134,8 +139,18 @@ class ProjectionRuntime:
             with self.reading(name) as (conn, tables):
                 return query(conn, tables)
         except (OperationalError, ProgrammingError):
-            with self.reading(name) as (conn, tables):
-                return query(conn, tables)
+            try:
+                with self.reading(name) as (conn, tables):
+                    return query(conn, tables)
+            except (OperationalError, ProgrammingError) as error:
+                serving = self.catalog.serving(name)
+                version = self.projection(name).version
+                if serving is None or serving.version == version:
+                    raise
+                raise ReadModelUpgradingError(
+                    f"the {name} read model serving now was built by version "
+                    f"{serving.version}; version {version} is rebuilding it, retry shortly"
+                ) from error
 
     def close(self) -> None:
         self.source.close()

@@ -7,8 +7,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
+from api.bootstrap import opened
+from api.http.app import create_app
 from api.key_store import Role
+from api.settings import Settings
+from projections.audit_log import NAME as AUDIT_LOG
 from tests.support.auth import bearer, issue_key
 from tests.support.http import assert_problem, order_body
 from tests.support.raw_events import RawEvents
@@ -281,3 +286,32 @@ class TestVerifyOnEveryStore:
             paid,
             shop.order_id,
         )
+
+
+class TestDuringAnUpgrade:
+    def test_an_audit_log_built_by_the_older_version_answers_503_until_rebuilt(
+        self, store_url: str
+    ) -> None:
+        """Its tables lack this version's columns: reads say so and when to retry, never 500."""
+        settings = Settings(database_url=store_url, run_projections=False, run_effects=False)
+        with opened(settings) as system:
+            system.ledger.place_order(**order_body())
+            system.runtime.worker().run_until_caught_up(timeout=60)
+            generation = system.runtime.catalog.serving(AUDIT_LOG)
+            assert generation is not None
+            table = f"audit_log_g{generation.generation}"
+            with system.runtime.engine.begin() as conn:  # as version 1 made them
+                conn.execute(text(f"DROP INDEX {table}_read_order"))
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN tx_id"))
+                conn.execute(
+                    text("UPDATE projection_generations SET version = 1 WHERE name = :name"),
+                    {"name": AUDIT_LOG},
+                )
+        with TestClient(create_app(settings)) as client:
+            client.headers.update(bearer(issue_key(store_url, Role.admin)))
+
+            response = client.get("/audit")
+
+            problem = assert_problem(response, 503, "read-model-upgrading")
+            assert "version 2 is rebuilding it" in problem["detail"]
+            assert response.headers["retry-after"] == "5"
