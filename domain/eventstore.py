@@ -251,10 +251,8 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         return 0.0
 
     def checkpoint_at(self, position: int) -> Checkpoint | None:
-        """Where the event at ``position`` sits in read order (None if nothing is there)."""
-        return (
-            Checkpoint(0, position) if 0 < position <= (self.max_notification_id() or 0) else None
-        )
+        """Where the event at ``position`` sits in read order: with one writer, (0, position)."""
+        return Checkpoint(0, position) if position > 0 else None
 
     def select_aggregate_notifications(
         self, originator_id: UUID, *, lte_version: int | None = None

@@ -37,7 +37,7 @@ from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from domain.eventstore import CHAIN_COLUMN, TX_COLUMN, Checkpoint, reached_at
+from domain.eventstore import CHAIN_COLUMN, TX_COLUMN, Checkpoint
 from domain.ledger import EVENT_NAMES, OrderLedger
 from domain.personal import SEALED, MasterKeyError, SealedValue
 
@@ -149,14 +149,6 @@ class EventSource:
         """Up to ``limit`` events after ``after`` up to ``stop`` in read order as stored,
         undecoded: (position, originator id, version, topic, state bytes, chain hash, tx)."""
         return self._rows(after, stop, (), limit)
-
-    def checkpoint_at(self, position: int) -> Checkpoint | None:
-        """Where the event at ``position`` sits in read order (None: no committed event)."""
-        return self._ledger.store.checkpoint_at(position)
-
-    def reached(self, position: int) -> Checkpoint:
-        """The checkpoint at which a reader has passed the event at ``position``."""
-        return reached_at(self._ledger.store, position)
 
     def timestamp_after(self, after: Checkpoint) -> float | None:
         """The time (epoch seconds) of the first event after a checkpoint, if there is one

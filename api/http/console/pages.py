@@ -366,25 +366,27 @@ async def effects(request: Request) -> Response:
     status = request.query_params.get("status") or None
     if status is not None and status not in STATUSES:
         raise RefusedError(422, f"unknown status {status!r}")
-    service = _effects(request)
-    counts = await run_in_threadpool(partial(service.counts, up_to=EFFECT_COUNT_CAP))
-    found = await run_in_threadpool(partial(service.find, status=status, limit=100))
-    dead_targets = await run_in_threadpool(service.dead_by_target)
-    dead_letters = await run_in_threadpool(service.dead_letters) if status == "dead" else []
-    webhooks = await run_in_threadpool(partial(service.subscription_views, include_inactive=True))
+    shown = await run_in_threadpool(_effects_page, _effects(request), status)
     return _page(
         request,
         "effects.html",
         signed_in=signed_in,
-        counts=counts,
-        effects=found,
         status=status,
-        dead_targets=dead_targets,
-        dead_letters=dead_letters,
-        webhooks=webhooks,
         cap=EFFECT_COUNT_CAP,
         moment=_moment,
+        **shown,
     )
+
+
+def _effects_page(service: Effects, status: str | None) -> dict[str, Any]:
+    """What the effects page shows, read in one thread hand-off."""
+    return {
+        "counts": service.counts(up_to=EFFECT_COUNT_CAP),
+        "effects": service.find(status=status, limit=100),
+        "dead_targets": service.dead_by_target(),
+        "dead_letters": service.dead_letters() if status == "dead" else [],
+        "webhooks": service.subscription_views(include_inactive=True),
+    }
 
 
 @router.get("/effects/{effect_id}")

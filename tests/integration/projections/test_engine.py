@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from domain.eventstore import START
+from domain.eventstore import START, reached_at
 from domain.ledger import OrderLedger
 from domain.order import Order
 from projections.engine.catalog import LeaseLostError
@@ -321,7 +321,7 @@ class TestCompareAndSet:
                 "the lease was taken over",
                 timeout=WAIT_TIMEOUT,
             )
-            second = runtime.source.reached(2)
+            second = reached_at(ledger.store, 2)
             batch = runtime.source.read(second, 10, runtime.projection(COUNTING).topics)
 
             with pytest.raises(LeaseLostError):  # noqa: SIM117 - the rollback is the point

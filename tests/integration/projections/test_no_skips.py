@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from sqlalchemy import select, text
 
-from domain.eventstore import Checkpoint, StoreFromAnotherClusterError
+from domain.eventstore import Checkpoint, StoreFromAnotherClusterError, reached_at
 from domain.ledger import OrderLedger
 from projections.engine.catalog import SERVING
 from projections.engine.processor import ProcessorSettings
@@ -240,8 +240,8 @@ class TestDeterministicCases:
         with opened(postgres_url, [DeliveryLogProjection()]) as (ledger, runtime):
             with HeldAppend(ledger, lambda: ledger.place_order(**ORDER)) as held:
                 mine = ledger.place_order(**ORDER)
-                target = runtime.source.reached(mine.position)
-                assert target == runtime.source.checkpoint_at(mine.position)
+                target = reached_at(ledger.store, mine.position)
+                assert target == ledger.store.checkpoint_at(mine.position)
                 steps(runtime)
                 assert serving_checkpoint(runtime) < target
             runtime.worker().run_until_caught_up(timeout=WAIT_TIMEOUT)
@@ -251,8 +251,8 @@ class TestDeterministicCases:
             with inside_appends(ledger, roll_back), pytest.raises(Exception):  # noqa: B017
                 ledger.place_order(**ORDER)
             gap = mine.position + 2
-            assert runtime.source.checkpoint_at(gap) is None
-            assert runtime.source.reached(gap) == runtime.source.safe_head()
+            assert ledger.store.checkpoint_at(gap) is None
+            assert reached_at(ledger.store, gap) == runtime.source.safe_head()
 
 
 class TestAppendTransactions:
