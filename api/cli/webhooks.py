@@ -188,8 +188,8 @@ def retry_effects(
     target: Annotated[
         str | None,
         typer.Option(
-            help="With --all-dead: only those of this target (webhook:<subscription id>, "
-            "email:<customer id>)."
+            help="With --all-dead: only those of this target: a webhook's URL, email (every "
+            "email) or email:<customer id> (one customer's)."
         ),
     ] = None,
     database_url: DatabaseUrlOption = None,

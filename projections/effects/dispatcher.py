@@ -30,6 +30,7 @@ from sqlalchemy.orm import aliased
 
 from projections.effects.outbox import CANCELLED, DEAD, DELIVERED, PENDING, attempts, effects
 from projections.effects.senders import Effect, Outcome, Sender
+from projections.effects.tally import fold_counts
 from projections.engine.database import db_now, write_transaction
 
 log = logging.getLogger("orderledger.effects")
@@ -40,6 +41,9 @@ ATTEMPTS = Counter(
     ["kind", "outcome"],
 )
 DEAD_LETTERS = Counter("orderledger_effects_dead", "Effects that went dead", ["kind"])
+
+COUNT_FOLD_INTERVAL = 1.0
+"""Seconds between folds of the outbox's count changes (``projections.effects.tally``)."""
 
 _CANDIDATES_PER_CLAIM = 4
 """How many due rows a claim looks at per free worker, to find some whose target has room."""
@@ -89,6 +93,7 @@ class Dispatcher:
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
         self._renewed_at = 0.0
+        self._folded_at = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,6 +118,7 @@ class Dispatcher:
             self._wake.clear()
             try:
                 self._renew_claims()
+                self._fold_counts()
                 started = self._start(self.settings.concurrency - self.in_flight())
             except Exception:
                 log.exception("dispatcher iteration failed; retrying")
@@ -169,6 +175,13 @@ class Dispatcher:
                     .values(claim_expires_at=self.now + self.settings.claim_ttl)
                 )
         self._renewed_at = time.monotonic()
+
+    def _fold_counts(self) -> None:
+        """Fold the outbox's recorded count changes into its counts, at most once a second."""
+        if time.monotonic() - self._folded_at < COUNT_FOLD_INTERVAL:
+            return
+        fold_counts(self.engine)
+        self._folded_at = time.monotonic()
 
     def drain(self, timeout: float = 60.0) -> None:
         """Deliver until nothing is due (for tests and one-off runs)."""

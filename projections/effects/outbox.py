@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     Engine,
     Float,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     insert,
     select,
     tuple_,
@@ -38,11 +40,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.sql import FromClause
 
 from domain.eventstore import START, Checkpoint
 from domain.order import EVENT_TYPES, Order
 from domain.personal import ERASED, PersonalDataErasure, reveal
 from projections.base import Batch, Projection
+from projections.effects.tally import install_counts
 from projections.engine.database import add_missing_columns, db_now, write_transaction
 from projections.engine.source import RecordedEvent
 
@@ -135,6 +139,12 @@ def effect_id(effect: str, position: int) -> str:
     return str(uuid5(_EFFECT_NAMESPACE, f"{effect}@{position}"))
 
 
+def destination_of(table: FromClause) -> ColumnElement[str]:
+    """Where an effect goes, as the counts group it: a webhook's URL, or "email" for every
+    email (they all go through one mail server; their targets are customers)."""
+    return case((table.c.kind == EMAIL, EMAIL), else_=table.c.target)
+
+
 def email_target(customer_id: str) -> str:
     """An email effect's target: the customer, by pseudonymous id. The address itself is read
     from the order when the email is sent, so the outbox never holds it."""
@@ -152,6 +162,7 @@ def install_outbox(engine: Engine, head: Checkpoint) -> None:
         try:
             with write_transaction(engine) as conn:
                 outbox_metadata.create_all(conn, checkfirst=True)
+                install_counts(conn, effects, destination_of)
                 add_missing_columns(conn, watermarks)
                 add_missing_columns(conn, subscriptions)
                 for index in effects.indexes:  # added to a table created by an older version

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 
 from domain.eventstore import START
 from domain.order import EVENT_TYPES, Order
@@ -19,6 +20,7 @@ from projections.effects.outbox import (
     Subscription,
     attempts,
     contact_of,
+    destination_of,
     effect_rows,
     effects,
     insert_ignoring_duplicates,
@@ -29,6 +31,7 @@ from projections.effects.outbox import (
     watermarks,
 )
 from projections.effects.senders import new_secret
+from projections.effects.tally import read_counts
 from projections.effects.targets import TargetNotAllowedError, TargetPolicy
 from projections.engine.database import db_now, write_transaction
 from projections.engine.source import EventSource
@@ -261,33 +264,21 @@ class Effects:
             ]
         return self._view(row, history)
 
-    def counts(self, *, up_to: int | None = None) -> dict[str, int]:
-        """How many effects are in each status.
+    def counts(self) -> dict[str, int]:
+        """How many effects are in each status (kept by the database: no rows are read)."""
+        total: Counter[str] = Counter()
+        for by_status in self.by_destination().values():
+            total.update(by_status)
+        return {status: total[status] for status in STATUSES}
 
-        With ``up_to``, each count stops past that many (a page shows "more than"): an index
-        range of at most that many rows per status, where an exact count reads every row.
-        """
-        if up_to is None:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(effects.c.status, func.count()).group_by(effects.c.status)
-                )
-                found: dict[str, int] = {row[0]: int(row[1]) for row in rows}
-            return {status: found.get(status, 0) for status in STATUSES}
+    def by_destination(self) -> dict[str, dict[str, int]]:
+        """How many effects each destination (``destination_of``) has in each status."""
         with self.engine.connect() as conn:
-            return {
-                status: int(
-                    conn.execute(
-                        select(func.count()).select_from(
-                            select(effects.c.id)
-                            .where(effects.c.status == status)
-                            .limit(up_to + 1)
-                            .subquery()
-                        )
-                    ).scalar_one()
-                )
-                for status in STATUSES
-            }
+            found = read_counts(conn)
+        return {
+            destination: {status: found[destination][status] for status in STATUSES}
+            for destination in sorted(found)
+        }
 
     def retry(self, identifier: str) -> EffectView:
         """Send a dead effect again (with a fresh set of attempts); its history is kept."""
@@ -304,22 +295,14 @@ class Effects:
             )
         return self.get(identifier)
 
-    def dead_by_target(self) -> list[tuple[str, int]]:
-        """Dead effects per target (a webhook subscription, or a customer's email), most first."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(effects.c.target, func.count())
-                .where(effects.c.status == DEAD)
-                .group_by(effects.c.target)
-                .order_by(func.count().desc(), effects.c.target)
-            )
-            return [(row[0], int(row[1])) for row in rows]
-
     def retry_all_dead(self, *, target: str | None = None) -> int:
-        """Send every dead effect (of one target, if given) again; returns how many."""
+        """Send every dead effect (of one target or destination, if given) again; returns how
+        many. "email" names every email; "email:<customer id>" one customer's."""
         condition = effects.c.status == DEAD
         if target is not None:
-            condition = condition & (effects.c.target == target)
+            condition = condition & (
+                (effects.c.target == target) | (destination_of(effects) == target)
+            )
         with write_transaction(self.engine) as conn:
             result = conn.execute(
                 update(effects)

@@ -30,7 +30,7 @@ from domain.errors import OrderNotFoundError
 from domain.personal import parse_master_key
 from projections.audit_log import NAME as AUDIT_LOG
 from projections.audit_log import AuditFilters, list_audit_entries
-from projections.effects.outbox import STATUSES
+from projections.effects.outbox import DEAD, STATUSES
 from projections.effects.service import EffectNotDeadError, EffectNotFoundError, Effects
 from projections.engine.catalog import LAG_HISTORY_MINUTES, LagSample, NewerVersionError
 from projections.engine.runtime import ProjectionRuntime, UnknownProjectionError
@@ -351,11 +351,6 @@ async def rebuild(request: Request, name: str) -> Response:
 # -- effects ----------------------------------------------------------------------------------
 
 
-EFFECT_COUNT_CAP = 10_000
-"""The effects page counts each status up to this many ("10000+"): exact counts of a large
-outbox read every row."""
-
-
 def _effects(request: Request) -> Effects:
     return get_effects(get_projections(request), request)
 
@@ -372,7 +367,7 @@ async def effects(request: Request) -> Response:
         "effects.html",
         signed_in=signed_in,
         status=status,
-        cap=EFFECT_COUNT_CAP,
+        statuses=STATUSES,
         moment=_moment,
         **shown,
     )
@@ -381,9 +376,9 @@ async def effects(request: Request) -> Response:
 def _effects_page(service: Effects, status: str | None) -> dict[str, Any]:
     """What the effects page shows, read in one thread hand-off."""
     return {
-        "counts": service.counts(up_to=EFFECT_COUNT_CAP),
+        "counts": service.counts(),
         "effects": service.find(status=status, limit=100),
-        "dead_targets": service.dead_by_target(),
+        "destinations": service.by_destination(),
         "dead_letters": service.dead_letters() if status == "dead" else [],
         "webhooks": service.subscription_views(include_inactive=True),
     }
@@ -415,8 +410,10 @@ async def confirm_retry_dead(request: Request) -> Response:
     """Ask first, saying how many dead effects (of one target, if given) go out again."""
     signed_in = await _require(request, Role.admin)
     target = request.query_params.get("target") or None
-    by_target = dict(await run_in_threadpool(_effects(request).dead_by_target))
-    dead = sum(by_target.values()) if target is None else by_target.get(target, 0)
+    found = await run_in_threadpool(_effects(request).by_destination)
+    dead = sum(
+        counts[DEAD] for destination, counts in found.items() if target in (None, destination)
+    )
     return _page(request, "retry_dead.html", signed_in=signed_in, dead=dead, target=target)
 
 

@@ -238,11 +238,12 @@ class TestDeadLetters:
             _place(console)
             sign_in(console, sqlite_url, Role.admin)
 
-            def dead_rows() -> list[tuple[str, str]]:
+            def by_target(status: str) -> dict[str, str]:
                 page = console.get("/console/effects").text
-                return re.findall(r"<tr>\s*<td>([^<]*)</td>\s*<td class=\"num\">(\d+)</td>", page)
+                cell = rf'<td class="num" data-status="{status}">(\d+)</td>'
+                return dict(re.findall(rf'<tr data-target="([^"]*)">.*?{cell}', page, re.S))
 
-            wait_for(lambda: dead_rows() == sorted([(one, "1"), (other, "1")]), "both dead")
+            wait_for(lambda: by_target("dead") == {one: "1", other: "1"}, "both dead")
             page = console.get("/console/effects").text
             assert one in page and other in page
             assert not any(secret in page for secret in secrets)
@@ -264,7 +265,8 @@ class TestDeadLetters:
 
             wait_for(lambda: len(receiver.accepted()) == 1, "the retried webhook delivered")
             assert receiver.accepted()[0].path == "/hooks"
-            assert dead_rows() == [(other, "1")]
+            wait_for(lambda: by_target("delivered") == {one: "1", other: "0"}, "counted")
+            assert by_target("dead") == {one: "0", other: "1"}
 
 
 class TestProjectionsPage:
