@@ -273,8 +273,7 @@ class Effects:
 
     def by_destination(self) -> dict[str, dict[str, int]]:
         """How many effects each destination (``destination_of``) has in each status."""
-        with self.engine.connect() as conn:
-            found = read_counts(conn)
+        found = read_counts(self.engine)
         return {
             destination: {status: found[destination][status] for status in STATUSES}
             for destination in sorted(found)

@@ -6,8 +6,9 @@ table record every insert, change of status and delete:
 
 - on SQLite, one writer at a time, they add to ``outbox_counts`` directly;
 - on PostgreSQL they append +n/-n rows to ``outbox_count_changes`` and never update a shared
-  row, so writers never wait on each other for a count. ``fold_counts`` (run by dispatchers,
-  one at a time) moves those changes into ``outbox_counts``.
+  row, so writers never wait on each other for a count. ``fold_counts`` moves those changes
+  into ``outbox_counts``: each dispatcher folds about once a second, and a read that finds a
+  large backlog (no dispatcher ran) folds first.
 
 A read adds both tables in one statement, so it is exact at every moment. A destination is
 where an effect goes (see ``projections.effects.outbox.destination_of``).
@@ -34,7 +35,7 @@ from sqlalchemy import (
     text,
     union_all,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.engine import Dialect
@@ -99,8 +100,22 @@ def install_counts(conn: Connection, effects: Table, destination_of: Destination
     )
 
 
-def read_counts(conn: Connection) -> dict[str, Counter[str]]:
+READ_BACKLOG = 10_000
+"""A read that finds about this many changes not yet folded folds them first (no dispatcher
+has run for a while, or a bulk load just happened), so reads stay fast."""
+
+
+def read_counts(engine: Engine) -> dict[str, Counter[str]]:
     """Effects per status, per destination: exact, read in one statement."""
+    with engine.connect() as conn:
+        span = conn.execute(select(func.max(changes.c.id) - func.min(changes.c.id))).scalar()
+    if span is not None and int(span) >= READ_BACKLOG:
+        fold_counts(engine)
+    with engine.connect() as conn:
+        return _read(conn)
+
+
+def _read(conn: Connection) -> dict[str, Counter[str]]:
     both = union_all(
         select(counts.c.destination, counts.c.status, counts.c.n),
         select(changes.c.destination, changes.c.status, changes.c.n),
@@ -116,41 +131,34 @@ def read_counts(conn: Connection) -> dict[str, Counter[str]]:
     return found
 
 
-def fold_counts(engine: Engine) -> int:
-    """Move the changes recorded so far into the counts; returns how many it moved.
+def fold_counts(engine: Engine) -> None:
+    """Move the changes recorded so far into the counts, in one statement (PostgreSQL; SQLite's
+    triggers count directly).
 
-    Several processes may fold at once: on PostgreSQL each takes the changes it deletes (rows
-    another fold deleted are skipped), and folds take turns at the counts (the others return).
+    Several processes may fold at once: folds take turns (the others return), and each moves
+    only the changes its statement deletes.
     """
+    if engine.dialect.name != "postgresql":
+        return
+    moved = delete(changes).returning(changes.c.destination, changes.c.status, changes.c.n)
+    moved_rows = moved.cte("moved")
+    total = func.sum(moved_rows.c.n)
+    summed = (
+        select(moved_rows.c.destination, moved_rows.c.status, total)
+        .group_by(moved_rows.c.destination, moved_rows.c.status)
+        .having(total != 0)
+        .order_by(moved_rows.c.destination, moved_rows.c.status)
+    )
+    upsert = postgresql.insert(counts).from_select(["destination", "status", "n"], summed)
+    statement = upsert.on_conflict_do_update(
+        index_elements=[counts.c.destination, counts.c.status],
+        set_={"n": counts.c.n + upsert.excluded.n},
+    )
     with write_transaction(engine) as conn:
-        if (
-            conn.dialect.name == "postgresql"
-            and not conn.execute(
-                text("SELECT pg_try_advisory_xact_lock(hashtext('outbox_counts fold'))")
-            ).scalar_one()
-        ):
-            return 0
-        moved: Counter[tuple[str, str]] = Counter()
-        for row in conn.execute(
-            delete(changes).returning(changes.c.destination, changes.c.status, changes.c.n)
-        ):
-            moved[(row.destination, row.status)] += row.n
-        totals = [
-            {"destination": destination, "status": status, "n": n}
-            for (destination, status), n in sorted(moved.items())
-            if n != 0
-        ]
-        if totals:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            upsert = dialect.insert(counts)
-            conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[counts.c.destination, counts.c.status],
-                    set_={"n": counts.c.n + upsert.excluded.n},
-                ),
-                totals,
-            )
-        return sum(1 for _ in moved)
+        if conn.execute(
+            text("SELECT pg_try_advisory_xact_lock(hashtext('outbox_counts fold'))")
+        ).scalar_one():
+            conn.execute(statement)
 
 
 def _installed(conn: Connection, effects: Table, postgres: bool) -> bool:

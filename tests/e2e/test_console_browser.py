@@ -1,13 +1,16 @@
 """The console in a real headless Chromium against a real `orderledger serve`.
 
 Sign-in and sign-out, order search and the timeline, a rebuild followed live (htmx under the
-strict Content-Security-Policy) to its cut-over, a dead letter retried until delivered, and a
-hostile SKU shown as text. Any browser console error, CSP violations included, fails the test.
+strict Content-Security-Policy) to its cut-over, forms without their CSRF token refused, a dead
+letter retried until delivered, and a hostile SKU shown as text. Any browser console error, CSP violations included, fails the test.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from selenium.common.exceptions import NoAlertPresentException
@@ -119,6 +122,72 @@ def test_a_dead_letter_is_retried_until_delivered(
         "the retried webhook to be delivered",
     )
     assert len(receiver.accepted()) == 1
+
+
+def _projection(server: Server, name: str) -> dict[str, object]:
+    with server.client() as http:
+        found: dict[str, object] = http.get(f"/projections/{name}").json()
+    return found
+
+
+@contextmanager
+def _forged_form_site(action: str) -> Iterator[str]:
+    """Another site's page (another port: same host, another origin) whose script posts a
+    form to ``action`` as soon as it loads, with a guessed CSRF token."""
+    page = (
+        f'<form id="forged" method="post" action="{action}">'
+        '<input name="csrf" value="guessed"></form>'
+        "<script>document.getElementById('forged').submit()</script>"
+    ).encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_address[1]}/"
+    finally:
+        site.shutdown()
+        site.server_close()
+
+
+def test_a_form_without_its_csrf_token_changes_nothing(
+    console_server: Server, browser: Browser
+) -> None:
+    """The console's own form with its token altered, and another site's forged form posted
+    with the signed-in admin's cookie, are both refused; the projection is not rebuilt."""
+    _place(console_server)
+    browser.open("/console/projections")
+    row = "tr[data-name='order_summaries']"
+    browser.driver.execute_script(
+        "document.querySelector(arguments[0] + \" input[name='csrf']\").value = 'altered'", row
+    )
+    browser.click(f"{row} form button")
+    assert "CSRF token is missing or wrong" in browser.text()
+    [refused] = browser.errors()
+    assert "status of 403" in refused
+
+    action = f"{console_server.base_url}/console/projections/order_summaries/rebuild"
+    with _forged_form_site(action) as site:
+        browser.driver.get(site)
+        browser.wait_until(lambda: "CSRF token" in browser.text(), "the forged post refused")
+    assert browser.driver.current_url == action
+    [refused] = browser.errors()
+    assert "status of 403" in refused
+
+    status = _projection(console_server, "order_summaries")
+    assert (status["serving_generation"], status["rebuild"]) == (1, None)
+    browser.open("/console/projections")
+    assert browser.driver.find_element(By.CSS_SELECTOR, f"{row} .state").text == "live"
 
 
 def test_hostile_values_are_shown_as_text(console_server: Server, browser: Browser) -> None:

@@ -9,10 +9,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, func, insert, select, text, update
 
 from domain.eventstore import START
 from domain.ledger import OrderLedger
+from projections.effects import tally
 from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.outbox import (
     DEAD,
@@ -146,6 +148,20 @@ class TestKeptCounts:
         place(ledger, email="buyer@example.com")
         catch_up()
         assert effects_service.counts()[PENDING] == 4
+
+    def test_a_read_that_finds_a_backlog_folds_it_first(
+        self, effects_service: Effects, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No dispatcher has folded: the read folds, and its answer is the same."""
+        engine = effects_service.engine
+        with write_transaction(engine) as conn:
+            for position in range(1, 31):  # one statement each: a change row each on PostgreSQL
+                conn.execute(insert(effects_table), [_row(position, "http://127.0.0.1:9/a")])
+        monkeypatch.setattr(tally, "READ_BACKLOG", 20)
+
+        assert effects_service.by_destination() == counted_in_the_outbox(engine)
+        assert unfolded(engine) == 0
+        assert effects_service.counts()[PENDING] == 30
 
     def test_concurrent_writers_and_folds_never_lose_a_change(
         self, effects_service: Effects
