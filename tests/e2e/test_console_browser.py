@@ -2,7 +2,8 @@
 
 Sign-in and sign-out, order search and the timeline, a rebuild followed live (htmx under the
 strict Content-Security-Policy) to its cut-over, forms without their CSRF token refused, a dead
-letter retried until delivered, and a hostile SKU shown as text. Any browser console error, CSP violations included, fails the test.
+letter retried until delivered, and a hostile SKU shown as text. Any browser console error, CSP
+violations included, fails the test.
 """
 
 from __future__ import annotations
