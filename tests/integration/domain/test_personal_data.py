@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import pytest
 from sqlalchemy import select
 
 from api.bootstrap import open_ledger
 from api.settings import Settings
 from domain.ledger import OrderLedger
-from domain.personal import ERASED, MasterKeyError, data_keys, new_master_key
+from domain.personal import ERASED, KEY_READER, MasterKeyError, data_keys, new_master_key
 from projections.engine.runtime import ProjectionRuntime
 from projections.verify import verify_store
 from tests.support.projections import run_until_caught_up
@@ -129,6 +130,26 @@ class TestErasure:
             )
         finally:
             other.close()
+
+
+class TestKeyReads:
+    def test_connections_ended_by_the_server_are_replaced(self, postgres_url: str) -> None:
+        """After a restart (here: every key-reading session terminated), reads go on."""
+        ledger = open_ledger(Settings(database_url=postgres_url, personal_key_cache_ttl=0))
+        try:
+            order_id = record(ledger)
+            assert ledger.get_order(order_id).shipping_address == PERSONAL["shipping_address"]
+            with psycopg.connect(postgres_url, autocommit=True) as admin:
+                ended = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = %s",
+                    (KEY_READER,),
+                ).fetchone()
+            assert ended is not None and ended[0] >= 1
+
+            assert ledger.get_order(order_id).shipping_address == PERSONAL["shipping_address"]
+        finally:
+            ledger.close()
 
 
 class TestNothingLeftInTheFiles:
