@@ -51,8 +51,8 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0,
         le=300,
-        description="Seconds a process keeps a customer's data key: an erasure takes effect "
-        "everywhere within this time",
+        description="Seconds between a process's checks for erasures (data keys stay cached "
+        "until one): an erasure takes effect everywhere within this time",
     )
     console_session_ttl: float = Field(
         default=8 * 3600,

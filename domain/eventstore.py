@@ -371,22 +371,27 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         )
         self._timed: weakref.WeakSet[Any] = weakref.WeakSet()
         id_type = Identifier(self.datastore.originator_id_type)
-        self._insert_chained_statement = (
+        insert_events = SQL(
+            "INSERT INTO {schema}.{table} "
+            "(originator_id, originator_version, topic, state, {column}) "
+            "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
+            "%s::bytea[]) RETURNING notification_id"
+        ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
+        # Rendered once: composing a statement costs about as much as sending it.
+        self._insert_chained_statement = insert_events.as_string(None)
+        # New customers' data keys go in the same statement as the events they sealed: no
+        # round trip of their own. The keys' INSERT is a WITH query nothing reads, so it runs
+        # after the events' INSERT: the transaction takes its id there, as with no keys.
+        self._insert_with_data_keys_statement = (
             SQL(
-                "INSERT INTO {schema}.{table} "
-                "(originator_id, originator_version, topic, state, {column}) "
-                "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
-                "%s::bytea[]) RETURNING notification_id"
+                "WITH data_keys AS (INSERT INTO {schema}.{keys} "
+                "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
+                "%s::timestamptz[])) {insert_events}"
             )
-            .format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
+            .format(schema=schema, keys=Identifier(DATA_KEYS_TABLE), insert_events=insert_events)
             .as_string(None)
-        )  # rendered once: composing it costs about as much as sending it
-        self._insert_data_keys_statement = SQL(
-            "INSERT INTO {schema}.{keys} "
-            "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
-            "%s::timestamptz[])"
-        ).format(schema=schema, keys=Identifier(DATA_KEYS_TABLE))
+        )
         self._previous_hash_statement = (
             SQL(
                 "SELECT {column} FROM {schema}.{table} "
@@ -453,7 +458,8 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         data_keys: Sequence[dict[str, Any]] = (),
         **_: Any,
     ) -> None:
-        """One INSERT of the events with each one's link, without the library's table lock.
+        """One INSERT of the events with each one's link, without the library's table lock,
+        and of the data keys of new customers they were sealed with.
 
         Nothing before the INSERT takes a transaction id (reads do not), so an
         order's next event always has a higher transaction id than its previous one, which
@@ -466,37 +472,21 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             return None if row is None or row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN])
 
         hashes = self.links(stored_events, previous)
-        curs.execute(
-            self._insert_chained_statement,
-            (
-                [stored.originator_id for stored in stored_events],
-                [stored.originator_version for stored in stored_events],
-                [stored.topic for stored in stored_events],
-                [stored.state for stored in stored_events],
-                hashes,
-            ),
-            prepare=True,
+        events = (
+            [stored.originator_id for stored in stored_events],
+            [stored.originator_version for stored in stored_events],
+            [stored.topic for stored in stored_events],
+            [stored.state for stored in stored_events],
+            hashes,
         )
-        if data_keys:
-            # After the events' INSERT (nothing before it takes a transaction id), on a cursor
-            # of its own: insert_events reads the positions from this one's results.
-            with curs.connection.cursor() as keys:
-                self._insert_data_keys(keys, data_keys)
-
-    def _insert_data_keys(self, curs: Any, data_keys: Sequence[dict[str, Any]]) -> None:
-        curs.execute(
-            self._insert_data_keys_statement,
-            tuple(
-                [row[column] for row in data_keys]
-                for column in (
-                    "key_id",
-                    "customer_id",
-                    "wrapped_key",
-                    "master_key_id",
-                    "created_at",
-                )
-            ),
+        if not data_keys:
+            curs.execute(self._insert_chained_statement, events, prepare=True)
+            return
+        keys = tuple(
+            [row[column] for row in data_keys]
+            for column in ("key_id", "customer_id", "wrapped_key", "master_key_id", "created_at")
         )
+        curs.execute(self._insert_with_data_keys_statement, keys + events, prepare=True)
 
     def create_table(self) -> None:
         """Create the schema under an advisory lock, so processes starting together take turns.

@@ -9,8 +9,11 @@ ciphertext (the store, backups, replicas, the WAL) becomes unreadable, while the
 totals and their hash chains stay as they were. A sealed value whose key is gone reads as
 ``ERASED``.
 
-Each process keeps the keys it used in a bounded cache for ``cache_ttl`` seconds: an erasure
-takes effect in every process within that time (at once in the process that erased).
+Each process keeps the keys it used in a bounded cache. Every erasure counts itself in
+``customer_data_key_erasures``, in the transaction that deletes the keys; a process reads that
+count at most every ``cache_ttl`` seconds and empties its cache when it changed. So an erasure
+takes effect in every process within that time (at once in the process that erased), and a
+returning customer's key is read from the database once per process, not once per order.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eventsourcing.domain import Aggregate, event
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
     DateTime,
     Engine,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     Row,
@@ -50,6 +55,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from domain.eventstore import DATA_KEYS_TABLE
@@ -72,6 +78,15 @@ data_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("customer_data_keys_customer", "customer_id"),
 )
+
+
+erasures = Table(
+    "customer_data_key_erasures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("erased", BigInteger, nullable=False),
+)
+"""One row: how many erasures the store has seen, for every process's cache to notice."""
 
 
 class MasterKeyError(ValueError):
@@ -155,28 +170,23 @@ _collecting: ContextVar[NewKeys | None] = ContextVar("orderledger_new_keys", def
 
 
 class _Cache:
-    """Data keys by key id, and each customer's key for sealing: bounded, each for a while."""
+    """Data keys by key id, and each customer's key for sealing: the most recently used."""
 
-    def __init__(self, ttl: float, size: int) -> None:
-        self.ttl = ttl
+    def __init__(self, size: int) -> None:
         self.size = size
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def get(self, kind: str, name: str) -> Any:
         with self._lock:
             found = self._entries.get((kind, name))
-            if found is None:
-                return None
-            if found[0] < time.monotonic():
-                del self._entries[(kind, name)]
-                return None
-            self._entries.move_to_end((kind, name))
-            return found[1]
+            if found is not None:
+                self._entries.move_to_end((kind, name))
+            return found
 
     def put(self, kind: str, name: str, value: Any) -> None:
         with self._lock:
-            self._entries[(kind, name)] = (time.monotonic() + self.ttl, value)
+            self._entries[(kind, name)] = value
             self._entries.move_to_end((kind, name))
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
@@ -186,6 +196,10 @@ class _Cache:
             self._entries.pop(("customer", customer_id), None)
             for key_id in key_ids:
                 self._entries.pop(("key", key_id), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 KEY_READER = "orderledger data keys"
@@ -211,7 +225,10 @@ class PersonalData:
         self._master = master_key
         self._master_id = master_key_id(master_key)
         self._masters = {master_key_id(k): k for k in (*previous_master_keys, master_key)}
-        self._cache = _Cache(cache_ttl, cache_size)
+        self._cache = _Cache(cache_size)
+        self._check_every = cache_ttl
+        self._erased: int | None = None
+        self._next_check = 0.0
         # Key look-ups read one row, on the write path of every new customer's first order.
         # On PostgreSQL they have connections of their own in autocommit (no BEGIN, ROLLBACK
         # or isolation reset around the read) and no ping before each (a connection found
@@ -231,6 +248,9 @@ class PersonalData:
     def install(self) -> None:
         """Create the table; refuse a master key that did not wrap the keys already there."""
         metadata.create_all(self.engine, checkfirst=True)
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        with self._write() as conn:  # processes starting together: one row all the same
+            conn.execute(dialect.insert(erasures).values(id=1, erased=0).on_conflict_do_nothing())
         with self.engine.connect() as conn:
             used = {row[0] for row in conn.execute(select(data_keys.c.master_key_id).distinct())}
         unknown = used - set(self._masters)
@@ -288,7 +308,21 @@ class PersonalData:
             self._cache.put("customer", customer_id, (key_id, key))
             self._cache.put("key", key_id, key)
 
+    def _notice_erasures(self) -> None:
+        """Empty the cache if any process erased a customer since we last looked (we look at
+        most every ``cache_ttl`` seconds)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        row = self._read_one(select(erasures.c.erased).where(erasures.c.id == 1))
+        erased = 0 if row is None else int(row.erased)
+        if erased != self._erased:
+            self._cache.clear()
+            self._erased = erased
+        self._next_check = now + self._check_every
+
     def _sealing_key(self, customer_id: str) -> tuple[str, bytes]:
+        self._notice_erasures()
         cached = self._cache.get("customer", customer_id)
         if cached is not None:
             key_id, key = cached
@@ -326,6 +360,7 @@ class PersonalData:
         return key_id, key
 
     def _key(self, key_id: str) -> bytes | None:
+        self._notice_erasures()
         cached = self._cache.get("key", key_id)
         if cached is not None:
             return bytes(cached)
@@ -390,6 +425,7 @@ class PersonalData:
                 )
             ]
             conn.execute(delete(data_keys).where(data_keys.c.customer_id == customer_id))
+            conn.execute(update(erasures).values(erased=erasures.c.erased + 1))
         self._cache.forget(customer_id, key_ids)
         if sqlite:
             # Outside any transaction, which SQLAlchemy would begin first.

@@ -7,6 +7,7 @@ and a missing or wrong master key stops the ledger from opening.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from api.bootstrap import open_ledger
 from api.settings import Settings
@@ -133,6 +134,25 @@ class TestErasure:
 
 
 class TestKeyReads:
+    def test_a_returning_customers_key_is_read_once_per_process(self, store_url: str) -> None:
+        """Past the check interval with no erasure, the cached key still seals: the process
+        reads the count of erasures, not the key."""
+        ledger = open_ledger(Settings(database_url=store_url, personal_key_cache_ttl=0.05))
+        statements: list[str] = []
+        reads = ledger.personal._reads  # type: ignore[union-attr]
+        event.listen(reads, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        try:
+            record(ledger)
+            time.sleep(0.2)
+            statements.clear()
+            order_id = record(ledger)
+
+            assert [s for s in statements if "customer_data_keys" in s] == []
+            assert any("customer_data_key_erasures" in s for s in statements)
+            assert ledger.get_order(order_id).shipping_address == PERSONAL["shipping_address"]
+        finally:
+            ledger.close()
+
     def test_connections_ended_by_the_server_are_replaced(self, postgres_url: str) -> None:
         """After a restart (here: every key-reading session terminated), reads go on."""
         ledger = open_ledger(Settings(database_url=postgres_url, personal_key_cache_ttl=0))
