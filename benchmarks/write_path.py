@@ -299,7 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--orders", type=int, default=2000, help="orders per run on SQLite (default 2000)"
     )
     parser.add_argument(
-        "--pg-orders", type=int, default=500, help="orders per run on PostgreSQL (default 500)"
+        "--pg-orders",
+        type=int,
+        default=2000,
+        help="orders per run on PostgreSQL (default 2000, the same mix of customers as SQLite)",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs per variant; the best is reported (default 3)"
