@@ -229,20 +229,17 @@ class PersonalData:
         self._check_every = cache_ttl
         self._erased: int | None = None
         self._next_check = 0.0
-        # Key look-ups read one row, on the write path of every new customer's first order.
-        # On PostgreSQL they have connections of their own in autocommit (no BEGIN, ROLLBACK
-        # or isolation reset around the read) and no ping before each (a connection found
-        # dead is replaced and the read tried again): about half the cost of a pooled read.
-        self._reads = (
-            create_engine(
-                engine.url,
-                isolation_level="AUTOCOMMIT",
-                pool_size=4,
-                max_overflow=8,
-                connect_args={"application_name": KEY_READER},
-            )
-            if engine.dialect.name == "postgresql"
-            else engine
+        # Key look-ups read one row, on the write path of a customer's first order in a
+        # process. They have connections of their own in autocommit: no BEGIN, ROLLBACK or
+        # isolation reset around the read, and no ping before it (a connection found dead is
+        # replaced and the read tried again). About half the cost of a read-model read.
+        postgres = engine.dialect.name == "postgresql"
+        self._reads = create_engine(
+            engine.url,
+            isolation_level="AUTOCOMMIT",
+            pool_size=4,
+            max_overflow=8,
+            connect_args={"application_name": KEY_READER} if postgres else {"timeout": 30},
         )
 
     def install(self) -> None:
@@ -263,8 +260,7 @@ class PersonalData:
             )
 
     def close(self) -> None:
-        if self._reads is not self.engine:
-            self._reads.dispose()
+        self._reads.dispose()
         self.engine.dispose()
 
     # -- sealing ------------------------------------------------------------------------------
