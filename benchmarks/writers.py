@@ -10,6 +10,11 @@ at least 3x the locking recorder with 8 writers, and at least 70% of raw.
 Then the whole write path as users run it: ``orderledger demo`` (400 orders each) in 1 and in
 8 processes on one database, events per second from the first start to the last exit. Goal: 8
 processes at least 1.5x one.
+
+Last, SQLite (one writer at a time): what a group commit could save at most. The same prepared
+events are saved one per transaction, then 16 and 64 per transaction, beside the time of a
+whole ``place_order``: commands arriving together could share a transaction, but they would
+save only the difference per event, out of what a command costs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import psycopg
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 
+from api.bootstrap import open_ledger
+from api.settings import Settings
 from benchmarks.common import (
     console,
     library_env,
@@ -39,6 +46,7 @@ from benchmarks.common import (
     print_description,
     print_table,
     temporary_postgres_url,
+    temporary_sqlite_url,
 )
 from domain.eventstore import PostgresEventRecorder, event_store_env
 
@@ -79,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8,
         help="orderledger demo processes measured against one (0 skips; default 8)",
+    )
+    parser.add_argument(
+        "--sqlite-events",
+        type=int,
+        default=4000,
+        help="events saved per SQLite grouping (0 skips; default 4000)",
     )
 
 
@@ -189,6 +203,37 @@ def demo_events_per_second(processes: int, admin: str) -> float:
     return (after[0] - before[0]) / elapsed
 
 
+SQLITE_GROUPS = (1, 16, 64)
+
+
+def sqlite_group_ceiling(total: int) -> tuple[dict[int, float], float]:
+    """Microseconds per event saved ``group`` per transaction on SQLite, for each group size,
+    and microseconds per ``place_order`` through the ledger, on one fresh store."""
+    with temporary_sqlite_url() as url:
+        ledger = open_ledger(Settings(database_url=url))
+        try:
+            recorder = ledger.recorder
+            per_event: dict[int, float] = {}
+            for group in SQLITE_GROUPS:
+                events = [StoredEvent(uuid.uuid4(), 1, TOPIC, STATE) for _ in range(total)]
+                started = time.perf_counter()
+                for start in range(0, total, group):
+                    recorder.insert_events(events[start : start + group])
+                per_event[group] = (time.perf_counter() - started) / total * 1e6
+            commands = max(1, total // 4)
+            started = time.perf_counter()
+            for number in range(commands):
+                ledger.place_order(
+                    customer_id=f"cust-{number % 50}",
+                    currency="EUR",
+                    lines=[{"sku": "SKU-TEA-001", "quantity": 2, "unit_price": 1250}],
+                )
+            per_command = (time.perf_counter() - started) / commands * 1e6
+        finally:
+            ledger.close()
+    return per_event, per_command
+
+
 def run(args: argparse.Namespace) -> int:
     admin = postgres_admin_url()
     unreachable = postgres_unreachable_reason(admin)
@@ -246,4 +291,22 @@ def run(args: argparse.Namespace) -> int:
             f"{args.demo_processes} demo processes: {ratio:.2f}x one (goal {DEMO_GOAL:g}x): "
             + ("[green]met[/green]" if ratio >= DEMO_GOAL else "[red]not met[/red]")
         )
+    if args.sqlite_events:
+        per_event, per_command = sqlite_group_ceiling(args.sqlite_events)
+        alone = per_event[1]
+        print_table(
+            f"SQLite, {args.sqlite_events:,} events per grouping: microseconds per event",
+            ["events per transaction", "us per event", "saved per event", "of a place_order"],
+            [
+                [
+                    str(group),
+                    f"{per_event[group]:,.0f}",
+                    f"{alone - per_event[group]:,.0f}",
+                    f"{(alone - per_event[group]) / per_command:.1%}",
+                ]
+                for group in SQLITE_GROUPS
+            ],
+            markdown=args.markdown,
+        )
+        console.print(f"place_order on SQLite: {per_command:,.0f} us per command")
     return 0

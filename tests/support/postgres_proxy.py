@@ -143,7 +143,8 @@ class CommitAckDroppingProxy:
         if kind == b"P":
             name, _, rest = body.partition(b"\0")
             query = rest.split(b"\0", 1)[0].strip().upper()
-            if query.startswith(b"INSERT") and self.table.upper() in query:
+            # Events, alone or beside a new customer's data keys (a WITH query first).
+            if b"INSERT INTO" in query and self.table.upper() in query:
                 connection.inserting_statements.add(name)
                 connection.wrote_events = True
             elif query in (b"COMMIT", b"ROLLBACK"):
