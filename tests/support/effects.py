@@ -14,6 +14,11 @@ from domain.ledger import OrderLedger
 from projections.effects.dispatcher import Dispatcher, DispatchSettings
 from projections.effects.outbox import PENDING, attempts, effects
 
+CatchUp = Callable[..., None]
+"""The ``catch_up`` fixture: run the named projections (default: the outbox) to the head."""
+MakeDispatcher = Callable[..., Dispatcher]
+"""The ``make_dispatcher`` fixture: a dispatcher wired as in production, stopped after."""
+
 FAST = DispatchSettings(
     max_attempts=6, backoff_base=0.02, backoff_cap=0.5, claim_ttl=30.0, idle_wait=0.02
 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from sqlalchemy import Engine, func, insert, select, text, update
 from domain.eventstore import START
 from domain.ledger import OrderLedger
 from projections.effects import tally
-from projections.effects.dispatcher import Dispatcher, DispatchSettings
+from projections.effects.dispatcher import DispatchSettings
 from projections.effects.outbox import (
     DEAD,
     DELIVERED,
@@ -24,18 +23,16 @@ from projections.effects.outbox import (
     STATUSES,
     destination_of,
     effect_id,
+    insert_ignoring_duplicates,
     install_outbox,
 )
 from projections.effects.outbox import effects as effects_table
 from projections.effects.service import Effects
 from projections.effects.tally import changes, counts, fold_counts
 from projections.engine.database import write_transaction
-from tests.support.effects import pay_and_ship, place
+from tests.support.effects import CatchUp, MakeDispatcher, pay_and_ship, place
 from tests.support.ports import free_port
 from tests.support.receivers import WebhookReceiver
-
-CatchUp = Callable[..., None]
-MakeDispatcher = Callable[..., Dispatcher]
 
 
 def counted_in_the_outbox(engine: Engine) -> dict[str, dict[str, int]]:
@@ -148,6 +145,17 @@ class TestKeptCounts:
         place(ledger, email="buyer@example.com")
         catch_up()
         assert effects_service.counts()[PENDING] == 4
+
+    def test_an_effect_recorded_again_is_counted_once(self, effects_service: Effects) -> None:
+        """A rebuild records every effect again; the outbox ignores it, and so do the counts."""
+        engine = effects_service.engine
+        rows = [_row(position, "http://127.0.0.1:9/a") for position in (1, 2)]
+        for _ in range(2):
+            with write_transaction(engine) as conn:
+                insert_ignoring_duplicates(conn, rows)
+
+        assert effects_service.by_destination() == counted_in_the_outbox(engine)
+        assert effects_service.counts()[PENDING] == 2
 
     def test_a_read_that_finds_a_backlog_folds_it_first(
         self, effects_service: Effects, monkeypatch: pytest.MonkeyPatch

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from statistics import mean
@@ -23,7 +22,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from domain.ledger import OrderLedger
-from projections.effects.dispatcher import Dispatcher, DispatchSettings, backoff
+from projections.effects.dispatcher import DispatchSettings, backoff
 from projections.effects.outbox import (
     CANCELLED,
     DEAD,
@@ -39,6 +38,8 @@ from projections.engine.runtime import ProjectionRuntime
 from projections.registry import all_projections
 from tests import REPO_ROOT
 from tests.support.effects import (
+    CatchUp,
+    MakeDispatcher,
     attempt_rows,
     deliver_until,
     outbox_rows,
@@ -50,9 +51,6 @@ from tests.support.effects import (
 from tests.support.projections import run_until_caught_up
 from tests.support.receivers import SmtpServer, WebhookReceiver
 from tests.support.waiting import wait_for
-
-CatchUp = Callable[..., None]
-MakeDispatcher = Callable[..., Dispatcher]
 
 
 def _keys(rows: list[dict[str, Any]]) -> set[tuple[str, int]]:

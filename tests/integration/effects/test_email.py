@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from uuid import UUID
 
 import pytest
 
 from domain.audit import Actor, CommandContext, acting_as
 from domain.ledger import OrderLedger
-from projections.effects.dispatcher import Dispatcher, DispatchSettings
+from projections.effects.dispatcher import DispatchSettings
 from projections.effects.outbox import DELIVERED, effect_id
 from projections.effects.service import Effects
-from tests.support.effects import attempt_rows, outbox_rows, pay_and_ship, place, settle
+from tests.support.effects import (
+    CatchUp,
+    MakeDispatcher,
+    attempt_rows,
+    outbox_rows,
+    pay_and_ship,
+    place,
+    settle,
+)
 from tests.support.receivers import ReceivedEmail, SmtpServer
 from tests.support.waiting import wait_for
-
-CatchUp = Callable[..., None]
-MakeDispatcher = Callable[..., Dispatcher]
 
 
 def _position(ledger: OrderLedger, order_id: UUID, event_type: str) -> int:

@@ -8,23 +8,19 @@ sends nothing again. On both stores, no table holds an address or shipping detai
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Engine
 
 from domain.ledger import OrderLedger
-from projections.effects.dispatcher import Dispatcher, DispatchSettings
+from projections.effects.dispatcher import DispatchSettings
 from projections.effects.outbox import CANCELLED, DEAD, DELIVERED, ERASED_REASON, PENDING
 from projections.effects.service import Effects
 from projections.engine.runtime import ProjectionRuntime
-from tests.support.effects import attempt_rows, outbox_rows, settle
+from tests.support.effects import CatchUp, MakeDispatcher, attempt_rows, outbox_rows, settle
 from tests.support.raw_events import values_held
 from tests.support.receivers import SmtpServer
-
-CatchUp = Callable[..., None]
-MakeDispatcher = Callable[..., Dispatcher]
 
 ANA = {
     "customer_email": "ana.lopez@example.com",
