@@ -39,6 +39,14 @@ from projections.engine.source import EventSource
 MAX_URL_LENGTH = 2048
 
 
+def status_totals(by_destination: dict[str, dict[str, int]]) -> dict[str, int]:
+    """How many effects are in each status, from ``Effects.by_destination``."""
+    total: Counter[str] = Counter()
+    for by_status in by_destination.values():
+        total.update(by_status)
+    return {status: total[status] for status in STATUSES}
+
+
 class EffectNotFoundError(LookupError):
     """No effect (or subscription) has that id."""
 
@@ -266,10 +274,7 @@ class Effects:
 
     def counts(self) -> dict[str, int]:
         """How many effects are in each status (kept by the database: no rows are read)."""
-        total: Counter[str] = Counter()
-        for by_status in self.by_destination().values():
-            total.update(by_status)
-        return {status: total[status] for status in STATUSES}
+        return status_totals(self.by_destination())
 
     def by_destination(self) -> dict[str, dict[str, int]]:
         """How many effects each destination (``destination_of``) has in each status."""

@@ -109,9 +109,8 @@ def read_counts(engine: Engine) -> dict[str, Counter[str]]:
     """Effects per status, per destination: exact, read in one statement."""
     with engine.connect() as conn:
         span = conn.execute(select(func.max(changes.c.id) - func.min(changes.c.id))).scalar()
-    if span is not None and int(span) >= READ_BACKLOG:
-        fold_counts(engine)
-    with engine.connect() as conn:
+        if span is not None and int(span) >= READ_BACKLOG:
+            fold_counts(engine)
         return _read(conn)
 
 

@@ -31,7 +31,12 @@ from domain.personal import parse_master_key
 from projections.audit_log import NAME as AUDIT_LOG
 from projections.audit_log import AuditFilters, list_audit_entries
 from projections.effects.outbox import DEAD, STATUSES
-from projections.effects.service import EffectNotDeadError, EffectNotFoundError, Effects
+from projections.effects.service import (
+    EffectNotDeadError,
+    EffectNotFoundError,
+    Effects,
+    status_totals,
+)
 from projections.engine.catalog import LAG_HISTORY_MINUTES, LagSample, NewerVersionError
 from projections.engine.runtime import ProjectionRuntime, UnknownProjectionError
 from projections.order_summaries import InvalidCursorError
@@ -375,10 +380,11 @@ async def effects(request: Request) -> Response:
 
 def _effects_page(service: Effects, status: str | None) -> dict[str, Any]:
     """What the effects page shows, read in one thread hand-off."""
+    destinations = service.by_destination()
     return {
-        "counts": service.counts(),
+        "counts": status_totals(destinations),
         "effects": service.find(status=status, limit=100),
-        "destinations": service.by_destination(),
+        "destinations": destinations,
         "dead_letters": service.dead_letters() if status == "dead" else [],
         "webhooks": service.subscription_views(include_inactive=True),
     }
