@@ -41,6 +41,7 @@ from api.bootstrap import open_ledger, open_read_models, opened
 from api.http.routes.order_queries import public_json
 from api.settings import Settings
 from benchmarks.common import (
+    BENCH_MASTER_KEY,
     STORES,
     cached_store_copy,
     console,
@@ -132,8 +133,10 @@ def sample_order_ids(url: str, count: int, path: Path) -> int:
 
 
 def clean_env() -> dict[str, str]:
-    """This environment without ORDERLEDGER_* settings: the benchmark passes its own."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
+    """This environment without ORDERLEDGER_* settings but the benchmarks' master key: the
+    benchmark passes its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERLEDGER_")}
+    return {**env, "ORDERLEDGER_MASTER_KEY": BENCH_MASTER_KEY}
 
 
 def issue_key(url: str) -> str:

@@ -17,6 +17,7 @@ rows whose transaction is older than every transaction still running (see ``safe
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 import time
 import weakref
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
 from eventsourcing.persistence import (
+    IntegrityError,
     InterfaceError,
     Notification,
     OperationalError,
@@ -40,7 +42,7 @@ from eventsourcing.utils import retry
 from psycopg.sql import SQL, Composable, Composed, Identifier, Literal
 
 from domain.chain import chain_hashes
-from domain.sqlite_writes import sqlite_write_lock
+from domain.sqlite_writes import GroupCommit, Grouped, sqlite_write_lock
 
 IMMUTABLE_MESSAGE = "events are immutable"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -131,6 +133,10 @@ class _Chained:
         return chain_hashes(stored_events, previous)
 
 
+_Save = tuple[Sequence[StoredEvent], Sequence[bytes | None], dict[str, Any]]
+"""One save on SQLite: its events, their chain links and the library's keyword arguments."""
+
+
 class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
     """The library's SQLite recorder with immutability triggers and per-order positions.
 
@@ -150,6 +156,9 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
             "WHERE originator_id = ? AND originator_version = ?"
         )
         self.write_lock = sqlite_write_lock(datastore.pool.db_name)
+        # Saves queue with the read models' writers on one lock that hands over at once,
+        # rather than on SQLite's busy handler; saves that queued together commit together.
+        self._groups = GroupCommit(self.write_lock, self._write_group)
 
     def create_table(self) -> None:
         with self.datastore.transaction(commit=True) as c:
@@ -162,15 +171,30 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        # Queue with the read models' writers on one lock that hands over at once, rather
-        # than on SQLite's busy handler, which sleeps milliseconds between tries.
-        with self.write_lock.hold():
-            # The previous events' hashes are read before the write transaction begins: a
-            # transaction that reads first and then writes gets SQLITE_BUSY at once, without
-            # waiting, when another connection holds the write lock. Those events are
-            # committed and never change.
-            links = self.links(stored_events, self._previous_hash)
-            return super().insert_events(stored_events, links=links, **kwargs)
+        # The previous events' hashes are read before the write transaction begins: a
+        # transaction that reads first and then writes gets SQLITE_BUSY at once, without
+        # waiting, when another connection holds the write lock. Those events are committed
+        # and never change (a save whose previous event is not yet committed conflicts).
+        links = self.links(stored_events, self._previous_hash)
+        return self._groups.submit((stored_events, links, kwargs))
+
+    def _write_group(self, group: Sequence[Grouped[_Save, Sequence[int] | None]]) -> None:
+        """Write saves that arrived together in one transaction, each in a savepoint of its
+        own: a save that conflicts is undone alone and raises the library's IntegrityError."""
+        with self.datastore.transaction(commit=True) as c:
+            if len(group) == 1:
+                stored_events, links, kwargs = group[0].item
+                group[0].result = self._insert_events(c, stored_events, links=links, **kwargs)
+                return
+            for save in group:
+                stored_events, links, kwargs = save.item
+                c.execute("SAVEPOINT grouped_save")
+                try:
+                    save.result = self._insert_events(c, stored_events, links=links, **kwargs)
+                except sqlite3.IntegrityError as error:
+                    c.execute("ROLLBACK TO grouped_save")
+                    save.error = IntegrityError(error)
+                c.execute("RELEASE grouped_save")
 
     def _previous_hash(self, originator_id: UUID | str, version: int) -> bytes | None:
         with self.datastore.transaction(commit=False) as c:

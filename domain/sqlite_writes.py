@@ -18,14 +18,18 @@ import collections
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from eventsourcing.persistence import OperationalError
 
 LOCK_SUFFIX = "-writer"
 """The lock file's name: the database's file name with this appended."""
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds a writer of this process waits for another of this process (SQLite's busy timeout)."""
@@ -92,6 +96,10 @@ class _TurnLock:
         with self._mutex:
             return len(self._waiters)
 
+    def owned(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
     @property
     def depth(self) -> int:
         """How many holds the owner has (for its owner to read)."""
@@ -138,6 +146,10 @@ class SQLiteWriteLock:
         """How many threads of this process wait for the lock."""
         return self._process_turns().waiting()
 
+    def held(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._process_turns().owned()
+
     def _process_turns(self) -> _TurnLock:
         pid = os.getpid()
         if self._pid != pid:
@@ -163,3 +175,113 @@ def sqlite_write_lock(database: str | Path) -> SQLiteWriteLock:
         if lock is None:
             lock = _locks[key] = SQLiteWriteLock(Path(key))
         return lock
+
+
+class Grouped(Generic[T, R]):
+    """One command waiting for its group's transaction: what to write, then its outcome."""
+
+    __slots__ = ("error", "finished", "item", "leads", "result", "wake")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.leads = False
+        self.finished = False
+        self.result: R | None = None
+        self.error: BaseException | None = None
+        self.wake = threading.Event()
+
+    def outcome(self) -> R:
+        """The result of the write, or the error it raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+class GroupCommit(Generic[T, R]):
+    """Commands that arrive while another is being written share the next transaction.
+
+    A SQLite commit waits for the disk, and with one writer at a time every queued command
+    waits for each commit before its own. Here the first command to arrive leads: it takes
+    the write lock and writes every command queued by then (at most ``most``), in arrival
+    order, in one transaction: ``write_group`` gives each its own savepoint, so one that fails
+    leaves the others' writes in place, and sets each one's ``result`` or ``error``. Commands
+    that arrive meanwhile queue. When the group's commit returns, the leader wakes its group
+    and hands the lead to the first command queued after it. A command alone is written
+    alone and waits for no company: groups form only from commands queued behind a commit.
+    """
+
+    def __init__(
+        self,
+        lock: SQLiteWriteLock,
+        write_group: Callable[[Sequence[Grouped[T, R]]], None],
+        *,
+        most: int = 64,
+    ) -> None:
+        self._lock = lock
+        self._write_group = write_group
+        self._most = most
+        self._mutex = threading.Lock()
+        self._queue: collections.deque[Grouped[T, R]] = collections.deque()
+        self._leading = False
+        self._groups = 0
+        self._grouped = 0
+
+    def queued(self) -> int:
+        """How many writes wait for a group (a leader waiting for the lock included)."""
+        with self._mutex:
+            return len(self._queue)
+
+    def totals(self) -> tuple[int, int]:
+        """How many groups were written, and how many writes they held, since the start."""
+        with self._mutex:
+            return self._groups, self._grouped
+
+    def submit(self, item: T) -> R:
+        """Write ``item`` in the next group: its result, or the error its write raised."""
+        turn: Grouped[T, R] = Grouped(item)
+        if self._lock.held():
+            # A writer already holding the lock would wait for a leader waiting for the lock.
+            with self._lock.hold():
+                self._write_group([turn])
+            return turn.outcome()
+        with self._mutex:
+            self._queue.append(turn)
+            if not self._leading:
+                self._leading = turn.leads = True
+        if not turn.leads:
+            turn.wake.wait()
+        if not turn.finished:
+            self._lead()
+        return turn.outcome()
+
+    def _lead(self) -> None:
+        """Write the queue's head as one group (the leader is first in it), then pass on."""
+        group: list[Grouped[T, R]] = []
+        try:
+            with self._lock.hold():
+                with self._mutex:
+                    while self._queue and len(group) < self._most:
+                        group.append(self._queue.popleft())
+                    self._groups += 1
+                    self._grouped += len(group)
+                self._write_group(group)
+        except BaseException as error:
+            # Nothing of the group was committed. Without the lock, the leader alone failed.
+            with self._mutex:
+                if not group:
+                    group.append(self._queue.popleft())
+            for turn in group:
+                turn.result = None
+                if turn.error is None:
+                    turn.error = error
+        finally:
+            with self._mutex:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.leads = True
+                    successor.wake.set()
+                else:
+                    self._leading = False
+            for turn in group:
+                turn.finished = True
+                turn.wake.set()

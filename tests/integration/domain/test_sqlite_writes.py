@@ -5,18 +5,22 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
+from eventsourcing.persistence import IntegrityError, PersistenceError, StoredEvent
 from sqlalchemy import text
 
+from domain.ledger import OrderLedger
 from domain.sqlite_writes import (
     LOCK_SUFFIX,
     SQLiteWriteLock,
@@ -225,3 +229,151 @@ class TestWritersTakeIt:
                 assert conn.execute(text("SELECT count(*) FROM probe")).scalar_one() == 0
         finally:
             engine.dispose()
+
+
+def _event(originator_id: UUID, state: bytes = b"{}", topic: str = "tests:Probe") -> StoredEvent:
+    return StoredEvent(originator_id=originator_id, originator_version=1, topic=topic, state=state)
+
+
+class TestSavesThatQueueTogether:
+    """Saves that queue behind a commit share the next transaction, each in its savepoint."""
+
+    @pytest.fixture
+    def ledger(self, sqlite_url: str) -> Iterator[OrderLedger]:
+        ledger = open_ledger_at(sqlite_url)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+
+    @staticmethod
+    def queue_behind_the_lock(ledger: OrderLedger, saves: list[Callable[[], Any]]) -> list[Attempt]:
+        """Start each save in its own thread while the lock is held, each queued before the
+        next starts (so the group's order is the list's)."""
+        groups = ledger.recorder._groups
+        attempts = []
+        for count, save in enumerate(saves, start=1):
+            attempts.append(Attempt(save))
+            wait_for(lambda c=count: groups.queued() >= c, "the save queued", timeout=DONE)
+        return attempts
+
+    def test_saves_queued_during_a_commit_share_one_transaction(self, ledger: OrderLedger) -> None:
+        recorder = ledger.recorder
+        groups_before, saves_before = recorder._groups.totals()
+        with recorder.write_lock.hold():
+            placing = self.queue_behind_the_lock(
+                ledger,
+                [
+                    partial(
+                        ledger.place_order,
+                        customer_id=f"c-{n}",
+                        currency="EUR",
+                        lines=[{"sku": "SKU-1", "quantity": 1, "unit_price": 500 + n}],
+                        shipping_address=f"{n} Queue Street",
+                    )
+                    for n in range(8)
+                ],
+            )
+            assert not placing[0].finished.wait(WATCH), "saved while the lock was held"
+        placed = [attempt.outcome() for attempt in placing]
+        assert recorder._groups.totals() == (groups_before + 1, saves_before + 8)
+        for n, order in enumerate(placed):
+            stored = ledger.get_order(order.order_id)
+            assert stored.lines["SKU-1"].unit_price == 500 + n
+            assert stored.shipping_address == f"{n} Queue Street"
+        history = [ledger.order_history(order.order_id) for order in placed]
+        positions = [max(entry.position for entry in entries) for entries in history]
+        assert positions == sorted(positions), "the group was written out of arrival order"
+
+    def test_a_conflicting_save_fails_alone_and_the_rest_of_its_group_commits(
+        self, ledger: OrderLedger
+    ) -> None:
+        recorder = ledger.recorder
+        shared, other = uuid4(), uuid4()
+        with recorder.write_lock.hold():
+            first, clash, unrelated = self.queue_behind_the_lock(
+                ledger,
+                [
+                    partial(recorder.insert_events, [_event(shared, b'{"n": 1}')]),
+                    partial(recorder.insert_events, [_event(shared, b'{"n": 2}')]),
+                    partial(recorder.insert_events, [_event(other, b'{"n": 3}')]),
+                ],
+            )
+        first_positions, unrelated_positions = first.outcome(), unrelated.outcome()
+        with pytest.raises(IntegrityError):
+            clash.outcome()
+        assert [e.state for e in recorder.select_events(shared)] == [b'{"n": 1}']
+        assert [e.state for e in recorder.select_events(other)] == [b'{"n": 3}']
+        assert len(first_positions) == len(unrelated_positions) == 1
+        assert unrelated_positions[0] > first_positions[0]
+
+    def test_a_group_whose_transaction_is_lost_writes_nothing_and_fails_every_save(
+        self, ledger: OrderLedger, sqlite_url: str
+    ) -> None:
+        recorder = ledger.recorder
+        table = recorder.events_table_name
+        with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as conn:
+            # As an I/O error does: SQLite rolls the whole transaction back mid-group.
+            conn.execute(
+                f"CREATE TRIGGER lose_the_transaction BEFORE INSERT ON {table} "
+                "WHEN NEW.topic = 'tests:Lost' BEGIN SELECT RAISE(ROLLBACK, 'lost'); END"
+            )
+        ids = [uuid4() for _ in range(3)]
+        with recorder.write_lock.hold():
+            before, lost, after = self.queue_behind_the_lock(
+                ledger,
+                [
+                    partial(recorder.insert_events, [_event(ids[0])]),
+                    partial(recorder.insert_events, [_event(ids[1], topic="tests:Lost")]),
+                    partial(recorder.insert_events, [_event(ids[2])]),
+                ],
+            )
+        for attempt in (before, lost, after):
+            with pytest.raises(PersistenceError):
+                attempt.outcome()
+        for originator_id in ids:
+            assert recorder.select_events(originator_id) == []
+        assert recorder.insert_events([_event(uuid4())]), "the next save is written as usual"
+
+    def test_a_save_by_a_thread_holding_the_lock_does_not_wait_for_a_leader(
+        self, ledger: OrderLedger
+    ) -> None:
+        recorder = ledger.recorder
+
+        def hold_and_save() -> Sequence[int] | None:
+            with recorder.write_lock.hold():
+                # Another save leads the next group, and waits for the lock this thread holds.
+                leader = self.queue_behind_the_lock(
+                    ledger, [partial(recorder.insert_events, [_event(uuid4())])]
+                )[0]
+                positions = recorder.insert_events([_event(uuid4())])
+                assert not leader.finished.is_set()
+            leader.outcome()
+            return positions
+
+        assert Attempt(hold_and_save).outcome(), "the save under the lock never finished"
+
+    def test_many_threads_saving_at_once_lose_and_confuse_nothing(
+        self, ledger: OrderLedger
+    ) -> None:
+        recorder = ledger.recorder
+        rounds, threads = 25, 16
+
+        def save_many(thread: int) -> list[tuple[UUID, int]]:
+            saved = []
+            for n in range(rounds):
+                originator_id = uuid4()
+                state = f'{{"thread": {thread}, "n": {n}}}'.encode()
+                positions = recorder.insert_events([_event(originator_id, state)])
+                assert positions is not None
+                saved.append((originator_id, positions[0]))
+            return saved
+
+        attempts = [Attempt(partial(save_many, thread)) for thread in range(threads)]
+        saved = [pair for attempt in attempts for pair in attempt.outcome()]
+        assert len({position for _, position in saved}) == rounds * threads
+        for originator_id, position in saved:
+            (stored,) = recorder.select_events(originator_id)
+            assert recorder.select_notifications(position, 1)[0].originator_id == originator_id
+            assert stored.originator_id == originator_id
+        assert recorder._groups.totals()[1] == rounds * threads
