@@ -158,7 +158,7 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         self.write_lock = sqlite_write_lock(datastore.pool.db_name)
         # Saves queue with the read models' writers on one lock that hands over at once,
         # rather than on SQLite's busy handler; saves that queued together commit together.
-        self._groups = GroupCommit(self.write_lock, self._write_group)
+        self.groups = GroupCommit(self.write_lock, self._write_group)
 
     def create_table(self) -> None:
         with self.datastore.transaction(commit=True) as c:
@@ -176,7 +176,7 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         # waiting, when another connection holds the write lock. Those events are committed
         # and never change (a save whose previous event is not yet committed conflicts).
         links = self.links(stored_events, self._previous_hash)
-        return self._groups.submit((stored_events, links, kwargs))
+        return self.groups.submit((stored_events, links, kwargs))
 
     def _write_group(self, group: Sequence[Grouped[_Save, Sequence[int] | None]]) -> None:
         """Write saves that arrived together in one transaction, each in a savepoint of its

@@ -219,7 +219,8 @@ class GroupCommit(Generic[T, R]):
     ) -> None:
         self._lock = lock
         self._write_group = write_group
-        self._most = most
+        self.most = most
+        """The most writes one transaction holds (1: each write commits alone)."""
         self._mutex = threading.Lock()
         self._queue: collections.deque[Grouped[T, R]] = collections.deque()
         self._leading = False
@@ -260,7 +261,7 @@ class GroupCommit(Generic[T, R]):
         try:
             with self._lock.hold():
                 with self._mutex:
-                    while self._queue and len(group) < self._most:
+                    while self._queue and len(group) < self.most:
                         group.append(self._queue.popleft())
                     self._groups += 1
                     self._grouped += len(group)

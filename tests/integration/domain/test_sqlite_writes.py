@@ -250,7 +250,7 @@ class TestSavesThatQueueTogether:
     def queue_behind_the_lock(ledger: OrderLedger, saves: list[Callable[[], Any]]) -> list[Attempt]:
         """Start each save in its own thread while the lock is held, each queued before the
         next starts (so the group's order is the list's)."""
-        groups = ledger.recorder._groups
+        groups = ledger.recorder.groups
         attempts = []
         for count, save in enumerate(saves, start=1):
             attempts.append(Attempt(save))
@@ -259,7 +259,7 @@ class TestSavesThatQueueTogether:
 
     def test_saves_queued_during_a_commit_share_one_transaction(self, ledger: OrderLedger) -> None:
         recorder = ledger.recorder
-        groups_before, saves_before = recorder._groups.totals()
+        groups_before, saves_before = recorder.groups.totals()
         with recorder.write_lock.hold():
             placing = self.queue_behind_the_lock(
                 ledger,
@@ -276,7 +276,7 @@ class TestSavesThatQueueTogether:
             )
             assert not placing[0].finished.wait(WATCH), "saved while the lock was held"
         placed = [attempt.outcome() for attempt in placing]
-        assert recorder._groups.totals() == (groups_before + 1, saves_before + 8)
+        assert recorder.groups.totals() == (groups_before + 1, saves_before + 8)
         for n, order in enumerate(placed):
             stored = ledger.get_order(order.order_id)
             assert stored.lines["SKU-1"].unit_price == 500 + n
@@ -376,4 +376,4 @@ class TestSavesThatQueueTogether:
             (stored,) = recorder.select_events(originator_id)
             assert recorder.select_notifications(position, 1)[0].originator_id == originator_id
             assert stored.originator_id == originator_id
-        assert recorder._groups.totals()[1] == rounds * threads
+        assert recorder.groups.totals()[1] == rounds * threads
