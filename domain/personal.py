@@ -23,8 +23,8 @@ import binascii
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -45,10 +45,10 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    Row,
     Select,
     String,
     Table,
+    bindparam,
     create_engine,
     delete,
     insert,
@@ -56,7 +56,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import Dialect
 
 from domain.eventstore import DATA_KEYS_TABLE
 
@@ -206,6 +206,22 @@ KEY_READER = "orderledger data keys"
 """The application_name of the connections that read data keys (see pg_stat_activity)."""
 
 
+class _Statement:
+    """A query compiled once for a dialect, for its driver's cursor: SQL text and the
+    arguments in the driver's parameter style."""
+
+    def __init__(self, name: str, query: Select[Any], dialect: Dialect) -> None:
+        self.name = name
+        self._compiled = query.compile(dialect=dialect)
+        self.sql = str(self._compiled)
+
+    def arguments(self, values: dict[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
+        params = self._compiled.construct_params(values)
+        if self._compiled.positional:
+            return [params[name] for name in self._compiled.positiontup or ()]
+        return params
+
+
 class PersonalData:
     """Seals and opens personal values with per-customer data keys; erases customers."""
 
@@ -241,6 +257,28 @@ class PersonalData:
             max_overflow=8,
             connect_args={"application_name": KEY_READER} if postgres else {"timeout": 30},
         )
+        dialect = self._reads.dialect
+        self._newest_key = _Statement(
+            "customer's key",
+            select(data_keys.c.key_id, data_keys.c.wrapped_key, data_keys.c.master_key_id)
+            .where(data_keys.c.customer_id == bindparam("customer_id"))
+            .order_by(data_keys.c.created_at.desc())
+            .limit(1),
+            dialect,
+        )
+        self._key_by_id = _Statement(
+            "key",
+            select(data_keys.c.wrapped_key, data_keys.c.master_key_id).where(
+                data_keys.c.key_id == bindparam("key_id")
+            ),
+            dialect,
+        )
+        self._erased_count = _Statement(
+            "erasures", select(erasures.c.erased).where(erasures.c.id == 1), dialect
+        )
+        self.reads: Counter[str] = Counter()
+        """How many times this process read the database, by what it read: a customer's
+        key, a key by its id, or the count of erasures."""
 
     def install(self) -> None:
         """Create the table; refuse a master key that did not wrap the keys already there."""
@@ -310,8 +348,8 @@ class PersonalData:
         now = time.monotonic()
         if now < self._next_check:
             return
-        row = self._read_one(select(erasures.c.erased).where(erasures.c.id == 1))
-        erased = 0 if row is None else int(row.erased)
+        row = self._read_one(self._erased_count, {})
+        erased = 0 if row is None else int(row[0])
         if erased != self._erased:
             self._cache.clear()
             self._erased = erased
@@ -326,14 +364,9 @@ class PersonalData:
         collecting = _collecting.get()
         if collecting is not None and customer_id in collecting.keys:
             return collecting.keys[customer_id]
-        row = self._read_one(
-            select(data_keys.c.key_id, data_keys.c.wrapped_key, data_keys.c.master_key_id)
-            .where(data_keys.c.customer_id == customer_id)
-            .order_by(data_keys.c.created_at.desc())
-            .limit(1)
-        )
+        row = self._read_one(self._newest_key, {"customer_id": customer_id})
         if row is not None:
-            key_id, key = row.key_id, self._unwrap(row.key_id, row.wrapped_key, row.master_key_id)
+            key_id, key = str(row[0]), self._unwrap(str(row[0]), row[1], str(row[2]))
             self._cache.put("customer", customer_id, (key_id, key))
             self._cache.put("key", key_id, key)
             return key_id, key
@@ -360,27 +393,36 @@ class PersonalData:
         cached = self._cache.get("key", key_id)
         if cached is not None:
             return bytes(cached)
-        row = self._read_one(
-            select(data_keys.c.wrapped_key, data_keys.c.master_key_id).where(
-                data_keys.c.key_id == key_id
-            )
-        )
+        row = self._read_one(self._key_by_id, {"key_id": key_id})
         if row is None:
             return None
-        key = self._unwrap(key_id, row.wrapped_key, row.master_key_id)
+        key = self._unwrap(key_id, row[0], str(row[1]))
         self._cache.put("key", key_id, key)
         return key
 
-    def _read_one(self, query: Select[Any]) -> Row[Any] | None:
-        """The query's first row; a connection found dead (the server restarted since it was
-        last used) is replaced once."""
+    def _read_one(self, statement: _Statement, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The statement's first row, read on a pooled connection's own driver cursor (a key
+        look-up is on the write path: SQLAlchemy's execution costs more than the read). A
+        connection found dead (the server restarted since it was last used) is replaced once."""
+        self.reads[statement.name] += 1
         for attempt in (1, 2):
+            connection = self._reads.raw_connection()
             try:
-                with self._reads.connect() as conn:
-                    return conn.execute(query).first()
-            except DBAPIError as error:
-                if attempt == 2 or not error.connection_invalidated:
+                cursor = connection.cursor()
+                try:
+                    cursor.execute(statement.sql, statement.arguments(values))
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+                return None if row is None else tuple(row)
+            except self._reads.dialect.loaded_dbapi.Error as error:
+                if attempt == 2 or not self._reads.dialect.is_disconnect(
+                    error, connection.dbapi_connection, None
+                ):
                     raise
+                connection.invalidate(error)
+            finally:
+                connection.close()
         raise AssertionError("unreachable")
 
     def _wrap(self, key_id: str, key: bytes) -> bytes:
