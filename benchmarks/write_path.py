@@ -446,7 +446,7 @@ def report(
         "best runs' totals; cpu ovh = the same from this process's CPU time (leaves out waiting "
         "for the disk and PostgreSQL); spread = slowest run / fastest - 1; seconds, orders/s "
         "and events/s are the best run's; events/s counts the 2 order events (the idempotent "
-        "variant also writes 1 record per command)."
+        "variant also writes 1 key row per command)."
     )
     for store in stores:
         ours = paired_overhead(measurements[store, BARE], measurements[store, OURS])

@@ -42,6 +42,7 @@ from eventsourcing.utils import retry
 from psycopg.sql import SQL, Composable, Composed, Identifier, Literal
 
 from domain.chain import chain_hashes
+from domain.idempotency import IDEMPOTENCY_TABLE, LEGACY_RECORD_TOPIC, CommandKey
 from domain.sqlite_writes import GroupCommit, Grouped, sqlite_write_lock
 
 IMMUTABLE_MESSAGE = "events are immutable"
@@ -121,6 +122,8 @@ class PositionedRecorder(Protocol):
 
     def checkpoint_at(self, position: int) -> Checkpoint | None: ...
 
+    def command_key(self, key: str) -> CommandKey | None: ...
+
 
 class _Chained:
     """How both recorders link the events they are about to insert."""
@@ -161,12 +164,44 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         self.groups = GroupCommit(self.write_lock, self._write_group)
 
     def create_table(self) -> None:
-        with self.datastore.transaction(commit=True) as c:
+        with self.write_lock.hold(), self.datastore.transaction(commit=True) as c:
             self._create_table(c)
             # A table made before events were chained gets the column; its rows stay unchained.
             c.execute(f"PRAGMA table_info({self.events_table_name})")
             if CHAIN_COLUMN not in {row["name"] for row in c.fetchall()}:
                 c.execute(f"ALTER TABLE {self.events_table_name} ADD COLUMN {CHAIN_COLUMN} BLOB")
+            c.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                (IDEMPOTENCY_TABLE,),
+            )
+            if c.fetchone() is None:
+                # Created with the keys earlier versions stored as events: never half there.
+                c.execute(
+                    f"CREATE TABLE {IDEMPOTENCY_TABLE} (key TEXT PRIMARY KEY, "
+                    "fingerprint TEXT NOT NULL, order_id TEXT NOT NULL, "
+                    "order_version INTEGER NOT NULL)"
+                )
+                c.execute(
+                    f"INSERT INTO {IDEMPOTENCY_TABLE} SELECT "  # noqa: S608 - our own tables
+                    "json_extract(j, '$.key'), json_extract(j, '$.fingerprint'), "
+                    "json_extract(j, '$.order_id._data_'), json_extract(j, '$.order_version') "
+                    f"FROM (SELECT CAST(state AS TEXT) AS j FROM {self.events_table_name} "
+                    "WHERE topic = ?)",
+                    (LEGACY_RECORD_TOPIC,),
+                )
+
+    def command_key(self, key: str) -> CommandKey | None:
+        """The key's first outcome, if a command was recorded with it."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(
+                "SELECT fingerprint, order_id, order_version "  # noqa: S608 - our own table
+                f"FROM {IDEMPOTENCY_TABLE} WHERE key = ?",
+                (key,),
+            )
+            row = c.fetchone()
+        if row is None:
+            return None
+        return CommandKey(key, row["fingerprint"], UUID(row["order_id"]), row["order_version"])
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -209,8 +244,20 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
         *,
         links: Sequence[bytes | None] = (),
         data_keys: Sequence[dict[str, Any]] = (),
+        command_key: CommandKey | None = None,
         **_: Any,
     ) -> Sequence[int] | None:
+        if command_key is not None:
+            c.execute(
+                f"INSERT INTO {IDEMPOTENCY_TABLE} "  # noqa: S608 - our own table name
+                "(key, fingerprint, order_id, order_version) VALUES (?, ?, ?, ?)",
+                (
+                    command_key.key,
+                    command_key.fingerprint,
+                    command_key.order_id.hex,
+                    command_key.order_version,
+                ),
+            )
         returning = []
         for stored, link in zip(stored_events, links, strict=True):
             c.execute(
@@ -401,20 +448,61 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[], "
             "%s::bytea[]) RETURNING notification_id"
         ).format(schema=schema, table=table, column=Identifier(CHAIN_COLUMN), id_type=id_type)
-        # Rendered once: composing a statement costs about as much as sending it.
-        self._insert_chained_statement = insert_events.as_string(None)
-        # New customers' data keys go in the same statement as the events they sealed: no
-        # round trip of their own. The keys' INSERT is a WITH query nothing reads, so it runs
-        # after the events' INSERT: the transaction takes its id there, as with no keys.
-        self._insert_with_data_keys_statement = (
-            SQL(
-                "WITH data_keys AS (INSERT INTO {schema}.{keys} "
+        # New customers' data keys and the command's idempotency key go in the same
+        # statement as the events: no round trip of their own. Their INSERTs are WITH queries
+        # nothing reads, so they run after the events' INSERT: the transaction takes its id
+        # there, as with neither. Each combination is rendered once: composing a statement
+        # costs about as much as sending it.
+        with_queries = {
+            "command_key": SQL(
+                "command_key AS (INSERT INTO {schema}.{keys} "
+                "(key, fingerprint, order_id, order_version) VALUES (%s, %s, %s, %s))"
+            ).format(schema=schema, keys=Identifier(IDEMPOTENCY_TABLE)),
+            "data_keys": SQL(
+                "data_keys AS (INSERT INTO {schema}.{keys} "
                 "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
-                "%s::timestamptz[])) {insert_events}"
-            )
-            .format(schema=schema, keys=Identifier(DATA_KEYS_TABLE), insert_events=insert_events)
+                "%s::timestamptz[]))"
+            ).format(schema=schema, keys=Identifier(DATA_KEYS_TABLE)),
+        }
+        self._insert_statements: dict[tuple[bool, bool], str] = {}
+        for command_key in (False, True):
+            for data_keys in (False, True):
+                wanted = {"command_key": command_key, "data_keys": data_keys}
+                queries = [query for name, query in with_queries.items() if wanted[name]]
+                statement = (
+                    SQL("WITH {queries} {insert}").format(
+                        queries=SQL(", ").join(queries), insert=insert_events
+                    )
+                    if queries
+                    else insert_events
+                )
+                self._insert_statements[command_key, data_keys] = statement.as_string(None)
+        self._command_key_statement = (
+            SQL("SELECT fingerprint, order_id, order_version FROM {schema}.{keys} WHERE key = %s")
+            .format(schema=schema, keys=Identifier(IDEMPOTENCY_TABLE))
             .as_string(None)
+        )
+        # Created with the keys earlier versions stored as events, in one statement (under
+        # the schema's advisory lock, see create_table): never half there.
+        self.sql_create_statements.append(
+            SQL(
+                "DO $do$ BEGIN IF to_regclass({qualified}) IS NULL THEN "
+                "CREATE TABLE {schema}.{keys} (key text PRIMARY KEY, fingerprint text NOT NULL, "
+                "order_id {id_type} NOT NULL, order_version bigint NOT NULL); "
+                "INSERT INTO {schema}.{keys} SELECT j->>'key', j->>'fingerprint', "
+                "(j->'order_id'->>'_data_')::{id_type}, (j->>'order_version')::bigint "
+                "FROM (SELECT convert_from(state, 'UTF8')::jsonb AS j FROM {schema}.{table} "
+                "WHERE topic = {topic}) AS legacy; "
+                "END IF; END $do$"
+            ).format(
+                qualified=Literal(f"{self.datastore.schema}.{IDEMPOTENCY_TABLE}"),
+                schema=schema,
+                keys=Identifier(IDEMPOTENCY_TABLE),
+                id_type=id_type,
+                table=table,
+                topic=Literal(LEGACY_RECORD_TOPIC),
+            )
         )
         self._previous_hash_statement = (
             SQL(
@@ -480,10 +568,11 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         stored_events: Sequence[StoredEvent],
         *,
         data_keys: Sequence[dict[str, Any]] = (),
+        command_key: CommandKey | None = None,
         **_: Any,
     ) -> None:
         """One INSERT of the events with each one's link, without the library's table lock,
-        and of the data keys of new customers they were sealed with.
+        of the data keys of new customers they were sealed with, and of the command's key.
 
         Nothing before the INSERT takes a transaction id (reads do not), so an
         order's next event always has a higher transaction id than its previous one, which
@@ -496,21 +585,43 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             return None if row is None or row[CHAIN_COLUMN] is None else bytes(row[CHAIN_COLUMN])
 
         hashes = self.links(stored_events, previous)
-        events = (
+        parameters: list[Any] = []
+        if command_key is not None:
+            parameters += [
+                command_key.key,
+                command_key.fingerprint,
+                command_key.order_id,
+                command_key.order_version,
+            ]
+        parameters += [
+            [row[column] for row in data_keys]
+            for column in ("key_id", "customer_id", "wrapped_key", "master_key_id", "created_at")
+            if data_keys
+        ]
+        parameters += [
             [stored.originator_id for stored in stored_events],
             [stored.originator_version for stored in stored_events],
             [stored.topic for stored in stored_events],
             [stored.state for stored in stored_events],
             hashes,
+        ]
+        statement = self._insert_statements[command_key is not None, bool(data_keys)]
+        curs.execute(statement, parameters, prepare=True)
+
+    def command_key(self, key: str) -> CommandKey | None:
+        """The key's first outcome, if a command was recorded with it."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._command_key_statement, (key,), prepare=True)
+            row = curs.fetchone()
+        if row is None:
+            return None
+        order_id = row["order_id"]
+        return CommandKey(
+            key,
+            row["fingerprint"],
+            order_id if isinstance(order_id, UUID) else UUID(order_id),
+            row["order_version"],
         )
-        if not data_keys:
-            curs.execute(self._insert_chained_statement, events, prepare=True)
-            return
-        keys = tuple(
-            [row[column] for row in data_keys]
-            for column in ("key_id", "customer_id", "wrapped_key", "master_key_id", "created_at")
-        )
-        curs.execute(self._insert_with_data_keys_statement, keys + events, prepare=True)
 
     def create_table(self) -> None:
         """Create the schema under an advisory lock, so processes starting together take turns.

@@ -35,7 +35,7 @@ from domain.errors import (
     OrderRuleError,
 )
 from domain.eventstore import PositionedRecorder, event_store_env
-from domain.idempotency import IdempotencyRecord, record_id
+from domain.idempotency import CommandKey
 from domain.order import (
     EVENT_TYPES,
     MAX_ID_LENGTH,
@@ -405,19 +405,12 @@ class OrderLedger(Application[UUID]):
                 if earlier is None:
                     raise
                 return earlier
-            pending: list[Aggregate] = [order]
+            command_key = None
             if idempotency_key is not None and fingerprint is not None:
-                pending.append(
-                    IdempotencyRecord(
-                        key=idempotency_key,
-                        fingerprint=fingerprint,
-                        order_id=order.id,
-                        order_version=order.version,
-                    )
-                )
-            _stamp(pending, command_id, context)
+                command_key = CommandKey(idempotency_key, fingerprint, order.id, order.version)
+            _stamp([order], command_id, context)
             try:
-                recordings = self.save(*pending)
+                recordings = self.save(order, command_key=command_key)
             except PersistenceError as error:
                 recorded = self._recorded_despite(
                     error, command_id, order, read_version, idempotency_key, fingerprint
@@ -503,7 +496,7 @@ class OrderLedger(Application[UUID]):
     ) -> CommandResult | None:
         """The command's result if the store holds its events, None if it holds none of them.
 
-        A command's events and its idempotency record are one transaction: the first of its
+        A command's events and its idempotency key are one transaction: the first of its
         events answers for all of them.
         """
         try:
@@ -544,11 +537,9 @@ class OrderLedger(Application[UUID]):
         return order, read_version
 
     def _recorded_result(self, key: str, fingerprint: str) -> CommandResult | None:
-        try:
-            record: Aggregate = self.repository.get(record_id(key))
-        except AggregateNotFoundError:
+        record = self.store.command_key(key)
+        if record is None:
             return None
-        assert isinstance(record, IdempotencyRecord)
         if record.fingerprint != fingerprint:
             raise IdempotencyKeyReusedError(
                 f"idempotency key {key!r} was already used for a different command"

@@ -5,7 +5,7 @@ SQLite's busy handler, which sleeps 1, 2, 5, 10, 15, 20, 25... ms between tries 
 holder does: a command arriving while a projection batch committed slept milliseconds for a
 lock that was free after a fraction of one (place-order p99 about 20 ms at one client, 40 ms
 over HTTP). Every writer of ours (event saves, projection batches, outbox, effects, keys,
-idempotency records) first takes this lock: within the process a queue served in arrival
+idempotency keys) first takes this lock: within the process a queue served in arrival
 order, then an exclusive ``flock`` on a file beside the database, across processes. Both wake
 the next writer the moment the holder lets go, and the kernel lets go of a killed process's
 ``flock``. Writers that do not take it (another program on the file) still queue on SQLite's

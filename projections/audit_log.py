@@ -1,14 +1,14 @@
 """audit_log: who recorded every event, queryable; the store's digest, kept at checkpoints.
 
-One row per stored event (orders' events and idempotency records alike): its position, order,
-version, type, time, event id, actor, request, correlation and causation, and its link in the
-order's hash chain. The projection also folds every chained event into the digest of the
-whole sequence (domain/chain.py), in read order (domain/eventstore.py: by transaction id, then
+One row per stored event (orders' events, and keys earlier versions stored as events): its
+position, order, version, type, time, event id, actor, request, correlation and causation, and its
+link in the order's hash chain. The projection also folds every chained event into the digest of
+the whole sequence (domain/chain.py), in read order (domain/eventstore.py: by transaction id, then
 position), and records it at every multiple of ``CHECKPOINT_INTERVAL`` positions;
-``take_checkpoint`` records one on demand. A checkpoint is the digest of every chained event
-up to its (transaction id, position) pair in read order. Checkpoints live in one table shared by
-every generation: a rebuild computes the same digests and keeps those already there, so a
-checkpoint handed out once stays comparable with the store for good.
+``take_checkpoint`` records one on demand. A checkpoint is the digest of every chained event up to
+its (transaction id, position) pair in read order. Checkpoints live in one table shared by every
+generation: a rebuild computes the same digests and keeps those already there, so a checkpoint
+handed out once stays comparable with the store for good.
 """
 
 from __future__ import annotations

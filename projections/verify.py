@@ -61,7 +61,7 @@ class VerifyReport:
     head: int
     events_checked: int = 0
     aggregates_checked: int = 0
-    """Orders, and the idempotency records stored beside them."""
+    """Orders, and the idempotency keys earlier versions stored as events beside them."""
     chained_events: int = 0
     chain_starts_at: int | None = None
     """The position of the first chained event (None: no chained event)."""

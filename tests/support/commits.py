@@ -137,7 +137,7 @@ class DeliveryLogProjection(Projection):
     name = "delivery_log"
     version = 1
     handles = ()
-    """Every event: order events and the idempotency records stored beside them."""
+    """Every event the store holds."""
 
     def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
         table = Table(

@@ -454,7 +454,9 @@ class AuditEntryPublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_AUDIT_ENTRY_EXAMPLE]})
 
     position: int
-    order_id: str = Field(description="The aggregate: an order, or an idempotency record.")
+    order_id: str = Field(
+        description="The aggregate: an order, or a key an earlier version stored as an event."
+    )
     version: int
     event_type: str = Field(examples=["PaymentCaptured"])
     recorded_at: datetime

@@ -28,7 +28,7 @@ from domain.errors import (
     RefundExceedsCapturedError,
 )
 from domain.eventstore import event_store_env
-from domain.idempotency import IdempotencyRecord
+from domain.idempotency import IDEMPOTENCY_TABLE, IdempotencyRecord
 from domain.ledger import MAX_IDEMPOTENCY_KEY_LENGTH, CommandResult, OrderLedger
 from domain.order import Order
 from tests.support.stores import open_ledger_at
@@ -500,15 +500,13 @@ class TestIdempotency:
         assert _place(ledger, key=key) == replace(first, replayed=True)
 
 
-def _refuse_key_records(store_url: str, table: str) -> None:
-    """Make the database itself refuse to store an idempotency record, as a failing disk would."""
-    topic = get_topic(IdempotencyRecord.Recorded)
+def _refuse_key_records(store_url: str) -> None:
+    """Make the database itself refuse to store an idempotency key, as a failing disk would."""
     if store_url.startswith("sqlite"):
         conn = sqlite3.connect(event_store_env(store_url)["SQLITE_DBNAME"])
         try:
             conn.execute(
-                f"CREATE TRIGGER refuse_key_records BEFORE INSERT ON {table} "
-                f"WHEN NEW.topic = '{topic}' "
+                f"CREATE TRIGGER refuse_key_records BEFORE INSERT ON {IDEMPOTENCY_TABLE} "
                 "BEGIN SELECT RAISE(ABORT, 'store refused the key record'); END"
             )
             conn.commit()
@@ -518,12 +516,11 @@ def _refuse_key_records(store_url: str, table: str) -> None:
     with psycopg.connect(store_url, autocommit=True) as pg:
         pg.execute(
             "CREATE FUNCTION refuse_key_records() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN IF NEW.topic = '{topic}' THEN "
-            "RAISE EXCEPTION 'store refused the key record' USING ERRCODE = 'check_violation'; "
-            "END IF; RETURN NEW; END $$"
+            "BEGIN RAISE EXCEPTION 'store refused the key record' "
+            "USING ERRCODE = 'check_violation'; END $$"
         )
         pg.execute(
-            f"CREATE TRIGGER refuse_key_records BEFORE INSERT ON {table} "
+            f"CREATE TRIGGER refuse_key_records BEFORE INSERT ON {IDEMPOTENCY_TABLE} "
             "FOR EACH ROW EXECUTE FUNCTION refuse_key_records()"
         )
 
@@ -539,7 +536,7 @@ class TestKeyAndEventsAreAtomic:
         setup, command = COMMANDS[name]
         order_id = setup(ledger)
         head = ledger.head_position()
-        _refuse_key_records(store_url, ledger.recorder.events_table_name)
+        _refuse_key_records(store_url)
 
         with pytest.raises(IntegrityError, match="store refused the key record"):
             command(ledger, order_id, "atomic-key")
@@ -552,3 +549,51 @@ class TestKeyAndEventsAreAtomic:
         result = command(ledger, order_id, None)
         assert result.position > head
         assert ledger.head_position() == result.position
+
+
+def _drop_key_table(store_url: str) -> None:
+    """Leave the store as a version that kept keys as events left it: no key table."""
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(event_store_env(store_url)["SQLITE_DBNAME"]) as conn:
+            conn.execute(f"DROP TABLE {IDEMPOTENCY_TABLE}")
+        return
+    with psycopg.connect(store_url, autocommit=True) as pg:
+        pg.execute(f"DROP TABLE {IDEMPOTENCY_TABLE}")
+
+
+class TestKeysStoredByEarlierVersions:
+    """Earlier versions stored each key as an event of its own aggregate."""
+
+    def test_a_key_stored_as_an_event_still_answers_its_repeat_after_the_upgrade(
+        self, store_url: str
+    ) -> None:
+        ledger = open_ledger_at(store_url)
+        try:
+            first = _place(ledger, key="before-upgrade")
+            stored = ledger.store.command_key("before-upgrade")
+            assert stored is not None
+            ledger.save(
+                IdempotencyRecord(
+                    key=stored.key,
+                    fingerprint=stored.fingerprint,
+                    order_id=stored.order_id,
+                    order_version=stored.order_version,
+                )
+            )
+            head = ledger.head_position()
+        finally:
+            ledger.close()
+        _drop_key_table(store_url)
+
+        upgraded = open_ledger_at(store_url)
+        try:
+            again = _place(upgraded, key="before-upgrade")
+            assert again == replace(first, replayed=True)
+            assert upgraded.head_position() == head
+            with pytest.raises(IdempotencyKeyReusedError):
+                _place(upgraded, key="before-upgrade", skus=2)
+            # Opened again, the table is not filled a second time.
+            open_ledger_at(store_url).close()
+            assert _place(upgraded, key="before-upgrade") == again
+        finally:
+            upgraded.close()

@@ -21,6 +21,7 @@ from sqlalchemy import select, text
 
 from domain.eventstore import Checkpoint, StoreFromAnotherClusterError, reached_at
 from domain.ledger import OrderLedger
+from domain.order import Order
 from projections.engine.catalog import SERVING
 from projections.engine.processor import ProcessorSettings
 from projections.engine.runtime import ProjectionRuntime
@@ -125,6 +126,11 @@ class NaiveReader:
             self.poll(conn)
 
 
+def two_orders_at_once(ledger: OrderLedger) -> None:
+    """Two new orders' events saved by one transaction."""
+    ledger.save(Order.place(**ORDER), Order.place(**ORDER))
+
+
 class TestDeterministicCases:
     def test_a_lower_position_committing_after_a_higher_one_is_applied_once(
         self, postgres_url: str
@@ -215,12 +221,10 @@ class TestDeterministicCases:
     def test_transactions_of_several_events_across_pages_of_one_event(
         self, postgres_url: str
     ) -> None:
-        """Idempotent commands record two events in one transaction; pages hold one."""
+        """Two orders saved together are two events in one transaction; pages hold one."""
         with opened(postgres_url, [DeliveryLogProjection()], batch_size=1) as (ledger, runtime):
-            with HeldAppend(
-                ledger, lambda: ledger.place_order(**ORDER, idempotency_key="held")
-            ) as held:
-                ledger.place_order(**ORDER, idempotency_key="other")
+            with HeldAppend(ledger, lambda: two_orders_at_once(ledger)) as held:
+                two_orders_at_once(ledger)
                 ledger.place_order(**ORDER)
                 steps(runtime, rounds=3)
                 assert delivered(runtime) == []
