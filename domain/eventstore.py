@@ -179,7 +179,7 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
                 c.execute(
                     f"CREATE TABLE {IDEMPOTENCY_TABLE} (key TEXT PRIMARY KEY, "
                     "fingerprint TEXT NOT NULL, order_id TEXT NOT NULL, "
-                    "order_version INTEGER NOT NULL)"
+                    "order_version INTEGER NOT NULL) WITHOUT ROWID"
                 )
                 c.execute(
                     f"INSERT INTO {IDEMPOTENCY_TABLE} SELECT "  # noqa: S608 - our own tables
