@@ -221,11 +221,21 @@ class GroupCommit(Generic[T, R]):
         self._write_group = write_group
         self.most = most
         """The most writes one transaction holds (1: each write commits alone)."""
+        self._pid = os.getpid()
         self._mutex = threading.Lock()
         self._queue: collections.deque[Grouped[T, R]] = collections.deque()
         self._leading = False
         self._groups = 0
         self._grouped = 0
+
+    def _start_afresh_after_fork(self) -> None:
+        """A forked child inherits the queue of its parent's threads, which it does not have:
+        a lead that no thread of the child would ever hand on."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._mutex = threading.Lock()
+            self._queue = collections.deque()
+            self._leading = False
 
     def queued(self) -> int:
         """How many writes wait for a group (a leader waiting for the lock included)."""
@@ -240,6 +250,7 @@ class GroupCommit(Generic[T, R]):
     def submit(self, item: T) -> R:
         """Write ``item`` in the next group: its result, or the error its write raised."""
         turn: Grouped[T, R] = Grouped(item)
+        self._start_afresh_after_fork()
         if self._lock.held():
             # A writer already holding the lock would wait for a leader waiting for the lock.
             with self._lock.hold():

@@ -377,3 +377,22 @@ class TestSavesThatQueueTogether:
             assert recorder.select_notifications(position, 1)[0].originator_id == originator_id
             assert stored.originator_id == originator_id
         assert recorder.groups.totals()[1] == rounds * threads
+
+    def test_a_child_forked_while_a_save_waited_saves_on_its_own(self, ledger: OrderLedger) -> None:
+        recorder = ledger.recorder
+        context = multiprocessing.get_context("fork")
+        with recorder.write_lock.hold():
+            # The parent's next group has a leader, waiting for the lock: the child must not
+            # wait for that leader, which is not in the child.
+            (waiting,) = self.queue_behind_the_lock(
+                ledger, [partial(recorder.insert_events, [_event(uuid4())])]
+            )
+            child = context.Process(target=_save_one, args=(ledger,))
+            child.start()
+        waiting.outcome()
+        child.join(DONE)
+        assert child.exitcode == 0, "the forked child's save never finished"
+
+
+def _save_one(ledger: OrderLedger) -> None:
+    assert ledger.recorder.insert_events([_event(uuid4())])
