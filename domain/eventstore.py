@@ -453,23 +453,27 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         # nothing reads, so they run after the events' INSERT: the transaction takes its id
         # there, as with neither. Each combination is rendered once: composing a statement
         # costs about as much as sending it.
-        with_queries = {
-            "command_key": SQL(
-                "command_key AS (INSERT INTO {schema}.{keys} "
-                "(key, fingerprint, order_id, order_version) VALUES (%s, %s, %s, %s))"
-            ).format(schema=schema, keys=Identifier(IDEMPOTENCY_TABLE)),
-            "data_keys": SQL(
-                "data_keys AS (INSERT INTO {schema}.{keys} "
-                "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
-                "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
-                "%s::timestamptz[]))"
-            ).format(schema=schema, keys=Identifier(DATA_KEYS_TABLE)),
-        }
+        command_key_query = SQL(
+            "command_key AS (INSERT INTO {schema}.{keys} "
+            "(key, fingerprint, order_id, order_version) VALUES (%s, %s, %s, %s))"
+        ).format(schema=schema, keys=Identifier(IDEMPOTENCY_TABLE))
+        data_keys_query = SQL(
+            "data_keys AS (INSERT INTO {schema}.{keys} "
+            "(key_id, customer_id, wrapped_key, master_key_id, created_at) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::text[], "
+            "%s::timestamptz[]))"
+        ).format(schema=schema, keys=Identifier(DATA_KEYS_TABLE))
         self._insert_statements: dict[tuple[bool, bool], str] = {}
         for command_key in (False, True):
             for data_keys in (False, True):
-                wanted = {"command_key": command_key, "data_keys": data_keys}
-                queries = [query for name, query in with_queries.items() if wanted[name]]
+                queries = [
+                    query
+                    for query, wanted in (
+                        (command_key_query, command_key),
+                        (data_keys_query, data_keys),
+                    )
+                    if wanted
+                ]
                 statement = (
                     SQL("WITH {queries} {insert}").format(
                         queries=SQL(", ").join(queries), insert=insert_events

@@ -274,7 +274,7 @@ class OrderLedger(Application[UUID]):
         if self.personal is None:
             raise MasterKeyError(f"{MASTER_KEY_SETTING} is not configured: nothing to erase with")
         erasure = PersonalDataErasure(customer_id=customer_id, reason=reason)
-        _stamp([erasure], str(uuid4()), current_context())
+        _stamp(erasure, str(uuid4()), current_context())
         recordings = self.save(erasure)
         keys = self.personal.erase(customer_id)
         log.info("personal data erased", extra={"keys_erased": keys})
@@ -408,7 +408,7 @@ class OrderLedger(Application[UUID]):
             command_key = None
             if idempotency_key is not None and fingerprint is not None:
                 command_key = CommandKey(idempotency_key, fingerprint, order.id, order.version)
-            _stamp([order], command_id, context)
+            _stamp(order, command_id, context)
             try:
                 recordings = self.save(order, command_key=command_key)
             except PersistenceError as error:
@@ -574,13 +574,12 @@ _COMMANDS: dict[str, Callable[[Order, dict[str, Any]], None]] = {
 }
 
 
-def _stamp(aggregates: Sequence[Aggregate], command_id: str, context: CommandContext) -> None:
+def _stamp(aggregate: Aggregate, command_id: str, context: CommandContext) -> None:
     """Give every pending event of a command its command id and metadata. Events are frozen:
     both ride in the stored state, outside the event's fields."""
-    for aggregate in aggregates:
-        for pending_event in aggregate.pending_events:
-            object.__setattr__(pending_event, COMMAND_ID, command_id)
-            object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
+    for pending_event in aggregate.pending_events:
+        object.__setattr__(pending_event, COMMAND_ID, command_id)
+        object.__setattr__(pending_event, METADATA, new_metadata(context, command_id))
 
 
 class _SealedTranscoding(Transcoding):
