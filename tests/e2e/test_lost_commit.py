@@ -1,8 +1,8 @@
 """A commit the server made but whose acknowledgement was lost is answered once, truthfully.
 
-A proxy between `orderledger serve` and PostgreSQL forwards the COMMIT of a command's events
-and closes the server's connection before the answer comes back; the library retries the
-insert and meets the rows it has just written.
+A proxy between `orderledger serve` and PostgreSQL forwards the statement that appends a
+command's events, which commits on its own, and closes the server's connection before the
+answer comes back; the library retries the insert and meets the rows it has just written.
 """
 
 from __future__ import annotations

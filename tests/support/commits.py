@@ -1,15 +1,17 @@
-"""Append transactions on PostgreSQL held open, slowed, rolled back or given an early id.
+"""Append statements on PostgreSQL held open, slowed, rolled back or given an early id.
 
-The ledger's PostgreSQL recorder inserts a command's events and commits. These hooks run
-inside that transaction right after the INSERT (so the rows hold their transaction id and
-position, not yet committed) and before the COMMIT: the states concurrent writers leave a
-reader to cope with. Everything else is the product's own code path.
+The ledger's PostgreSQL recorder appends a command's events with one statement that commits
+on its own. Test triggers on the events table act inside that statement, as the plan the
+test set for the writer's session says: after the INSERT (the rows hold their transaction id
+and position, not yet committed) or, to take the id early, before it. These are the states
+concurrent writers leave a reader to cope with; everything else is the product's own code.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +19,7 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import StoredEvent
+from psycopg.sql import SQL, Identifier, Literal
 from sqlalchemy import BigInteger, Column, Connection, Identity, Integer, MetaData, String, Table
 from sqlalchemy import insert as sql_insert
 
@@ -26,108 +29,180 @@ from projections.base import Batch, Projection
 from projections.engine.source import RecordedEvent
 from tests.support.engine import WAIT_TIMEOUT
 from tests.support.stores import open_ledger_at
+from tests.support.waiting import wait_for
 
-InsideHook = Callable[[Any], None]
-"""Called with the recorder's cursor after the events' INSERT ran, before the COMMIT."""
+PLAN_SETTING = "orderledger_test.append"
+"""The session setting the triggers read: ``when:action[:argument]``, empty for nothing."""
+
+ROLL_BACK = "after:fail"
+"""Fail the append statement after its INSERT: its positions become a gap."""
+
+TAKE_AN_ID = "before:id"
+"""Take the transaction's id before the INSERT, as a transaction that wrote first would."""
+
+Plan = Callable[[], str | None]
+"""What the next append statement does inside the server (None: nothing)."""
+
+
+def slept(seconds: float) -> str:
+    """Keep the statement open ``seconds`` after its INSERT."""
+    return f"after:sleep:{seconds:.4f}"
+
+
+def held(lock: int, *, first: bool = False) -> str:
+    """Wait for the advisory lock ``lock`` after the INSERT (or, with ``first``, before it
+    with an id taken): the statement stays open until whoever holds the lock lets it go."""
+    return f"{'before' if first else 'after'}:hold:{lock}"
+
+
+INJECTED_ROLLBACK = "rolled back on purpose"
 
 
 class InjectedRollbackError(RuntimeError):
-    """Raised by a hook that made its append transaction fail."""
+    """Raised by the trigger that made an append statement fail."""
 
 
-def current_xid(cursor: Any) -> int | None:
-    """The id of the cursor's transaction, if it has taken one (runs everything queued)."""
-    with cursor.connection.cursor() as own:
-        own.execute("SELECT pg_current_xact_id_if_assigned()::text::bigint AS x")
-        row = own.fetchone()
-    return None if row is None else row["x"]
-
-
-def roll_back(cursor: Any) -> None:
-    """Make the append transaction fail after its INSERT: its positions become a gap."""
-    with cursor.connection.cursor() as own:
-        try:
-            own.execute("SELECT 1 / 0")
-        except psycopg.errors.DivisionByZero as error:
-            raise InjectedRollbackError("rolled back on purpose") from error
+def _install_triggers(recorder: PostgresEventRecorder) -> None:
+    """The plan triggers on the recorder's events table, once, whoever asks first."""
+    schema = recorder.datastore.schema
+    table = recorder.events_table_name
+    function = Identifier(schema, f"{table}_test_plan")
+    body = (
+        "DECLARE plan text[] := string_to_array("
+        f"coalesce(current_setting('{PLAN_SETTING}', true), ''), ':'); "
+        "BEGIN IF plan[1] IS DISTINCT FROM lower(TG_WHEN) THEN RETURN NULL; END IF; "
+        "PERFORM pg_current_xact_id(); "
+        f"IF plan[2] = 'fail' THEN RAISE EXCEPTION '{INJECTED_ROLLBACK}'; "
+        "ELSIF plan[2] = 'sleep' THEN PERFORM pg_sleep(plan[3]::float8); "
+        "ELSIF plan[2] = 'hold' THEN PERFORM pg_advisory_xact_lock(plan[3]::bigint); "
+        "END IF; RETURN NULL; END"
+    )
+    create = [
+        SQL("CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
+            function=function, body=Literal(body)
+        )
+    ] + [
+        SQL(
+            "CREATE TRIGGER {trigger} {when} INSERT ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        ).format(
+            # Triggers of one kind fire in name order: these first, before any test's own.
+            trigger=Identifier(f"a_test_plan_{when.lower()}"),
+            when=SQL(when),
+            table=Identifier(schema, table),
+            function=function,
+        )
+        for when in ("BEFORE", "AFTER")
+    ]
+    statements = "; ".join(statement.as_string(None) for statement in create)
+    lock = zlib.crc32(f"{schema}.{table}.test_plan".encode())
+    with recorder.datastore.get_connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        installed = conn.execute(
+            "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname = %s",
+            (schema, f"{table}_test_plan"),
+        ).fetchone()
+        if installed is None:
+            conn.execute(statements)
 
 
 @contextmanager
-def inside_appends(ledger: OrderLedger, hook: InsideHook, *, first: bool = False) -> Iterator[None]:
-    """Run ``hook`` inside each of the ledger's append transactions while the block runs,
-    after the INSERT (or, with ``first``, before anything else: a transaction that writes
-    or locks before its INSERT takes its id early)."""
+def inside_appends(ledger: OrderLedger, plan: Plan) -> Iterator[None]:
+    """Give each of the ledger's append statements the plan ``plan()`` returns while the
+    block runs (set on the writer's session just before the statement, cleared after)."""
     recorder = ledger.recorder
     assert isinstance(recorder, PostgresEventRecorder)
+    _install_triggers(recorder)
     original = recorder._insert_stored_events
 
-    def hooked(curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
-        if first:
-            hook(curs)
-        original(curs, stored_events, **kwargs)
-        if not first:
-            current_xid(curs)  # the INSERT has run on the server
-            hook(curs)
+    def planned(curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        step = plan()
+        if step is None:
+            original(curs, stored_events, **kwargs)
+            return
+        with curs.connection.cursor() as own:
+            own.execute("SELECT set_config(%s, %s, false)", (PLAN_SETTING, step))
+        try:
+            original(curs, stored_events, **kwargs)
+        except psycopg.errors.RaiseException as error:
+            if error.diag.message_primary != INJECTED_ROLLBACK:
+                raise
+            raise InjectedRollbackError(INJECTED_ROLLBACK) from error
+        finally:
+            with curs.connection.cursor() as own:
+                own.execute("SELECT set_config(%s, '', false)", (PLAN_SETTING,))
 
-    recorder._insert_stored_events = hooked  # type: ignore[method-assign]
+    recorder._insert_stored_events = planned  # type: ignore[method-assign]
     try:
         yield
     finally:
         del recorder._insert_stored_events
 
 
+def waiting_for_lock(conn: psycopg.Connection[Any], lock: int) -> int | None:
+    """The transaction id of the session waiting for advisory lock ``lock``, if one is."""
+    row = conn.execute(
+        "SELECT a.backend_xid::text::bigint FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+        "AND NOT l.granted AND l.classid = 0 AND l.objid = %s AND l.objsubid = 1",
+        (lock,),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
 class HeldAppend:
-    """One command run in a thread whose append transaction waits, INSERT done, until released."""
+    """One command run in a thread whose append statement waits, INSERT done (or, with
+    ``take_id_first``, only its id taken), until released."""
 
     def __init__(
         self, ledger: OrderLedger, command: Callable[[], Any], *, take_id_first: bool = False
     ) -> None:
-        self.inserted = threading.Event()
-        self._release = threading.Event()
         self.xid: int | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self._ledger = ledger
         self._command = command
-        self._first = take_id_first
+        self._lock = random.randrange(1, 2**31)
+        self._plan = held(self._lock, first=take_id_first)
+        self._finished = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
+        kwargs = {k: v for k, v in datastore.pool.kwargs.items() if k != "row_factory"}
+        self._gate = psycopg.connect(datastore.pool.conninfo, autocommit=True, **kwargs)
 
     def __enter__(self) -> HeldAppend:
+        self._gate.execute("SELECT pg_advisory_lock(%s)", (self._lock,))
         self._thread.start()
-        assert self.inserted.wait(WAIT_TIMEOUT), "the held append never inserted"
+
+        def waiting() -> bool:
+            self.xid = waiting_for_lock(self._gate, self._lock)
+            return self.xid is not None or self._finished.is_set()
+
+        wait_for(waiting, "the held append waits inside its statement")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
     def release(self) -> None:
-        self._release.set()
+        if self._gate.closed:
+            return
+        self._gate.execute("SELECT pg_advisory_unlock(%s)", (self._lock,))
         self._thread.join(WAIT_TIMEOUT)
+        self._gate.close()
         assert not self._thread.is_alive(), "the held append never finished"
 
-    def _hold(self, cursor: Any) -> None:
-        if self._first:
-            with cursor.connection.cursor() as own:
-                own.execute("SELECT pg_current_xact_id()")
-        self.xid = current_xid(cursor)
-        self.inserted.set()
-        self._release.wait(WAIT_TIMEOUT)
-
     def _run(self) -> None:
-        held = False
-
-        def once(cursor: Any) -> None:
-            nonlocal held
-            if not held:
-                held = True
-                self._hold(cursor)
+        plans = iter([self._plan])  # the command's first append only
 
         try:
-            with inside_appends(self._ledger, once, first=self._first):
+            with inside_appends(self._ledger, lambda: next(plans, None)):
                 self.result = self._command()
         except BaseException as error:  # reported to the test through .error
             self.error = error
-            self.inserted.set()
+        finally:
+            self._finished.set()
 
 
 class DeliveryLogProjection(Projection):
@@ -178,16 +253,16 @@ def chaotic_writer(
     url: str, seed: int, commands: int, hot_orders: Sequence[UUID], ready: Any
 ) -> None:
     """A writer process: place orders and capture on orders every writer shares (the ledger
-    retries lost races), each append transaction held 0-20 ms after its INSERT, some 500 ms,
+    retries lost races), each append statement held 0-20 ms after its INSERT, some 500 ms,
     and 5% rolled back there."""
     rng = random.Random(seed)
     ledger = open_ledger_at(url)
 
-    def chaos(cursor: Any) -> None:
+    def chaos() -> str:
         roll = rng.random()
         if roll < 0.05:
-            roll_back(cursor)
-        threading.Event().wait(0.5 if roll > 0.97 else rng.uniform(0, 0.02))
+            return ROLL_BACK
+        return slept(0.5 if roll > 0.97 else rng.uniform(0, 0.02))
 
     try:
         ready.wait(WAIT_TIMEOUT)

@@ -1,8 +1,10 @@
 """A TCP proxy in front of PostgreSQL that can lose one commit acknowledgement for real.
 
-Armed, it lets the next COMMIT of a transaction that inserted events reach the server, waits
-for the server to answer it (the commit is durable then), and closes the client's connection
-instead of relaying the answer: what a network fault or a crashed pooler does to a client.
+Armed, it lets the next commit of a transaction that inserted events reach the server (a
+COMMIT, or the end of a statement run in autocommit mode), waits for the server to say it
+is done (the commit is durable then: its ReadyForQuery reports no transaction open), and
+closes the client's connection instead of relaying that: what a network fault or a crashed
+pooler does to a client.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ class _Connection:
     server: socket.socket
     inserting_statements: set[bytes] = field(default_factory=set)
     wrote_events: bool = False
-    cut: bool = False
 
 
 class CommitAckDroppingProxy:
@@ -139,7 +140,7 @@ class CommitAckDroppingProxy:
                 return
 
     def _watch(self, connection: _Connection, kind: bytes, body: bytes) -> None:
-        """Follow the transaction: does it insert events, and is this its COMMIT?"""
+        """Follow the client's side of the transaction: does it insert events?"""
         if kind == b"P":
             name, _, rest = body.partition(b"\0")
             query = rest.split(b"\0", 1)[0].strip().upper()
@@ -147,27 +148,30 @@ class CommitAckDroppingProxy:
             if b"INSERT INTO" in query and self.table.upper() in query:
                 connection.inserting_statements.add(name)
                 connection.wrote_events = True
-            elif query in (b"COMMIT", b"ROLLBACK"):
-                self._ended(connection, query)
+            elif query == b"ROLLBACK":
+                connection.wrote_events = False
         elif kind == b"B":
             _portal, _, rest = body.partition(b"\0")
             statement = rest.split(b"\0", 1)[0]
             if statement and statement in connection.inserting_statements:
                 connection.wrote_events = True
-        elif kind == b"Q":
-            # psycopg sends COMMIT as a simple query outside pipeline mode.
-            query = body.rstrip(b"\0").strip().upper()
-            if query in (b"COMMIT", b"ROLLBACK"):
-                self._ended(connection, query)
+        elif kind == b"Q" and body.rstrip(b"\0").strip().upper() == b"ROLLBACK":
+            connection.wrote_events = False
 
-    def _ended(self, connection: _Connection, query: bytes) -> None:
-        """A transaction ends: cut the answer to its COMMIT if it wrote events and we are armed."""
-        if query == b"COMMIT" and connection.wrote_events:
-            with self._lock:
-                if self._armed.is_set():
-                    self._armed.clear()
-                    connection.cut = True
+    def _committed_events(self, connection: _Connection, kind: bytes, body: bytes) -> bool:
+        """Follow the server's side: is this the answer that an event-writing commit is done,
+        to be lost because the proxy is armed?"""
+        if kind == b"E":  # an error: the transaction or statement wrote nothing
+            connection.wrote_events = False
+        if kind != b"Z" or body != b"I" or not connection.wrote_events:
+            return False
         connection.wrote_events = False
+        with self._lock:
+            if not self._armed.is_set():
+                return False
+            self._armed.clear()
+            self.dropped += 1
+        return True
 
     def _relay_answers(self, connection: _Connection) -> None:
         buffer = bytearray()
@@ -179,18 +183,17 @@ class CommitAckDroppingProxy:
             if not chunk:
                 self._close(connection)
                 return
-            if not connection.cut:
-                try:
-                    connection.client.sendall(chunk)
-                except OSError:
+            buffer += chunk
+            out = bytearray()
+            for kind, body in _frames(buffer):
+                if self._committed_events(connection, kind, body):
+                    # Cut: the commit is done, and its answer never reaches the client.
                     self._close(connection)
                     return
-                continue
-            # Cut: the server's answers are withheld until it says it finished the COMMIT.
-            buffer += chunk
-            if any(kind == b"Z" for kind, _ in _frames(buffer)):
-                with self._lock:
-                    self.dropped += 1
+                out += kind + struct.pack("!i", len(body) + 4) + body
+            try:
+                connection.client.sendall(out)
+            except OSError:
                 self._close(connection)
                 return
 

@@ -7,14 +7,16 @@ from collections.abc import Iterator
 from datetime import timedelta, timezone
 from itertools import pairwise
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
+from eventsourcing.persistence import IntegrityError
 
 from domain.chain import GENESIS, event_hash
 from domain.errors import InvalidCommandError, OrderNotFoundError
-from domain.eventstore import IMMUTABLE_MESSAGE
+from domain.eventstore import IMMUTABLE_MESSAGE, MAX_EVENTS_PER_STATEMENT
 from domain.ledger import CommandResult, OrderLedger
+from domain.order import Order
 from tests.support.raw_events import RawEvents
 from tests.support.stores import open_ledger_at
 
@@ -59,6 +61,39 @@ class TestEventStoreContract:
         assert positions == sorted(set(positions))
         assert positions[0] >= 1
         assert ledger.head_position() == positions[-1]
+
+    def test_a_save_too_big_for_one_statement_is_recorded_whole_or_not_at_all(
+        self, ledger: OrderLedger
+    ) -> None:
+        """PostgreSQL takes a save of more events than one statement's parameters allow in
+        parts of one transaction: an order chained across the parts, a conflict in the last
+        part undoing the first."""
+        spanning = Order.place(customer_id="c-1", currency="EUR", lines=[_LINE])
+        spanning.add_line(sku="SKU-2", quantity=1, unit_price=700)
+        spanning.add_line(sku="SKU-3", quantity=1, unit_price=900)
+        before = [
+            Order.place(customer_id="c-1", currency="EUR", lines=[_LINE])
+            for _ in range(MAX_EVENTS_PER_STATEMENT - 2)
+        ]
+        after = [Order.place(customer_id="c-1", currency="EUR", lines=[_LINE]) for _ in range(200)]
+        recordings = ledger.save(*before, spanning, *after)  # more than 65,535 parameters
+        assert len(recordings) == MAX_EVENTS_PER_STATEMENT + 201
+        assert ledger.head_position() == recordings[-1].notification.id
+        _assert_chained(ledger, spanning.id, 3)
+
+        first, second = (ledger.repository.get(spanning.id) for _ in range(2))
+        first.capture_payment(amount=100, payment_reference="p-1")
+        ledger.save(first)
+        head = ledger.head_position()
+        second.capture_payment(amount=100, payment_reference="p-2")  # version 4 again
+        others = [
+            Order.place(customer_id="c-1", currency="EUR", lines=[_LINE])
+            for _ in range(MAX_EVENTS_PER_STATEMENT + 200)
+        ]
+        with pytest.raises(IntegrityError):
+            ledger.save(*others, second)
+        assert ledger.head_position() == head
+        assert ledger.store.select_aggregate_notifications(others[0].id) == []
 
     def test_an_empty_store_has_head_position_zero(self, ledger: OrderLedger) -> None:
         """Before any event the head position is 0."""
@@ -311,18 +346,8 @@ class TestHashChain:
         other = ledger.place_order(customer_id="c-2", currency="EUR", lines=[_LINE])
         ledger.cancel_order(other.order_id, reason="no longer needed")
 
-        for order_id in (results[0].order_id, other.order_id):
-            previous = GENESIS
-            for stored in ledger.store.select_aggregate_notifications(order_id):
-                expected = event_hash(
-                    previous,
-                    stored.originator_id,
-                    stored.originator_version,
-                    stored.topic,
-                    stored.state,
-                )
-                assert stored.chain_hash == expected
-                previous = expected
+        _assert_chained(ledger, results[0].order_id, 6)
+        _assert_chained(ledger, other.order_id, 2)
 
     def test_the_metadata_is_covered_by_the_link(self, ledger: OrderLedger) -> None:
         """The metadata rides in the stored state the link hashes."""
@@ -360,6 +385,19 @@ class TestHashChain:
 
 
 _LINE = {"sku": "SKU-1", "quantity": 1, "unit_price": 1500}
+
+
+def _assert_chained(ledger: OrderLedger, order_id: UUID, events: int) -> None:
+    """The order's ``events`` stored events each carry the link that chains them."""
+    stored_events = ledger.store.select_aggregate_notifications(order_id)
+    assert len(stored_events) == events
+    previous = GENESIS
+    for stored in stored_events:
+        expected = event_hash(
+            previous, stored.originator_id, stored.originator_version, stored.topic, stored.state
+        )
+        assert stored.chain_hash == expected
+        previous = expected
 
 
 class TestSQLitePositions:

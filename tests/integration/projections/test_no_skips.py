@@ -27,11 +27,12 @@ from projections.engine.processor import ProcessorSettings
 from projections.engine.runtime import ProjectionRuntime
 from projections.engine.status import all_statuses
 from tests.support.commits import (
+    ROLL_BACK,
+    TAKE_AN_ID,
     DeliveryLogProjection,
     HeldAppend,
     chaotic_writer,
     inside_appends,
-    roll_back,
 )
 from tests.support.engine import WAIT_TIMEOUT, only_generation, opened
 from tests.support.stores import open_ledger_at
@@ -176,7 +177,7 @@ class TestDeterministicCases:
     def test_rolled_back_positions_leave_gaps_that_stall_nothing(self, postgres_url: str) -> None:
         with opened(postgres_url, [DeliveryLogProjection()]) as (ledger, runtime):
             first = ledger.place_order(**ORDER)
-            with inside_appends(ledger, roll_back), pytest.raises(Exception) as failed:
+            with inside_appends(ledger, lambda: ROLL_BACK), pytest.raises(Exception) as failed:
                 ledger.place_order(**ORDER)
             assert isinstance(failed.value.__cause__ or failed.value, Exception)
             last = ledger.place_order(**ORDER)
@@ -252,7 +253,7 @@ class TestDeterministicCases:
             assert serving_checkpoint(runtime) >= target
             assert held.result.position in [p for p, _, _ in delivered(runtime)]
 
-            with inside_appends(ledger, roll_back), pytest.raises(Exception):  # noqa: B017
+            with inside_appends(ledger, lambda: ROLL_BACK), pytest.raises(Exception):  # noqa: B017
                 ledger.place_order(**ORDER)
             gap = mine.position + 2
             assert ledger.store.checkpoint_at(gap) is None
@@ -290,12 +291,8 @@ class TestAppendTransactions:
             ledger.cancel_order(other, reason="asked")
             ledger.erase_customer("c-1", reason="asked")
 
-            def take_an_id(cursor: Any) -> None:
-                with cursor.connection.cursor() as own:
-                    own.execute("SELECT pg_current_xact_id()")
-
             with (
-                inside_appends(ledger, take_an_id, first=True),
+                inside_appends(ledger, lambda: TAKE_AN_ID),
                 pytest.raises(Exception, match="taken before the INSERT"),
             ):
                 ledger.place_order(**ORDER)
