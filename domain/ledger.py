@@ -614,11 +614,14 @@ def _outcome_of(error: Exception) -> str:
     return "error"
 
 
+_FINGERPRINT_JSON = json.JSONEncoder(sort_keys=True, default=str)
+"""What json.dumps(sort_keys=True, default=str) builds on every call: keys recorded by every
+version are fingerprints of this exact text, so it never changes."""
+
+
 def _fingerprint(command: str, order_id: UUID | None, args: dict[str, Any]) -> str:
-    body = json.dumps(
-        {"command": command, "order_id": str(order_id) if order_id else None, "args": args},
-        sort_keys=True,
-        default=str,
+    body = _FINGERPRINT_JSON.encode(
+        {"command": command, "order_id": str(order_id) if order_id else None, "args": args}
     )
     return hashlib.sha256(body.encode()).hexdigest()
 

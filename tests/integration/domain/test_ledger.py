@@ -564,6 +564,28 @@ def _drop_key_table(store_url: str) -> None:
 class TestKeysStoredByEarlierVersions:
     """Earlier versions stored each key as an event of its own aggregate."""
 
+    def test_a_commands_fingerprint_is_the_one_earlier_versions_recorded(
+        self, store_url: str
+    ) -> None:
+        """A repeat is told from a reuse by comparing fingerprints: one computed differently
+        would refuse every repeat of a key recorded before the upgrade."""
+        ledger = open_ledger_at(store_url)
+        try:
+            ledger.place_order(
+                customer_id="c-1",
+                currency="EUR",
+                lines=[{"sku": "SKU-1", "quantity": 2, "unit_price": 1500}],
+                shipping_address="1 Rue de la Paix",
+                idempotency_key="pinned",
+            )
+            stored = ledger.store.command_key("pinned")
+        finally:
+            ledger.close()
+        assert stored is not None
+        assert stored.fingerprint == (
+            "987bb6916d4cd1c1128b80f2a36377a0216083945f1d98736161b48d981fc44b"
+        )
+
     def test_a_key_stored_as_an_event_still_answers_its_repeat_after_the_upgrade(
         self, store_url: str
     ) -> None:
