@@ -43,13 +43,21 @@ __all__ = [
 CHALLENGE = 'Bearer realm="orderledger"'
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name="ApiKey",
-    bearerFormat="olk_<key_id>_<secret>",
-    description="An API key from `orderledger keys create --role reader|writer|auditor|admin`, "
-    "sent as `Authorization: Bearer <key>`.",
-)
+
+class ApiKeyScheme(HTTPBearer):
+    """The API key scheme as OpenAPI documents it: a bearer token read from Authorization."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            auto_error=False,
+            scheme_name="ApiKey",
+            bearerFormat="olk_<key_id>_<secret>",
+            description="An API key from `orderledger keys create --role "
+            "reader|writer|auditor|admin`, sent as `Authorization: Bearer <key>`.",
+        )
+
+
+bearer = ApiKeyScheme()
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
@@ -92,7 +100,7 @@ class Access:
                 if needed - {None, Role.reader}:
                     route.responses = {**refusal, **route.responses}
         return {
-            "dependencies": [Depends(_guard(self))],
+            "dependencies": [Security(_Guard(self))],
             "responses": problem_responses(401),
         }
 
@@ -187,12 +195,22 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     return required_role
 
 
-def _guard(access: Access) -> Callable[..., Awaitable[Principal | None]]:
-    async def guarded(request: Request, credentials: BearerCredentials) -> Principal | None:
-        role = access.role_for(request.method)
-        return None if role is None else await _check(request, credentials, role)
+class _Guard(ApiKeyScheme):
+    """A router's guard: the scheme's own dependency, checking the role the method needs.
 
-    return guarded
+    One dependency rather than a guard depending on the scheme: FastAPI resolves each
+    dependency on every request (10-15 µs of CPU each here).
+    """
+
+    def __init__(self, access: Access) -> None:
+        super().__init__()
+        self.access = access
+
+    async def __call__(self, request: Request) -> Principal | None:  # type: ignore[override]
+        role = self.access.role_for(request.method)
+        if role is None:
+            return None
+        return await _check(request, await super().__call__(request), role)
 
 
 async def metrics_guard(request: Request, credentials: BearerCredentials) -> Principal | None:
