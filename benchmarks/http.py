@@ -34,11 +34,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from uuid import UUID
 
 from sqlalchemy import Connection, Table, func, select
 
 from api.bootstrap import open_ledger, open_read_models, opened
-from api.http.routes.order_queries import public_json
+from api.http.routes.order_queries import order_listing, public, public_json
+from api.http.routes.orders import read_order_history
+from api.http.schemas.reads import OrderSummariesPublic
 from api.settings import Settings
 from benchmarks.common import (
     BENCH_MASTER_KEY,
@@ -52,7 +55,16 @@ from benchmarks.common import (
     print_description,
     print_table,
 )
-from benchmarks.loadgen import OPERATIONS, CellResult, LoadSpec, Window, place_order_body, read_ids
+from benchmarks.loadgen import (
+    LIST_LIMIT,
+    OPERATIONS,
+    CellResult,
+    LoadSpec,
+    Window,
+    customer_of,
+    place_order_body,
+    read_ids,
+)
 from domain.ledger import OrderLedger
 from domain.order import Order
 from projections.engine.point_read import PointReader
@@ -423,8 +435,29 @@ def _direct_operation(
             return "201"
 
         return place
-    ids = read_ids(spec.ids_file or "")
     rng = random.Random(spec.clients)
+    if spec.operation == "list":
+        # What GET /orders?customer_id=... does: the read model's page, in public form.
+        def listing(_number: int) -> str:
+            query = order_listing(
+                customer_of(rng.randrange(5003)), None, None, None, LIST_LIMIT, None
+            )
+            with runtime.reading("order_summaries") as (conn, tables):
+                page = query(conn, tables)
+            OrderSummariesPublic(
+                data=[public(s) for s in page.items], next_cursor=page.next_cursor, next=None
+            ).model_dump_json()
+            return "200"
+
+        return listing
+    ids = read_ids(spec.ids_file or "")
+    if spec.operation == "history":
+        # What GET /orders/{id}/history does: the route's own function, then its JSON.
+        def history(_number: int) -> str:
+            read_order_history(UUID(rng.choice(ids)), ledger).model_dump_json()
+            return "200"
+
+        return history
     # What the API's get-order does: one point read, then the order's JSON written from the row.
     reader = PointReader(runtime.engine, runtime.catalog, "order_summaries", "order_summaries")
 
@@ -628,9 +661,13 @@ def direct_rate(rows: list[Row], row: Row) -> float | None:
 
 
 def operation_label(spec: LoadSpec) -> str:
-    label = {"get": "get-order", "get-route": "get-order route", "place": "place-order"}[
-        spec.operation
-    ]
+    label = {
+        "get": "get-order",
+        "get-route": "get-order route",
+        "place": "place-order",
+        "history": "order history",
+        "list": "customer's orders",
+    }[spec.operation]
     return f"{label} @{spec.rate:,.0f}/s" if spec.rate else label
 
 
@@ -719,7 +756,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--operations",
         type=_name_list(OPERATIONS),
         default=["get", "place"],
-        help="comma-separated: get,place,get-route (get-order through the FastAPI route)",
+        help="comma-separated: get,place,get-route (get-order through the FastAPI route), "
+        "history, list (a customer's orders)",
     )
     parser.add_argument(
         "--api-processes",

@@ -25,9 +25,18 @@ try:
 except ImportError:  # not on Windows
     uvloop = None  # type: ignore[assignment]
 
-OPERATIONS = ("get", "get-route", "place")
+OPERATIONS = ("get", "get-route", "place", "history", "list")
 """get-route reads as get does with the ids in upper case: the read shortcut leaves those to
-the FastAPI route, so its cells measure the path every other read route takes."""
+the FastAPI route, so its cells measure the path every other read route takes. history reads
+an order's events (GET /orders/{id}/history); list a customer's newest 20 orders (GET
+/orders?customer_id=...&limit=20)."""
+
+LIST_LIMIT = 20
+
+
+def customer_of(number: int) -> str:
+    """The customer of the ``number``-th order place_order_body makes."""
+    return f"customer-{number % 5003:05d}"
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ class CellResult:
 def place_order_body(number: int) -> dict[str, Any]:
     """A realistic order: three lines, a shipping address and a unique client reference."""
     return {
-        "customer_id": f"customer-{number % 5003:05d}",
+        "customer_id": customer_of(number),
         "currency": ("EUR", "USD", "GBP")[number % 3],
         "lines": [
             {"sku": f"SKU-{number % 97:03d}", "quantity": 1 + number % 4, "unit_price": 1250},
@@ -164,14 +173,22 @@ def request_maker(spec: LoadSpec) -> Callable[[int], bytes]:
             ).encode() + body
 
         return place
-    if spec.operation in ("get", "get-route"):
+    rng = random.Random(spec.clients)
+    if spec.operation == "list":
+        return lambda _number: (
+            f"GET /orders?customer_id={customer_of(rng.randrange(5003))}&limit={LIST_LIMIT} "
+            f"HTTP/1.1\r\n{head}\r\n"
+        ).encode()
+    if spec.operation in ("get", "get-route", "history"):
         ids = read_ids(spec.ids_file or "")
         if not ids:
-            raise ValueError("get needs a file of existing order ids")
+            raise ValueError(f"{spec.operation} needs a file of existing order ids")
         if spec.operation == "get-route":
             ids = [order_id.upper() for order_id in ids]
-        rng = random.Random(spec.clients)
-        return lambda _number: f"GET /orders/{rng.choice(ids)} HTTP/1.1\r\n{head}\r\n".encode()
+        suffix = "/history" if spec.operation == "history" else ""
+        return lambda _number: (
+            f"GET /orders/{rng.choice(ids)}{suffix} HTTP/1.1\r\n{head}\r\n"
+        ).encode()
     raise ValueError(f"unknown operation {spec.operation!r}: choose one of {OPERATIONS}")
 
 
