@@ -176,7 +176,11 @@ class Worker:
             ]
             if all(row.checkpoint >= head and row.role == SERVING for row in rows):
                 return
-            if any(p.failed for p in self.processors.values()):
+            # A failed generation stops for good; the others still catch up before the end
+            # (a transaction of another session may hold them back for a moment).
+            if any(p.failed for p in self.processors.values()) and all(
+                row.checkpoint >= head for row in rows
+            ):
                 return
             # Someone else holds a lease, or events arrived meanwhile: do not spin.
             self.source.wait_for_events(self._lowest_checkpoint(), min(self.idle_wait, 0.1))

@@ -220,7 +220,19 @@ def place_and_pay(
                 result.order_id, amount=100 + index % 50, payment_reference=f"{prefix}-{index}"
             )
         ids.append(result.order_id)
+    readable(ledger)
     return ids
+
+
+def readable(ledger: OrderLedger) -> None:
+    """Wait until readers may pass every committed event. On PostgreSQL a transaction still
+    running anywhere in the cluster holds them back: another test's, in a parallel run."""
+    store = ledger.store
+    wait_for(
+        lambda: store.safe_head() >= store.last_committed(),
+        "every committed event is readable",
+        timeout=WAIT_TIMEOUT,
+    )
 
 
 def store_events(ledger: OrderLedger, page: int = 500) -> list[RecordedEvent]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from uuid import UUID
 
+import psycopg
+import pytest
 from sqlalchemy import select
 
 from domain.ledger import OrderLedger
@@ -31,6 +34,7 @@ from tests.support.waiting import wait_for
 COUNTING = AppliedPositionsProjection.name
 SUMMARIES = OrderSummaryProjection.name
 POISON = 3
+LINE = {"sku": "SKU-1", "quantity": 1, "unit_price": 250}
 
 
 def two_orders_with_a_poisoned_payment(ledger: OrderLedger) -> tuple[UUID, UUID]:
@@ -217,6 +221,32 @@ class TestAnErrorDuringARebuild:
             still_failed = only_generation(runtime, SUMMARIES, BUILDING)
             assert (still_failed.position, still_failed.error_position) == (2, POISON)
             assert len(generation_rows(runtime, SUMMARIES, 2, "order_summaries")) == 2
+
+    @pytest.mark.postgres
+    def test_catching_up_after_it_failed_waits_for_the_serving_generation(
+        self, postgres_url: str
+    ) -> None:
+        """A transaction of another session holds readers back while new orders arrive: the
+        worker still ends with the serving generation at the head, not at the failure."""
+        with opened(postgres_url, [OrderSummaryProjection()]) as (ledger, runtime):
+            two_orders_with_a_poisoned_payment(ledger)
+            release_after_catching_up(runtime.worker())
+
+        poisoned = PoisonedOrderSummaryProjection(fail_on=at_position(POISON))
+        with opened(postgres_url, [poisoned], batch_size=100) as (ledger, runtime):
+            runtime.catalog.start_rebuild(SUMMARIES, target=ledger.head_position())
+            worker = runtime.worker()
+            worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
+            assert only_generation(runtime, SUMMARIES, BUILDING).failed
+
+            with psycopg.connect(postgres_url) as holder:
+                holder.execute("SELECT pg_current_xact_id()")  # readers wait for it to end
+                ledger.place_order(customer_id="new", currency="EUR", lines=[LINE])
+                threading.Timer(1.0, holder.rollback).start()
+
+                worker.run_until_caught_up(timeout=WAIT_TIMEOUT)
+
+            assert only_generation(runtime, SUMMARIES, SERVING).position == ledger.head_position()
 
     def test_a_fixed_worker_resumes_the_failed_rebuild_which_then_takes_over(
         self, store_url: str
