@@ -60,10 +60,10 @@ TX_COLUMN = "tx_id"
 NOTIFY_INTERVAL = 0.02
 """At most one NOTIFY per this many seconds per process: readers also poll."""
 WRITE_STATEMENT_TIMEOUT = "30s"
+"""No statement of an append runs longer (a stuck writer holds every reader back)."""
 _EVENT_ROW = "(%s, %s, %s, %s, %s)"
 MAX_EVENTS_PER_STATEMENT = 13_000
 """PostgreSQL takes at most 65,535 parameters in a statement; each event is five."""
-"""No statement of an append transaction runs longer (a stuck writer holds every reader back)."""
 
 
 class Checkpoint(NamedTuple):
@@ -80,6 +80,32 @@ class Checkpoint(NamedTuple):
 
 START = Checkpoint(0, 0)
 """Before the first event."""
+
+
+class Snapshot(NamedTuple):
+    """Which transactions had ended at a moment: PostgreSQL's ``pg_current_snapshot()``.
+
+    Read order cannot say it alone: a transaction still running then may have a lower id
+    than one already committed, and commit later.
+    """
+
+    xmin: int
+    xmax: int
+    running: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        """From PostgreSQL's text form, ``xmin:xmax:running,ids``."""
+        xmin, xmax, running = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(tx) for tx in running.split(",") if tx))
+
+    def __str__(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(map(str, sorted(self.running)))}"
+
+    def ended(self, tx: int) -> bool:
+        """Whether transaction ``tx`` had committed or rolled back by then (0, the id of rows
+        older versions wrote, always had)."""
+        return tx < self.xmin or (tx < self.xmax and tx not in self.running)
 
 
 def passed_by_position(checkpoint: Checkpoint, position: int) -> bool:
@@ -124,6 +150,8 @@ class PositionedRecorder(Protocol):
     def last_committed(self) -> Checkpoint: ...
 
     def oldest_transaction_age(self) -> float: ...
+
+    def snapshot(self) -> Snapshot | None: ...
 
     def checkpoint_at(self, position: int) -> Checkpoint | None: ...
 
@@ -325,6 +353,10 @@ class SQLiteEventRecorder(_Chained, SQLiteApplicationRecorder):
     def oldest_transaction_age(self) -> float:
         """Nothing holds readers back on SQLite (see the PostgreSQL recorder's)."""
         return 0.0
+
+    def snapshot(self) -> Snapshot | None:
+        """None: with one writer, the safe head already says what had committed."""
+        return None
 
     def checkpoint_at(self, position: int) -> Checkpoint | None:
         """Where the event at ``position`` sits in read order: with one writer, (0, position)."""
@@ -704,6 +736,15 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
             curs.execute(self._last_committed_statement, prepare=True)
             row = curs.fetchone()
         return START if row is None else Checkpoint(row["tx"], row["position"])
+
+    def snapshot(self) -> Snapshot | None:
+        """Which transactions have ended now (the events of those still running may come
+        before the safe head's successors in read order, yet commit later)."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute("SELECT pg_current_snapshot()::text AS snapshot")
+            row = curs.fetchone()
+        assert row is not None
+        return Snapshot.parse(row["snapshot"])
 
     def oldest_transaction_age(self) -> float:
         """Seconds since the oldest transaction still running in the cluster began (0 for

@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.sql import FromClause
 
-from domain.eventstore import START, Checkpoint
+from domain.eventstore import START, Checkpoint, Snapshot
 from domain.order import EVENT_TYPES, Order
 from domain.personal import ERASED, PersonalDataErasure, reveal
 from projections.base import Batch, Projection
@@ -120,6 +120,8 @@ subscriptions = Table(
     Column("created_at", Float, nullable=False),
     Column("created_position", BigInteger, nullable=False),
     Column("created_tx_id", BigInteger, nullable=False, default=0, server_default="0"),
+    # PostgreSQL: the transactions that had ended when it was created (see Subscription).
+    Column("created_snapshot", Text),
 )
 
 watermarks = Table(
@@ -202,11 +204,20 @@ class Subscription:
     created_position: int
     created_tx: int = 0
     """With ``created_position``, the checkpoint after which it receives events."""
+    created_snapshot: Snapshot | None = None
+    """On PostgreSQL, which transactions had ended when it was created: it receives the
+    events of every other one. The checkpoint cannot say so alone: an event committed just
+    before may lie past the safe head, and one of a transaction still running then may
+    commit after it with a lower transaction id."""
 
     def wants(self, event_type: str, checkpoint: Checkpoint) -> bool:
+        if self.created_snapshot is not None:
+            recorded_later = not self.created_snapshot.ended(checkpoint.tx)
+        else:
+            recorded_later = checkpoint > Checkpoint(self.created_tx, self.created_position)
         return (
             self.active
-            and checkpoint > Checkpoint(self.created_tx, self.created_position)
+            and recorded_later
             and ("*" in self.event_types or event_type in self.event_types)
         )
 
@@ -278,17 +289,22 @@ def installed_at(row: Any) -> Checkpoint:
 
 def load_subscriptions(conn: Connection) -> list[Subscription]:
     rows = conn.execute(select(subscriptions).where(subscriptions.c.active.is_(True)))
-    return [
-        Subscription(
-            id=row.id,
-            url=row.url,
-            event_types=json.loads(row.event_types),
-            active=row.active,
-            created_position=row.created_position,
-            created_tx=row.created_tx_id,
-        )
-        for row in rows
-    ]
+    return [subscription_of(row) for row in rows]
+
+
+def subscription_of(row: Any) -> Subscription:
+    """A subscription as its row stores it."""
+    return Subscription(
+        id=row.id,
+        url=row.url,
+        event_types=json.loads(row.event_types),
+        active=row.active,
+        created_position=row.created_position,
+        created_tx=row.created_tx_id,
+        created_snapshot=(
+            None if row.created_snapshot is None else Snapshot.parse(row.created_snapshot)
+        ),
+    )
 
 
 def insert_ignoring_duplicates(

@@ -26,6 +26,7 @@ from projections.effects.outbox import (
     insert_ignoring_duplicates,
     installed_at,
     load_subscriptions,
+    subscription_of,
     subscriptions,
     watermark_of,
     watermarks,
@@ -137,6 +138,7 @@ class Effects:
                 .with_for_update()
             ).first()
             created = max(head, watermark_of(row)) if row is not None else head
+            # Taken once batches are held off: what a batch already applied had ended.
             subscription = Subscription(
                 id=str(uuid.uuid4()),
                 url=url,
@@ -144,6 +146,7 @@ class Effects:
                 active=True,
                 created_position=created.position,
                 created_tx=created.tx,
+                created_snapshot=self.source.snapshot(),
             )
             conn.execute(
                 subscriptions.insert().values(
@@ -155,6 +158,11 @@ class Effects:
                     created_at=self.now,
                     created_position=subscription.created_position,
                     created_tx_id=subscription.created_tx,
+                    created_snapshot=(
+                        None
+                        if subscription.created_snapshot is None
+                        else str(subscription.created_snapshot)
+                    ),
                 )
             )
         return CreatedSubscription(subscription, secret)
@@ -164,14 +172,7 @@ class Effects:
             if not include_inactive:
                 return load_subscriptions(conn)
             return [
-                Subscription(
-                    id=row.id,
-                    url=row.url,
-                    event_types=json.loads(row.event_types),
-                    active=row.active,
-                    created_position=row.created_position,
-                    created_tx=row.created_tx_id,
-                )
+                subscription_of(row)
                 for row in conn.execute(select(subscriptions).order_by(subscriptions.c.created_at))
             ]
 

@@ -37,7 +37,7 @@ from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from domain.eventstore import CHAIN_COLUMN, TX_COLUMN, Checkpoint
+from domain.eventstore import CHAIN_COLUMN, TX_COLUMN, Checkpoint, Snapshot
 from domain.ledger import EVENT_NAMES, OrderLedger
 from domain.personal import SEALED, MasterKeyError, SealedValue
 
@@ -115,6 +115,10 @@ class EventSource:
     def oldest_transaction_age(self) -> float:
         """Seconds the oldest transaction still running has held readers back (PostgreSQL)."""
         return self._ledger.store.oldest_transaction_age()
+
+    def snapshot(self) -> Snapshot | None:
+        """Which transactions have ended now (PostgreSQL; None on SQLite)."""
+        return self._ledger.store.snapshot()
 
     def last_committed(self) -> Checkpoint:
         """The checkpoint of the last committed event in read order: a reader there has

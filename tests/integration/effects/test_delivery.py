@@ -21,6 +21,8 @@ import pytest
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
+from api.bootstrap import open_read_models
+from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.effects.dispatcher import DispatchSettings, backoff
 from projections.effects.outbox import (
@@ -37,6 +39,7 @@ from projections.effects.service import CreatedSubscription, Effects
 from projections.engine.runtime import ProjectionRuntime
 from projections.registry import all_projections
 from tests import REPO_ROOT
+from tests.support.commits import HeldAppend
 from tests.support.effects import (
     CatchUp,
     MakeDispatcher,
@@ -49,7 +52,8 @@ from tests.support.effects import (
     settle,
 )
 from tests.support.projections import run_until_caught_up
-from tests.support.receivers import SmtpServer, WebhookReceiver
+from tests.support.receivers import LOCAL_TARGETS, SmtpServer, WebhookReceiver
+from tests.support.stores import open_ledger_at
 from tests.support.waiting import wait_for
 
 
@@ -147,6 +151,34 @@ class TestRecording:
             *_positions(ledger, before).values(),
             *_positions(ledger, after).values(),
         }
+
+    @pytest.mark.postgres
+    def test_a_subscription_gets_what_commits_after_it_though_read_order_says_before(
+        self, postgres_url: str
+    ) -> None:
+        """A writer still running holds readers back: an order committed just before the
+        subscription lies past the safe head, and the held order commits after it with a
+        lower transaction id. The subscription gets the held order's event, not the other."""
+        ledger = open_ledger_at(postgres_url)
+        runtime = open_read_models(Settings(database_url=postgres_url), ledger)
+        try:
+            service = Effects(runtime.engine, runtime.source, LOCAL_TARGETS)
+            with HeldAppend(ledger, lambda: place(ledger)) as held:
+                before = place(ledger)
+                late = service.add_subscription("http://127.0.0.1:9/late", ["*"])
+            after = held.result
+            run_until_caught_up(runtime, ["outbox"])
+
+            rows = outbox_rows(runtime.engine)
+            late_positions = {
+                r["position"] for r in rows if r["effect"] == f"webhook:{late.subscription.id}"
+            }
+            assert late_positions == {_positions(ledger, after)["OrderPlaced"]}
+            # The held order took its position first: it comes first in read order too.
+            assert min(late_positions) < _positions(ledger, before)["OrderPlaced"]
+        finally:
+            runtime.close()
+            ledger.close()
 
     def test_the_database_holds_one_row_per_effect_and_position(
         self, ledger: OrderLedger, effects_service: Effects, catch_up: CatchUp
