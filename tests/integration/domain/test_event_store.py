@@ -62,6 +62,7 @@ class TestEventStoreContract:
         assert positions[0] >= 1
         assert ledger.head_position() == positions[-1]
 
+    @pytest.mark.slow  # two saves of 13,000 events
     def test_a_save_too_big_for_one_statement_is_recorded_whole_or_not_at_all(
         self, ledger: OrderLedger
     ) -> None:
