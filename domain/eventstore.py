@@ -488,8 +488,8 @@ class PostgresEventRecorder(_Chained, PostgresApplicationRecorder):
         # New customers' data keys and the command's idempotency key go in the same
         # statement as the events: no round trip of their own. Their INSERTs are WITH queries
         # nothing reads, so they run after the events' INSERT: the transaction takes its id
-        # there, as with neither. Each combination is rendered once: composing a statement
-        # costs about as much as sending it.
+        # there, as with neither. Each combination's head is rendered once (composing a
+        # statement costs about as much as sending it); a save adds only its rows.
         command_key_query = SQL(
             "command_key AS (INSERT INTO {schema}.{keys} "
             "(key, fingerprint, order_id, order_version) VALUES (%s, %s, %s, %s))"

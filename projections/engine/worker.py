@@ -174,12 +174,11 @@ class Worker:
                 and row.version == projection.version
                 and not row.failed
             ]
-            if all(row.checkpoint >= head and row.role == SERVING for row in rows):
-                return
             # A failed generation stops for good; the others still catch up before the end
             # (a transaction of another session may hold them back for a moment).
-            if any(p.failed for p in self.processors.values()) and all(
-                row.checkpoint >= head for row in rows
+            if all(row.checkpoint >= head for row in rows) and (
+                all(row.role == SERVING for row in rows)
+                or any(p.failed for p in self.processors.values())
             ):
                 return
             # Someone else holds a lease, or events arrived meanwhile: do not spin.

@@ -140,15 +140,21 @@ def inside_appends(ledger: OrderLedger, plan: Plan) -> Iterator[None]:
         del recorder._insert_stored_events
 
 
-def waiting_for_lock(conn: psycopg.Connection[Any], lock: int) -> int | None:
-    """The transaction id of the session waiting for advisory lock ``lock``, if one is."""
+def connect_beside(ledger: OrderLedger) -> psycopg.Connection[Any]:
+    """A connection of its own (autocommit, tuples) to the ledger's PostgreSQL store."""
+    datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
+    kwargs = {k: v for k, v in datastore.pool.kwargs.items() if k != "row_factory"}
+    return psycopg.connect(datastore.pool.conninfo, autocommit=True, **kwargs)
+
+
+def lock_awaited(conn: psycopg.Connection[Any], lock: int) -> bool:
+    """Whether a session waits for advisory lock ``lock``."""
     row = conn.execute(
-        "SELECT a.backend_xid::text::bigint FROM pg_locks l "
-        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-        "AND NOT l.granted AND l.classid = 0 AND l.objid = %s AND l.objsubid = 1",
+        "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND classid = 0 AND objid = %s AND objsubid = 1",
         (lock,),
     ).fetchone()
-    return None if row is None else row[0]
+    return row is not None
 
 
 class HeldAppend:
@@ -158,7 +164,6 @@ class HeldAppend:
     def __init__(
         self, ledger: OrderLedger, command: Callable[[], Any], *, take_id_first: bool = False
     ) -> None:
-        self.xid: int | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self._ledger = ledger
@@ -167,19 +172,16 @@ class HeldAppend:
         self._plan = held(self._lock, first=take_id_first)
         self._finished = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
-        kwargs = {k: v for k, v in datastore.pool.kwargs.items() if k != "row_factory"}
-        self._gate = psycopg.connect(datastore.pool.conninfo, autocommit=True, **kwargs)
+        self._gate = connect_beside(ledger)
 
     def __enter__(self) -> HeldAppend:
         self._gate.execute("SELECT pg_advisory_lock(%s)", (self._lock,))
         self._thread.start()
 
-        def waiting() -> bool:
-            self.xid = waiting_for_lock(self._gate, self._lock)
-            return self.xid is not None or self._finished.is_set()
-
-        wait_for(waiting, "the held append waits inside its statement")
+        wait_for(
+            lambda: lock_awaited(self._gate, self._lock) or self._finished.is_set(),
+            "the held append waits inside its statement",
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,6 +32,7 @@ from tests.support.commits import (
     DeliveryLogProjection,
     HeldAppend,
     chaotic_writer,
+    connect_beside,
     inside_appends,
 )
 from tests.support.engine import WAIT_TIMEOUT, only_generation, opened
@@ -95,9 +96,7 @@ class NaiveReader:
     """Tails the store by ``position > P`` in its own thread: the reader that skips."""
 
     def __init__(self, ledger: OrderLedger) -> None:
-        datastore = ledger.recorder.datastore  # type: ignore[attr-defined]
-        self._conninfo = datastore.pool.conninfo
-        self._kwargs = {k: v for k, v in datastore.pool.kwargs.items() if k != "row_factory"}
+        self._ledger = ledger
         self._table = ledger.recorder.events_table_name  # type: ignore[attr-defined]
         self.seen: list[int] = []
         self._stop = threading.Event()
@@ -121,7 +120,7 @@ class NaiveReader:
         self.seen.extend(row[0] for row in rows)
 
     def _run(self) -> None:
-        with psycopg.connect(self._conninfo, autocommit=True, **self._kwargs) as conn:
+        with connect_beside(self._ledger) as conn:
             while not self._stop.wait(0.002):
                 self.poll(conn)
             self.poll(conn)
@@ -140,7 +139,7 @@ class TestDeterministicCases:
             with HeldAppend(ledger, lambda: ledger.place_order(**ORDER)) as held:
                 later = ledger.place_order(**ORDER)
                 naive = NaiveReader(ledger)
-                with psycopg.connect(naive._conninfo, autocommit=True, **naive._kwargs) as conn:
+                with connect_beside(ledger) as conn:
                     naive.poll(conn)
                     steps(runtime)
                     # Committed, but a transaction that began before it is still running.
