@@ -19,7 +19,7 @@ import orjson
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.metrics import route_template
+from api.metrics import count_request, route_template
 from api.settings import LogFormat
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -136,7 +136,8 @@ def correlation_id(headers: Mapping[str, str], request_id: str | None) -> str | 
 
 
 class RequestLogMiddleware:
-    """Give each request an id, echo it on the response and log one line when it is done."""
+    """Give each request an id, echo it on the response and, when it is done, log its line and
+    count it in the metrics (``finish_request``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -161,7 +162,14 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            log_request(scope, rid, status, (time.perf_counter() - started) * 1000)
+            finish_request(scope, rid, status, time.perf_counter() - started)
+
+
+def finish_request(scope: Scope, rid: str, status: int, seconds: float) -> None:
+    """What every answered request leaves behind: its count and latency in the metrics, and
+    its log line."""
+    count_request(scope, status, seconds)
+    log_request(scope, rid, status, seconds * 1000)
 
 
 def log_request(scope: Scope, rid: str, status: int, latency_ms: float) -> None:

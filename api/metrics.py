@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from api.settings import Settings
 from domain.ledger import OrderLedger
@@ -103,31 +103,6 @@ def route_template(scope: Scope) -> str:
     """The matched route's path template (e.g. /orders/{order_id}), or one label for no match."""
     path = getattr(scope.get("route"), "path", None)
     return path if isinstance(path, str) else UNMATCHED_ROUTE
-
-
-class HttpMetricsMiddleware:
-    """Count every HTTP request and time it, labelled by route template, method and status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the client gets if the app fails before starting a response
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            count_request(scope, status, time.perf_counter() - started)
 
 
 def count_request(scope: Scope, status: int, seconds: float) -> None:

@@ -11,7 +11,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import SecretStr
@@ -66,25 +66,31 @@ def run_server(settings: Settings) -> None:
     import uvicorn  # noqa: PLC0415
 
     from api.http.app import create_app  # noqa: PLC0415
-    from api.http.transport import CoalescingHttpToolsProtocol  # noqa: PLC0415
-    from api.logs import logging_config  # noqa: PLC0415
 
     # Opened here rather than in the app's start-up so a bad store is one clear line, not a
     # failed lifespan with a traceback.
     ledger = open_ledger_or_fail(settings)
     try:
         _exit_normally_after_shutdown()
-        uvicorn.run(
-            create_app(settings, ledger=ledger),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            log_config=logging_config(settings.log_format, settings.log_level),
-            access_log=False,
-            http=CoalescingHttpToolsProtocol,
-        )
+        uvicorn.run(create_app(settings, ledger=ledger), **_uvicorn_options(settings))
     finally:
         ledger.close()
+
+
+def _uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn serves the API, in one process or several: our log format, no access log
+    (the request log replaces it), our HTTP protocol."""
+    from api.http.transport import CoalescingHttpToolsProtocol  # noqa: PLC0415
+    from api.logs import logging_config  # noqa: PLC0415
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "log_config": logging_config(settings.log_format, settings.log_level),
+        "access_log": False,
+        "http": CoalescingHttpToolsProtocol,
+    }
 
 
 def run_workers(settings: Settings, workers: int) -> None:
@@ -96,8 +102,6 @@ def run_workers(settings: Settings, workers: int) -> None:
     import uvicorn  # noqa: PLC0415
     from uvicorn.supervisors import Multiprocess  # noqa: PLC0415
 
-    from api.http.transport import CoalescingHttpToolsProtocol  # noqa: PLC0415
-    from api.logs import logging_config  # noqa: PLC0415
     from api.metrics import MULTIPROCESS_DIR_VAR  # noqa: PLC0415
 
     open_ledger_or_fail(settings).close()  # a bad store is one clear line before any process starts
@@ -107,15 +111,7 @@ def run_workers(settings: Settings, workers: int) -> None:
     os.environ[_SERVE_PID_VAR] = str(os.getpid())
     projection_worker = _start_projection_worker() if settings.run_projections else None
     config = uvicorn.Config(
-        "api.cli.serve:serve_app",
-        factory=True,
-        workers=workers,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=logging_config(settings.log_format, settings.log_level),
-        access_log=False,
-        http=CoalescingHttpToolsProtocol,
+        "api.cli.serve:serve_app", factory=True, workers=workers, **_uvicorn_options(settings)
     )
     try:
         # What uvicorn.run does for workers > 1, with the shared socket labelled TCP.

@@ -21,7 +21,7 @@ from api.http.read_models import projections_resource
 from api.http.routes import access, routers
 from api.http.shortcuts import OrderReadShortcut
 from api.logs import RequestLogMiddleware, lean_log_records
-from api.metrics import HttpMetricsMiddleware, metrics_resource
+from api.metrics import metrics_resource
 from api.settings import Settings
 from domain.ledger import OrderLedger
 from projections.engine.runtime import ProjectionRuntime
@@ -61,7 +61,6 @@ def create_app(
     # It would bypass OpenTelemetry's middleware: with telemetry on, reads take the route.
     app.order_read = None if settings.opentelemetry else OrderReadShortcut()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestLogMiddleware)  # outermost: its request id reaches every response
     install_problem_handlers(app)
     for router in routers:

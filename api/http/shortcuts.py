@@ -36,8 +36,7 @@ from api.http.auth import bearer_token
 from api.http.routes import access
 from api.http.routes import order_queries as orders
 from api.key_store import ApiKeyStore, Principal
-from api.logs import log_request, request_id, request_log
-from api.metrics import count_request
+from api.logs import finish_request, request_id, request_log
 from domain.eventstore import passed_by_position
 from domain.money import MAX_AMOUNT
 from projections.engine.point_read import PointReader
@@ -64,9 +63,9 @@ _READ_ROLE = next(a for router, a in access if router is orders.router).role_for
 class OrderReadShortcut:
     """Answers the plain successful GET /orders/{id} before the app's middleware stack.
 
-    ``OrderLedgerAPI`` asks it first, so such a read skips every ASGI layer (error, body-limit,
-    log and metrics middlewares, routing): it writes the request's log line and metrics
-    itself, with the same functions, and sends the response in two messages. A request it does
+    ``OrderLedgerAPI`` asks it first, so such a read skips every ASGI layer (error, body-limit
+    and request-log middlewares, routing): it records the request's log line and metrics
+    itself, with the same function, and sends the response in two messages. A request it does
     not answer reaches the app untouched, nothing sent.
     """
 
@@ -114,9 +113,7 @@ class OrderReadShortcut:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         finally:
-            seconds = time.perf_counter() - started
-            count_request(scope, status, seconds)
-            log_request(scope, rid, status, seconds * 1000)
+            finish_request(scope, rid, status, time.perf_counter() - started)
         return True
 
 
