@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.bootstrap import open_key_store
 from api.http.problems import problem_responses
+from api.http.state import Held
 from api.key_store import ApiKeyStore, Principal, Role
 from api.settings import Settings
 
@@ -133,17 +134,10 @@ def keys_resource(settings: Settings) -> Callable[[FastAPI], Any]:
     return hold_keys
 
 
-def get_key_store(request: Request) -> ApiKeyStore:
-    """The key store the app opened at start-up."""
-    return cast(ApiKeyStore, request.app.state.keys)
-
-
-async def _key_store(request: Request) -> ApiKeyStore:
-    # async: a plain def dependency would cost a thread-pool hand-off per request.
-    return get_key_store(request)
-
-
-KeyStoreDep = Annotated[ApiKeyStore, Depends(_key_store)]
+_key_store = Held[ApiKeyStore]("keys")
+get_key_store = _key_store.of
+"""The key store the app opened at start-up."""
+KeyStoreDep = Annotated[ApiKeyStore, Depends(_key_store.dependency)]
 
 
 def _unauthorized(detail: str, *, token_sent: bool) -> HTTPException:

@@ -16,6 +16,7 @@ from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.http.state import Held
 from api.key_store import Principal
 from api.logs import correlation_id
 from domain.audit import Actor, CommandContext, acting_as
@@ -28,16 +29,10 @@ _ENTITY_TAG = re.compile(r'"(\d{1,19})"')
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]+$")
 
 
-def get_ledger(request: Request) -> OrderLedger:
-    """The ledger the app opened at start-up."""
-    return cast(OrderLedger, request.app.state.ledger)
-
-
-async def _ledger(request: Request) -> OrderLedger:
-    return get_ledger(request)
-
-
-LedgerDep = Annotated[OrderLedger, Depends(_ledger)]
+_ledger = Held[OrderLedger]("ledger")
+get_ledger = _ledger.of
+"""The ledger the app opened at start-up."""
+LedgerDep = Annotated[OrderLedger, Depends(_ledger.dependency)]
 
 MAX_IDEMPOTENCY_KEY_HEADER_LENGTH = 200
 """Room is left in the ledger's key for the caller's API key id, which scopes it."""

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Table
 from starlette.concurrency import run_in_threadpool
 
 from api.bootstrap import Background, background, open_read_models
+from api.http.state import Held
 from api.settings import Settings
 from domain.eventstore import Checkpoint
 from projections.engine.point_read import PointReader
@@ -51,16 +52,10 @@ def projections_resource(
     return hold_projections
 
 
-def get_projections(request: Request) -> ProjectionRuntime:
-    """The projection runtime the app opened at start-up."""
-    return cast(ProjectionRuntime, request.app.state.projections)
-
-
-async def _projections(request: Request) -> ProjectionRuntime:
-    return get_projections(request)
-
-
-ProjectionsDep = Annotated[ProjectionRuntime, Depends(_projections)]
+_projections = Held[ProjectionRuntime]("projections")
+get_projections = _projections.of
+"""The projection runtime the app opened at start-up."""
+ProjectionsDep = Annotated[ProjectionRuntime, Depends(_projections.dependency)]
 
 
 async def wait_for_position(
