@@ -535,5 +535,6 @@ class TestPromotionNeverGoesBackwards:
             assert promoted is False
             assert only_generation(runtime, SUMMARIES, BUILDING).generation == 2
 
+            step.release()  # as a stopping builder does, so the worker need not wait it out
             caught_up(runtime.worker())
             assert only_generation(runtime, SUMMARIES, SERVING).generation == 2
