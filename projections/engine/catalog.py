@@ -105,6 +105,12 @@ lag_samples = Table(
 LAG_HISTORY_MINUTES = 60
 
 
+_SERVING = select(generations).where(
+    generations.c.name == bindparam("name"), generations.c.role == SERVING
+)
+"""The serving generation of a projection: built once, as every read looks it up."""
+
+
 @dataclass(frozen=True)
 class LagSample:
     """A projection's lag at one minute (epoch seconds // 60)."""
@@ -264,9 +270,7 @@ class Catalog:
         return Generation(**row._mapping) if row else None
 
     def _serving(self, conn: Connection, name: str) -> Generation | None:
-        row = conn.execute(
-            select(generations).where(generations.c.name == name, generations.c.role == SERVING)
-        ).first()
+        row = conn.execute(_SERVING, {"name": name}).first()
         return Generation(**row._mapping) if row else None
 
     @contextmanager

@@ -26,6 +26,7 @@ routers: tuple[APIRouter, ...] = (
     # The busiest first: a request is matched against the routes in this order.
     order_queries.router,
     orders.router,
+    orders.history_router,
     health.router,
     readiness.router,
     projections.router,
@@ -43,6 +44,7 @@ access: tuple[tuple[APIRouter, Access], ...] = (
     (health.router, OPEN),
     (readiness.router, OPEN),
     (orders.router, LEDGER),
+    (orders.history_router, LEDGER),
     (order_queries.router, LEDGER),
     (projections.router, OPERATIONS),
     (personal_data.router, PERSONAL),
