@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     Connection,
     Engine,
     Float,
@@ -155,6 +156,15 @@ class Lease:
     generation: int
     owner: str
     epoch: int
+
+
+def _fenced_by(lease: Lease) -> tuple[ColumnElement[bool], ...]:
+    """The lease's generation row, as long as no later lease on it was granted (its epoch)."""
+    return (
+        generations.c.name == lease.name,
+        generations.c.generation == lease.generation,
+        generations.c.lease_epoch == lease.epoch,
+    )
 
 
 class NewerVersionError(Exception):
@@ -446,13 +456,11 @@ class Catalog:
         result = conn.execute(
             update(generations)
             .where(
-                generations.c.name == lease.name,
-                generations.c.generation == lease.generation,
+                *_fenced_by(lease),
                 generations.c.role == BUILDING,
                 generations.c.position == checkpoint.position,
                 generations.c.tx_id == checkpoint.tx,
                 generations.c.lease_owner == lease.owner,
-                generations.c.lease_epoch == lease.epoch,
             )
             .values(role=SERVING, updated_at=self.now)
         )
@@ -525,11 +533,9 @@ class Catalog:
             result = conn.execute(
                 update(generations)
                 .where(
-                    generations.c.name == lease.name,
-                    generations.c.generation == lease.generation,
+                    *_fenced_by(lease),
                     generations.c.role.in_([SERVING, BUILDING]),
                     generations.c.lease_owner == lease.owner,
-                    generations.c.lease_epoch == lease.epoch,
                 )
                 .values(lease_expires_at=self.now + ttl, updated_at=self.now)
             )
@@ -540,12 +546,7 @@ class Catalog:
         with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
-                .where(
-                    generations.c.name == lease.name,
-                    generations.c.generation == lease.generation,
-                    generations.c.lease_owner == lease.owner,
-                    generations.c.lease_epoch == lease.epoch,
-                )
+                .where(*_fenced_by(lease), generations.c.lease_owner == lease.owner)
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
@@ -594,11 +595,7 @@ class Catalog:
         with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
-                .where(
-                    generations.c.name == lease.name,
-                    generations.c.generation == lease.generation,
-                    generations.c.lease_epoch == lease.epoch,
-                )
+                .where(*_fenced_by(lease))
                 .values(
                     error_position=position,
                     error_event_id=event_id,
