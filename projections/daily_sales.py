@@ -183,16 +183,4 @@ def daily_sales_between(
     if currency is not None:
         conditions.append(table.c.currency == currency)
     query = select(table).where(*conditions).order_by(table.c.day, table.c.currency)
-    return [
-        DailySales(
-            day=row.day,
-            currency=row.currency,
-            orders_placed=row.orders_placed,
-            gross=row.gross,
-            captured=row.captured,
-            refunded=row.refunded,
-            net=row.net,
-            cancellations=row.cancellations,
-        )
-        for row in conn.execute(query)
-    ]
+    return [DailySales(**row._mapping) for row in conn.execute(query)]

@@ -176,14 +176,4 @@ def top_skus(
     if currency is not None:
         query = query.where(table.c.currency == currency)
     query = query.order_by(table.c.net_units.desc(), table.c.sku, table.c.currency).limit(limit)
-    return [
-        SkuSales(
-            sku=row.sku,
-            currency=row.currency,
-            units_ordered=row.units_ordered,
-            units_cancelled=row.units_cancelled,
-            net_units=row.net_units,
-            revenue=row.revenue,
-        )
-        for row in conn.execute(query)
-    ]
+    return [SkuSales(**row._mapping) for row in conn.execute(query)]
