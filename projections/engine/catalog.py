@@ -54,6 +54,19 @@ new reader of that table queues behind it, and so would the worker that issued i
 
 catalog_metadata = MetaData()
 
+
+def _one_per_projection(role: str) -> Index:
+    """At most one generation of each projection in ``role``."""
+    only_role = text(f"role = '{role}'")
+    return Index(
+        f"projection_generations_one_{role}",
+        "name",
+        unique=True,
+        sqlite_where=only_role,
+        postgresql_where=only_role,
+    )
+
+
 generations = Table(
     "projection_generations",
     catalog_metadata,
@@ -76,20 +89,7 @@ generations = Table(
     Column("error_event_type", String(64)),
     Column("error_message", Text),
     Column("error_at", Float),
-    Index(
-        "projection_generations_one_serving",
-        "name",
-        unique=True,
-        sqlite_where=text("role = 'serving'"),
-        postgresql_where=text("role = 'serving'"),
-    ),
-    Index(
-        "projection_generations_one_building",
-        "name",
-        unique=True,
-        sqlite_where=text("role = 'building'"),
-        postgresql_where=text("role = 'building'"),
-    ),
+    *(_one_per_projection(role) for role in (SERVING, BUILDING)),
 )
 
 
