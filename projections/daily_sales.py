@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -18,7 +17,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    Text,
     select,
 )
 
@@ -26,6 +24,7 @@ from domain.order import Order
 from projections.base import Batch, Projection
 from projections.engine.rows import KeyedRows, add_amounts
 from projections.engine.source import RecordedEvent
+from projections.order_lines import OrderLines, order_lines_table
 
 
 class DailySalesProjection(Projection):
@@ -61,13 +60,7 @@ class DailySalesProjection(Projection):
         )
         # Later events carry only the order id (and a removed line only its SKU): this
         # projection keeps each order's currency and lines itself, to rebuild on its own.
-        orders = Table(
-            f"daily_sales_orders{suffix}",
-            metadata,
-            Column("order_id", String(36), primary_key=True),
-            Column("currency", String(3), nullable=False),
-            Column("lines", Text, nullable=False),
-        )
+        orders = order_lines_table(f"daily_sales_orders{suffix}", metadata)
         return {"daily_sales": sales, "daily_sales_orders": orders}
 
     def batch(self, conn: Connection, tables: dict[str, Table]) -> Batch:
@@ -79,14 +72,11 @@ class DailySalesBatch(Batch):
 
     def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
         super().__init__(conn, tables)
-        self.orders = KeyedRows(tables["daily_sales_orders"], ("order_id",))
+        self.orders = OrderLines(tables["daily_sales_orders"], DailySalesProjection.name)
         self.sales = KeyedRows(tables["daily_sales"], ("day", "currency"))
-        self.lines: dict[str, dict[str, list[int]]] = {}
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
-        self.orders.load(self.conn, "order_id", {str(r.event.originator_id) for r in events})
-        for order_id, row in self.orders.rows.items():
-            self.lines[order_id[0]] = json.loads(row["lines"])
+        self.orders.load(self.conn, events)
         # Every row of those days: a (day, currency) not among them is new.
         self.sales.load(self.conn, "day", {_day(r.event.timestamp) for r in events})
 
@@ -99,55 +89,38 @@ class DailySalesBatch(Batch):
 
     @on_event.register
     def order_placed(self, event: Order.Placed, order_id: str) -> None:
-        lines = {line["sku"]: [line["quantity"], line["unit_price"]] for line in event.lines}
-        self.lines[order_id] = lines
-        self.orders.add({"order_id": order_id, "currency": event.currency, "lines": ""})
+        lines = self.orders.place(order_id, event)
         day = self._day_row(event.timestamp, event.currency)
         day["orders_placed"] += 1
         day["gross"] = add_amounts(day["gross"], sum(q * p for q, p in lines.values()))
 
     @on_event.register
     def line_added(self, event: Order.LineAdded, order_id: str) -> None:
-        self._lines_of(order_id)[event.sku] = [event.quantity, event.unit_price]
-        day = self._day_row(event.timestamp, self._currency_of(order_id))
+        self.orders.add_line(order_id, event)
+        day = self._day_row(event.timestamp, self.orders.currency_of(order_id))
         day["gross"] = add_amounts(day["gross"], event.quantity * event.unit_price)
 
     @on_event.register
     def line_removed(self, event: Order.LineRemoved, order_id: str) -> None:
-        quantity, price = self._lines_of(order_id).pop(event.sku)
-        day = self._day_row(event.timestamp, self._currency_of(order_id))
+        quantity, price = self.orders.remove_line(order_id, event)
+        day = self._day_row(event.timestamp, self.orders.currency_of(order_id))
         day["gross"] = add_amounts(day["gross"], -quantity * price)
 
     @on_event.register
     def payment_captured(self, event: Order.PaymentCaptured, order_id: str) -> None:
-        day = self._day_row(event.timestamp, self._currency_of(order_id))
+        day = self._day_row(event.timestamp, self.orders.currency_of(order_id))
         day["captured"] = add_amounts(day["captured"], event.amount)
         day["net"] = add_amounts(day["captured"], -day["refunded"])
 
     @on_event.register
     def order_cancelled(self, event: Order.Cancelled, order_id: str) -> None:
-        self._day_row(event.timestamp, self._currency_of(order_id))["cancellations"] += 1
+        self._day_row(event.timestamp, self.orders.currency_of(order_id))["cancellations"] += 1
 
     @on_event.register
     def refund_issued(self, event: Order.RefundIssued, order_id: str) -> None:
-        day = self._day_row(event.timestamp, self._currency_of(order_id))
+        day = self._day_row(event.timestamp, self.orders.currency_of(order_id))
         day["refunded"] = add_amounts(day["refunded"], event.amount)
         day["net"] = add_amounts(day["captured"], -day["refunded"])
-
-    def _order(self, order_id: str) -> dict[str, Any]:
-        order = self.orders.get((order_id,))
-        if order is None:
-            raise LookupError(f"daily_sales has no placed order {order_id}")
-        return order
-
-    def _currency_of(self, order_id: str) -> str:
-        currency: str = self._order(order_id)["currency"]
-        return currency
-
-    def _lines_of(self, order_id: str) -> dict[str, list[int]]:
-        self._order(order_id)
-        self.orders.changed((order_id,))
-        return self.lines[order_id]
 
     def _day_row(self, timestamp: datetime, currency: str) -> dict[str, Any]:
         key = (_day(timestamp), currency)
@@ -168,10 +141,6 @@ class DailySalesBatch(Batch):
         return row
 
     def flush(self) -> None:
-        for key in self.orders.dirty:
-            self.orders.rows[key]["lines"] = json.dumps(
-                self.lines[key[0]], separators=(",", ":"), sort_keys=True
-            )
         self.orders.flush(self.conn)
         self.sales.flush(self.conn)
 
@@ -214,16 +183,4 @@ def daily_sales_between(
     if currency is not None:
         conditions.append(table.c.currency == currency)
     query = select(table).where(*conditions).order_by(table.c.day, table.c.currency)
-    return [
-        DailySales(
-            day=row.day,
-            currency=row.currency,
-            orders_placed=row.orders_placed,
-            gross=row.gross,
-            captured=row.captured,
-            refunded=row.refunded,
-            net=row.net,
-            cancellations=row.cancellations,
-        )
-        for row in conn.execute(query)
-    ]
+    return [DailySales(**row._mapping) for row in conn.execute(query)]

@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 
-from domain.order import Order
+from domain.order import EVENT_TYPES, Order
 from domain.summary import balance_due, order_status, refund_due
 from projections.base import Batch, Projection
 from projections.engine.database import insert_rows, update_rows
@@ -45,16 +45,7 @@ class OrderSummaryProjection(Projection):
 
     name = "order_summaries"
     version = 1
-    handles = (
-        Order.Placed,
-        Order.LineAdded,
-        Order.LineRemoved,
-        Order.PaymentCaptured,
-        Order.Shipped,
-        Order.Delivered,
-        Order.Cancelled,
-        Order.RefundIssued,
-    )
+    handles = tuple(EVENT_TYPES.values())
 
     def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
         table = Table(

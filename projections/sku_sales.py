@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import singledispatchmethod
@@ -16,7 +15,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    Text,
     select,
 )
 
@@ -24,6 +22,7 @@ from domain.order import Order
 from projections.base import Batch, Projection
 from projections.engine.rows import KeyedRows, add_amounts
 from projections.engine.source import RecordedEvent
+from projections.order_lines import OrderLines, order_lines_table
 
 
 class SkuSalesProjection(Projection):
@@ -52,13 +51,7 @@ class SkuSalesProjection(Projection):
         )
         # A cancellation and a removed line carry no quantities: keep each order's lines here
         # so this projection rebuilds without any other read model.
-        orders = Table(
-            f"sku_sales_orders{suffix}",
-            metadata,
-            Column("order_id", String(36), primary_key=True),
-            Column("currency", String(3), nullable=False),
-            Column("lines", Text, nullable=False),
-        )
+        orders = order_lines_table(f"sku_sales_orders{suffix}", metadata)
         return {"sku_sales": sales, "sku_sales_orders": orders}
 
     def batch(self, conn: Connection, tables: dict[str, Table]) -> Batch:
@@ -70,16 +63,14 @@ class SkuSalesBatch(Batch):
 
     def __init__(self, conn: Connection, tables: dict[str, Table]) -> None:
         super().__init__(conn, tables)
-        self.orders = KeyedRows(tables["sku_sales_orders"], ("order_id",))
+        self.orders = OrderLines(tables["sku_sales_orders"], SkuSalesProjection.name)
         self.sales = KeyedRows(tables["sku_sales"], ("sku", "currency"))
-        self.lines: dict[str, dict[str, list[int]]] = {}
 
     def load(self, events: Sequence[RecordedEvent]) -> None:
-        self.orders.load(self.conn, "order_id", {str(r.event.originator_id) for r in events})
+        self.orders.load(self.conn, events)
         skus: set[str] = set()
-        for (order_id,), row in self.orders.rows.items():
-            self.lines[order_id] = json.loads(row["lines"])
-            skus.update(self.lines[order_id])
+        for lines in self.orders.lines.values():
+            skus.update(lines)
         for recorded in events:
             event = recorded.event
             if isinstance(event, Order.Placed):
@@ -98,53 +89,38 @@ class SkuSalesBatch(Batch):
 
     @on_event.register
     def order_placed(self, event: Order.Placed, order_id: str) -> None:
-        self.orders.add({"order_id": order_id, "currency": event.currency, "lines": ""})
-        self.lines[order_id] = {}
+        self.orders.place(order_id, event)
         for line in event.lines:
-            self._order_line(
-                order_id, event.currency, line["sku"], line["quantity"], line["unit_price"]
-            )
+            self._ordered(line["sku"], event.currency, line["quantity"], line["unit_price"])
 
     @on_event.register
     def line_added(self, event: Order.LineAdded, order_id: str) -> None:
-        currency = self._currency_of(order_id)
-        self._order_line(order_id, currency, event.sku, event.quantity, event.unit_price)
+        self.orders.add_line(order_id, event)
+        currency = self.orders.currency_of(order_id)
+        self._ordered(event.sku, currency, event.quantity, event.unit_price)
 
     @on_event.register
     def line_removed(self, event: Order.LineRemoved, order_id: str) -> None:
-        currency = self._currency_of(order_id)
-        quantity, price = self.lines[order_id].pop(event.sku)
-        self.orders.changed((order_id,))
-        row = self._sales_row(event.sku, currency)
+        quantity, price = self.orders.remove_line(order_id, event)
+        row = self._sales_row(event.sku, self.orders.currency_of(order_id))
         row["units_ordered"] = add_amounts(row["units_ordered"], -quantity)
         row["revenue"] = add_amounts(row["revenue"], -quantity * price)
         self._net(row)
 
     @on_event.register
     def order_cancelled(self, event: Order.Cancelled, order_id: str) -> None:
-        currency = self._currency_of(order_id)
-        for sku, (quantity, price) in self.lines[order_id].items():
+        currency = self.orders.currency_of(order_id)
+        for sku, (quantity, price) in self.orders.lines_of(order_id).items():
             row = self._sales_row(sku, currency)
             row["units_cancelled"] = add_amounts(row["units_cancelled"], quantity)
             row["revenue"] = add_amounts(row["revenue"], -quantity * price)
             self._net(row)
 
-    def _order_line(
-        self, order_id: str, currency: str, sku: str, quantity: int, price: int
-    ) -> None:
-        self.lines[order_id][sku] = [quantity, price]
-        self.orders.changed((order_id,))
+    def _ordered(self, sku: str, currency: str, quantity: int, price: int) -> None:
         row = self._sales_row(sku, currency)
         row["units_ordered"] = add_amounts(row["units_ordered"], quantity)
         row["revenue"] = add_amounts(row["revenue"], quantity * price)
         self._net(row)
-
-    def _currency_of(self, order_id: str) -> str:
-        order = self.orders.get((order_id,))
-        if order is None:
-            raise LookupError(f"sku_sales has no placed order {order_id}")
-        currency: str = order["currency"]
-        return currency
 
     def _sales_row(self, sku: str, currency: str) -> dict[str, Any]:
         row = self.sales.get((sku, currency))
@@ -166,10 +142,6 @@ class SkuSalesBatch(Batch):
         row["net_units"] = add_amounts(row["units_ordered"], -row["units_cancelled"])
 
     def flush(self) -> None:
-        for key in self.orders.dirty:
-            self.orders.rows[key]["lines"] = json.dumps(
-                self.lines[key[0]], separators=(",", ":"), sort_keys=True
-            )
         self.orders.flush(self.conn)
         self.sales.flush(self.conn)
 
@@ -204,14 +176,4 @@ def top_skus(
     if currency is not None:
         query = query.where(table.c.currency == currency)
     query = query.order_by(table.c.net_units.desc(), table.c.sku, table.c.currency).limit(limit)
-    return [
-        SkuSales(
-            sku=row.sku,
-            currency=row.currency,
-            units_ordered=row.units_ordered,
-            units_cancelled=row.units_cancelled,
-            net_units=row.net_units,
-            revenue=row.revenue,
-        )
-        for row in conn.execute(query)
-    ]
+    return [SkuSales(**row._mapping) for row in conn.execute(query)]

@@ -31,6 +31,7 @@ from sqlalchemy.orm import aliased
 from projections.effects.outbox import CANCELLED, DEAD, DELIVERED, PENDING, attempts, effects
 from projections.effects.senders import Effect, Outcome, Sender
 from projections.effects.tally import fold_counts
+from projections.engine.background import Background
 from projections.engine.database import db_now, write_transaction
 
 log = logging.getLogger("orderledger.effects")
@@ -95,21 +96,18 @@ class Dispatcher:
         self._renewed_at = 0.0
         self._folded_at = 0.0
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = Background("orderledger-dispatch")
+        self._stop = self._background.stopping
 
     # -- running ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="orderledger-dispatch", daemon=True)
-        self._thread.start()
+        self._background.start(self.run)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._background.stop(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self) -> None:

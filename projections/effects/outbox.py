@@ -352,17 +352,7 @@ class OutboxProjection(Projection):
 
     name = "outbox"
     version = 2
-    handles = (
-        Order.Placed,
-        Order.LineAdded,
-        Order.LineRemoved,
-        Order.PaymentCaptured,
-        Order.Shipped,
-        Order.Delivered,
-        Order.Cancelled,
-        Order.RefundIssued,
-        PersonalDataErasure.Erased,
-    )
+    handles = (*EVENT_TYPES.values(), PersonalDataErasure.Erased)
 
     def setup(self, engine: Engine, head: Checkpoint) -> None:
         install_outbox(engine, head)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from projections.effects.service import Effects
+from projections.engine.background import Background
 
 log = logging.getLogger("orderledger.effects")
 
@@ -20,18 +20,14 @@ class Reconciler:
     def __init__(self, effects: Effects, interval: float) -> None:
         self.effects = effects
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = Background("orderledger-reconcile")
+        self._stop = self._background.stopping
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="orderledger-reconcile", daemon=True)
-        self._thread.start()
+        self._background.start(self.run)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._background.stop(timeout)
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):

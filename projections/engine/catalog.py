@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     Connection,
     Engine,
     Float,
@@ -53,6 +54,19 @@ new reader of that table queues behind it, and so would the worker that issued i
 
 catalog_metadata = MetaData()
 
+
+def _one_per_projection(role: str) -> Index:
+    """At most one generation of each projection in ``role``."""
+    only_role = text(f"role = '{role}'")
+    return Index(
+        f"projection_generations_one_{role}",
+        "name",
+        unique=True,
+        sqlite_where=only_role,
+        postgresql_where=only_role,
+    )
+
+
 generations = Table(
     "projection_generations",
     catalog_metadata,
@@ -75,20 +89,7 @@ generations = Table(
     Column("error_event_type", String(64)),
     Column("error_message", Text),
     Column("error_at", Float),
-    Index(
-        "projection_generations_one_serving",
-        "name",
-        unique=True,
-        sqlite_where=text("role = 'serving'"),
-        postgresql_where=text("role = 'serving'"),
-    ),
-    Index(
-        "projection_generations_one_building",
-        "name",
-        unique=True,
-        sqlite_where=text("role = 'building'"),
-        postgresql_where=text("role = 'building'"),
-    ),
+    *(_one_per_projection(role) for role in (SERVING, BUILDING)),
 )
 
 
@@ -161,6 +162,15 @@ class Lease:
     generation: int
     owner: str
     epoch: int
+
+
+def _fenced_by(lease: Lease) -> tuple[ColumnElement[bool], ...]:
+    """The lease's generation row, as long as no later lease on it was granted (its epoch)."""
+    return (
+        generations.c.name == lease.name,
+        generations.c.generation == lease.generation,
+        generations.c.lease_epoch == lease.epoch,
+    )
 
 
 class NewerVersionError(Exception):
@@ -450,13 +460,11 @@ class Catalog:
         result = conn.execute(
             update(generations)
             .where(
-                generations.c.name == lease.name,
-                generations.c.generation == lease.generation,
+                *_fenced_by(lease),
                 generations.c.role == BUILDING,
                 generations.c.position == checkpoint.position,
                 generations.c.tx_id == checkpoint.tx,
                 generations.c.lease_owner == lease.owner,
-                generations.c.lease_epoch == lease.epoch,
             )
             .values(role=SERVING, updated_at=self.now)
         )
@@ -529,11 +537,9 @@ class Catalog:
             result = conn.execute(
                 update(generations)
                 .where(
-                    generations.c.name == lease.name,
-                    generations.c.generation == lease.generation,
+                    *_fenced_by(lease),
                     generations.c.role.in_([SERVING, BUILDING]),
                     generations.c.lease_owner == lease.owner,
-                    generations.c.lease_epoch == lease.epoch,
                 )
                 .values(lease_expires_at=self.now + ttl, updated_at=self.now)
             )
@@ -544,12 +550,7 @@ class Catalog:
         with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
-                .where(
-                    generations.c.name == lease.name,
-                    generations.c.generation == lease.generation,
-                    generations.c.lease_owner == lease.owner,
-                    generations.c.lease_epoch == lease.epoch,
-                )
+                .where(*_fenced_by(lease), generations.c.lease_owner == lease.owner)
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
@@ -598,11 +599,7 @@ class Catalog:
         with write_transaction(self.engine) as conn:
             conn.execute(
                 update(generations)
-                .where(
-                    generations.c.name == lease.name,
-                    generations.c.generation == lease.generation,
-                    generations.c.lease_epoch == lease.epoch,
-                )
+                .where(*_fenced_by(lease))
                 .values(
                     error_position=position,
                     error_event_id=event_id,

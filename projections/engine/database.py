@@ -226,19 +226,20 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     the same. Catch-up writes thousands of rows per batch, and SQLAlchemy's per-row
     parameter handling was a tenth of its time.
     """
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        _postgres_values(conn, table, None, rows)
-        return
-    plan = _plan(conn, table, None)
-    conn.exec_driver_sql(plan[0], _parameters(plan, rows))
+    _write_rows(conn, table, None, rows)
 
 
 def update_rows(
     conn: Connection, table: Table, key: str, rows: Sequence[Mapping[str, Any]]
 ) -> None:
     """Update every other column of each row, found by its ``key`` column, in one go."""
+    _write_rows(conn, table, key, rows)
+
+
+def _write_rows(
+    conn: Connection, table: Table, key: str | None, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Insert the rows (``key`` None) or update them by their ``key`` column."""
     if not rows:
         return
     if conn.dialect.name == "postgresql":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 
 from domain.eventstore import Checkpoint
 from projections.base import Projection
+from projections.engine.background import Background
 from projections.engine.catalog import BUILDING, RETIRED, SERVING, Catalog
 from projections.engine.processor import Outcome, Processor, ProcessorSettings
 from projections.engine.source import EventSource, SharedReads
@@ -64,8 +64,8 @@ class Worker:
         """Least seconds from the start of one live pass to the start of the next."""
         self.owner = owner or worker_id()
         self.processors: dict[tuple[str, int], Processor] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = Background("orderledger-worker")
+        self._stop = self._background.stopping
         self._last_refresh = 0.0
         self._last_heartbeat = 0.0
         self._last_drop: dict[str, float] = {}
@@ -86,14 +86,10 @@ class Worker:
     def start(self) -> None:
         """Run in a background thread (the embedded mode inside ``orderledger serve``)."""
         self.prepare()
-        self._thread = threading.Thread(target=self.run, name="orderledger-worker", daemon=True)
-        self._thread.start()
+        self._background.start(self.run)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._background.stop(timeout)
 
     def run(self) -> None:
         """Loop until stopped; a failing database is retried, never fatal."""
