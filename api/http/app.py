@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from importlib.metadata import version
 
-from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
@@ -15,10 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bootstrap import open_ledger
 from api.http import console
-from api.http.auth import Access, keys_resource
+from api.http.auth import keys_resource
 from api.http.problems import install_problem_handlers
 from api.http.read_models import projections_resource
-from api.http.routes import access, routers
+from api.http.routes import access
 from api.http.shortcuts import OrderReadShortcut
 from api.logs import RequestLogMiddleware, lean_log_records
 from api.metrics import metrics_resource
@@ -63,8 +63,8 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(RequestLogMiddleware)  # outermost: its request id reaches every response
     install_problem_handlers(app)
-    for router in routers:
-        app.include_router(router, **route_access(router).include_options(router))
+    for router, roles in access:
+        app.include_router(router, **roles.include_options(router))
     # The console signs in with a key and keeps it in a cookie: its pages check roles themselves.
     app.include_router(console.router)
     app.add_exception_handler(console.RefusedError, console.refused_page)  # type: ignore[arg-type]
@@ -84,15 +84,6 @@ class OrderLedgerAPI(FastAPI):
             if await shortcut.answered(self.state, scope, send):
                 return
         await super().__call__(scope, receive, send)
-
-
-def route_access(router: APIRouter) -> Access:
-    """The roles a router needs: a router nobody decided on is a start-up error, never open."""
-    decided = next((roles for known, roles in access if known is router), None)
-    if decided is None:
-        paths = ", ".join(sorted({getattr(route, "path", "?") for route in router.routes}))
-        raise LookupError(f"the router serving {paths} has no entry in api.http.routes.access")
-    return decided
 
 
 def ledger_resource(settings: Settings, ledger: OrderLedger | None) -> LifespanResource:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -11,7 +10,6 @@ from api.http.idempotency import IdempotentRoute
 from api.http.problems import problem_responses
 from api.http.read_models import ProjectionsDep
 from api.http.schemas.reads import (
-    AttemptPublic,
     EffectDetailPublic,
     EffectPublic,
     EffectsPublic,
@@ -46,37 +44,12 @@ def get_effects(runtime: ProjectionsDep, request: Request) -> Effects:
 EffectsDep = Annotated[Effects, Depends(get_effects)]
 
 
-def _time(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=UTC)
-
-
 def _public(view: EffectView) -> EffectPublic:
-    return EffectPublic(
-        id=view.id,
-        effect=view.effect,
-        kind=view.kind,
-        order_id=view.order_id,
-        position=view.position,
-        event_type=view.event_type,
-        target=view.target,
-        status=view.status,
-        attempts=view.attempts,
-        total_attempts=view.total_attempts,
-        next_attempt_at=_time(view.next_attempt_at),
-        created_at=_time(view.created_at),
-        delivered_at=None if view.delivered_at is None else _time(view.delivered_at),
-        last_error=view.last_error,
-    )
+    return EffectPublic.model_validate(view, from_attributes=True)
 
 
 def _detail(view: EffectView) -> EffectDetailPublic:
-    history = [
-        AttemptPublic.model_validate(
-            {**attempt, "started_at": _time(float(attempt["started_at"]))}  # type: ignore[arg-type]
-        )
-        for attempt in view.history
-    ]
-    return EffectDetailPublic(**_public(view).model_dump(), history=history)
+    return EffectDetailPublic.model_validate(view, from_attributes=True)
 
 
 @router.get("")

@@ -54,15 +54,7 @@ class KeysPublic(BaseModel):
 
 
 def _public(key: ApiKey) -> KeyPublic:
-    return KeyPublic(
-        key_id=key.key_id,
-        name=key.name,
-        role=key.role,
-        active=key.active,
-        created_at=key.created_at,
-        revoked_at=key.revoked_at,
-        last_used_at=key.last_used_at,
-    )
+    return KeyPublic.model_validate(key, from_attributes=True)
 
 
 @router.post("", status_code=201, responses=problem_responses(409, 422))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response
@@ -30,13 +29,7 @@ SubscriptionId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-
 
 
 def _public(view: SubscriptionView) -> WebhookPublic:
-    return WebhookPublic(
-        id=view.id,
-        url=view.url,
-        event_types=view.event_types,
-        active=view.active,
-        created_at=datetime.fromtimestamp(view.created_at, tz=UTC),
-    )
+    return WebhookPublic.model_validate(view, from_attributes=True)
 
 
 @router.post("", status_code=201, responses=problem_responses(409, 413, 415, 422))

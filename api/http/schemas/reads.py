@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
@@ -337,6 +337,17 @@ class WebhookCreate(BaseModel):
     )
 
 
+def _from_epoch(value: object) -> object:
+    """Epoch seconds, as the outbox stores its times, as an aware UTC datetime."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, tz=UTC)
+    return value
+
+
+EpochTime = Annotated[datetime, BeforeValidator(_from_epoch)]
+"""A moment, built from the epoch seconds the outbox keeps."""
+
+
 class WebhookPublic(BaseModel):
     """A webhook subscription; its signing secret is never shown again after creation."""
 
@@ -344,7 +355,7 @@ class WebhookPublic(BaseModel):
     url: str
     event_types: list[str]
     active: bool
-    created_at: datetime
+    created_at: EpochTime
 
 
 class WebhookCreated(WebhookPublic):
@@ -380,9 +391,9 @@ class EffectPublic(BaseModel):
     status: EffectStatus
     attempts: int = Field(description="Attempts since it was recorded or last retried.")
     total_attempts: int
-    next_attempt_at: datetime
-    created_at: datetime
-    delivered_at: datetime | None
+    next_attempt_at: EpochTime
+    created_at: EpochTime
+    delivered_at: EpochTime | None
     last_error: str | None
 
 
@@ -398,7 +409,7 @@ class AttemptPublic(BaseModel):
     """One delivery attempt."""
 
     attempt: int
-    started_at: datetime
+    started_at: EpochTime
     duration_ms: float
     outcome: Literal["delivered", "failed", "dead", "cancelled"]
     status_code: int | None
