@@ -23,7 +23,7 @@ from uuid import UUID
 
 from domain.ledger import OrderLedger
 from projections.effects.senders import InvalidSignatureError, verify
-from tests.support.processes import CliProcesses, Process
+from tests.support.processes import Deployment, Process
 from tests.support.stores import open_ledger_at
 
 _SKUS = {"TEA-SENCHA-100G": 1250, "MUG-STONEWARE": 2490, "KETTLE-CAST-IRON": 8900}
@@ -329,20 +329,20 @@ class Victim:
 
     def __init__(
         self,
-        cli: CliProcesses,
+        deployment: Deployment,
         args: Sequence[str],
         rng: random.Random,
         *,
         longest: float,
         cold: float = 0.25,
     ) -> None:
-        self.cli = cli
+        self.deployment = deployment
         self.args = list(args)
         self.rng = rng
         self.longest = longest
         self.cold = cold
         self.kills = 0
-        self.process = cli.start(*self.args)
+        self.process = deployment.start(*self.args)
         self._replacement: Process | None = None
         self._kill_at: float | None = None
 
@@ -368,7 +368,7 @@ class Victim:
         if self.rng.random() < self.cold:
             self._kill_and_swap(None)
         else:
-            self._replacement = self.cli.start(*self.args)
+            self._replacement = self.deployment.start(*self.args)
 
     def _runs(self, process: Process) -> bool:
         return process.running()
@@ -376,5 +376,5 @@ class Victim:
     def _kill_and_swap(self, replacement: Process | None) -> None:
         self.process.kill()
         self.kills += 1
-        self.process = replacement or self.cli.start(*self.args)
+        self.process = replacement or self.deployment.start(*self.args)
         self._replacement = None
