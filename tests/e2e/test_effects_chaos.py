@@ -28,8 +28,8 @@ from tests.support.chaos import (
     OrderWriter,
     ReceiverLog,
     Victim,
-    place_and_follow,
 )
+from tests.support.orders import place_and_follow
 from tests.support.receivers import LOCAL_TARGETS
 from tests.support.stores import all_serving_at, generations_by_role, opened_store
 from tests.support.waiting import wait_for
@@ -144,7 +144,6 @@ class TestEffectsUnderChaos:
             orders=ORDERS,
             seconds=WRITE_SECONDS,
             seed=SEED,
-            first_serial=ORDERS_BEFORE_SUBSCRIBING,
         )
         try:
             with (
@@ -154,8 +153,8 @@ class TestEffectsUnderChaos:
                 names = [p.name for p in runtime.projections]
 
                 # Orders recorded before the subscription trigger nothing for it.
-                for serial in range(ORDERS_BEFORE_SUBSCRIBING):
-                    place_and_follow(ledger, rng, serial)
+                for _ in range(ORDERS_BEFORE_SUBSCRIBING):
+                    place_and_follow(ledger, rng)
                 created = Effects(runtime.engine, runtime.source, LOCAL_TARGETS).add_subscription(
                     receiver.url, ["*"]
                 )

@@ -13,12 +13,12 @@ from projections.engine.catalog import BUILDING, SERVING, Generation
 from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import list_order_summaries
 from tests.e2e.conftest import Deploy
+from tests.support.orders import generate_orders
 from tests.support.processes import Deployment
 from tests.support.projections import checksum, run_until_caught_up, table_contents
 from tests.support.stores import (
     all_serving_at,
     checksums,
-    generate_orders,
     generations_by_role,
     opened_store,
     owner_pid,

@@ -8,10 +8,10 @@ import pytest
 
 from projections.engine.catalog import SERVING
 from tests.e2e.conftest import Deploy
+from tests.support.orders import generate_orders
 from tests.support.processes import PROCESS_TIMEOUT
 from tests.support.stores import (
     all_serving_at,
-    generate_orders,
     generations_by_role,
     opened_store,
     owner_pid,
@@ -73,7 +73,7 @@ class TestLeaseTakeover:
             victim = workers.pop(owner_pid(serving["order_summaries"]) or 0)
             [survivor] = workers.values()
             victim.kill()
-            new_head = generate_orders(ledger, events=2000, seed=102, serial=1_000_000)
+            new_head = generate_orders(ledger, events=2000, seed=102)
             assert new_head > head
 
             def all_owned_by_survivor() -> bool:
