@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import Deployment, Server, iter_logs
+from tests.support.processes import Deployment, Server, iter_logs
 
 _DEPLOYMENTS = pytest.StashKey[list[Deployment]]()
 

@@ -7,7 +7,7 @@ import time
 
 from api.key_store import DEFAULT_CACHE_TTL
 from tests.support.http import assert_problem, order_body
-from tests.support.servers import Deployment
+from tests.support.processes import Deployment
 from tests.support.waiting import WAIT_TIMEOUT
 
 
@@ -49,7 +49,7 @@ class TestRolesOverTheWire:
 
         def revoke() -> None:
             try:
-                deployment.cli("keys", "revoke", key["key_id"])
+                deployment.run("keys", "revoke", key["key_id"])
             except Exception as failure:  # raised again by the loop below, in the test thread
                 failures.append(failure)
             revoked_by.append(time.monotonic())

@@ -21,8 +21,8 @@ from tests.e2e.conftest import Deploy
 from tests.support.browser import Browser, chromium
 from tests.support.console import HOSTILE_SKU, QUOTED_CUSTOMER
 from tests.support.http import order_body
+from tests.support.processes import Server
 from tests.support.receivers import WebhookReceiver
-from tests.support.servers import Server
 from tests.support.waiting import wait_for
 
 

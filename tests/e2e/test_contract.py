@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from tests.support.http import assert_problem, head_position, order_body
-from tests.support.servers import Server
+from tests.support.processes import Server
 from tests.support.shop import Shop
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,14 +22,14 @@ from projections.effects.outbox import (
 from projections.effects.service import Effects
 from projections.engine.catalog import SERVING
 from projections.engine.runtime import ProjectionRuntime
+from tests.e2e.conftest import Deploy
 from tests.support.chaos import (
     FlakyReceiver,
     OrderWriter,
     ReceiverLog,
     Victim,
-    place_and_follow,
 )
-from tests.support.processes import cli_processes
+from tests.support.orders import place_and_follow
 from tests.support.receivers import LOCAL_TARGETS
 from tests.support.stores import all_serving_at, generations_by_role, opened_store
 from tests.support.waiting import wait_for
@@ -134,7 +133,7 @@ class TestEffectsUnderChaos:
     """Kills and a flaky receiver lose, duplicate and reorder no effect."""
 
     def test_every_effect_is_applied_once_despite_kills_and_a_flaky_receiver(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """2,000 orders, 20+ kills of each process; the receiver applies each effect once."""
         rng = random.Random(SEED)
@@ -145,19 +144,17 @@ class TestEffectsUnderChaos:
             orders=ORDERS,
             seconds=WRITE_SECONDS,
             seed=SEED,
-            first_serial=ORDERS_BEFORE_SUBSCRIBING,
         )
         try:
             with (
                 opened_store(store_url) as (ledger, runtime),
-                cli_processes(tmp_path, **CHAOS_SETTINGS) as cli,
+                deploy(store_url, **CHAOS_SETTINGS) as deployment,
             ):
                 names = [p.name for p in runtime.projections]
-                url = ["--database-url", store_url]
 
                 # Orders recorded before the subscription trigger nothing for it.
-                for serial in range(ORDERS_BEFORE_SUBSCRIBING):
-                    place_and_follow(ledger, rng, serial)
+                for _ in range(ORDERS_BEFORE_SUBSCRIBING):
+                    place_and_follow(ledger, rng)
                 created = Effects(runtime.engine, runtime.source, LOCAL_TARGETS).add_subscription(
                     receiver.url, ["*"]
                 )
@@ -165,8 +162,8 @@ class TestEffectsUnderChaos:
                 subscription = created.subscription
 
                 # Orders flow while both processes are killed at random moments and restarted.
-                workers = Victim(cli, ["worker", *url, "--no-effects"], rng, longest=1.5)
-                dispatchers = Victim(cli, ["worker", *url, "--no-projections"], rng, longest=1.5)
+                workers = Victim(deployment, ["worker", "--no-effects"], rng, longest=1.5)
+                dispatchers = Victim(deployment, ["worker", "--no-projections"], rng, longest=1.5)
                 writer.start()
                 while writer.running() or min(workers.kills, dispatchers.kills) < KILLS:
                     now = time.monotonic()
@@ -214,7 +211,7 @@ class TestEffectsUnderChaos:
                 # delivers nothing new.
                 attempts_before = _attempt_count(runtime)
                 serving_before = generations_by_role(runtime, SERVING)
-                cli.run("rebuild", "--all", *url)
+                deployment.run("rebuild", "--all")
                 wait_for(
                     lambda: all_serving_at(runtime, names, head),
                     "every rebuilt projection serves at the head",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.support.http import order_body
-from tests.support.servers import Server
+from tests.support.processes import Server
 from tests.support.shop import MIN_POSITION, Shop
 
 SHIP = ("POST", "/shipment", {"carrier": "DHL", "tracking_number": "JD0146000"})

@@ -18,7 +18,7 @@ import pytest
 from tests.e2e.conftest import Deploy
 from tests.support.http import order_body
 from tests.support.postgres_proxy import CommitAckDroppingProxy, commit_ack_dropping_proxy
-from tests.support.servers import Server
+from tests.support.processes import Server
 
 pytestmark = pytest.mark.postgres
 

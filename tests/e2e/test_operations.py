@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 import time
 from typing import Any
@@ -15,8 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.http import assert_problem, order_body
-from tests.support.processes import ORDERLEDGER
-from tests.support.servers import Deployment, Server
+from tests.support.processes import Deployment, Server
 from tests.support.shop import Shop
 from tests.support.waiting import wait_for
 
@@ -230,7 +228,7 @@ class TestPostgresSchema:
             order_id = shop.place(customer_id="cust-schema")
             assert shop.read(f"/orders/{order_id}")["customer_id"] == "cust-schema"
             assert shop.read("/customers/cust-schema")["orders"] == 1
-        deployment.cli("status")
+        deployment.run("status")
 
         with psycopg.connect(postgres_url) as conn:
             rows = conn.execute(
@@ -249,13 +247,6 @@ class TestPostgresSchema:
     ) -> None:
         """The CLI says what a schema name may be instead of failing inside the driver."""
         deployment = deploy(f"{postgres_url}?schema=Ledger;drop")
-        completed = subprocess.run(
-            [str(ORDERLEDGER), "status", "--database-url", deployment.database_url],
-            env=deployment.env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert completed.returncode != 0
-        assert "lower-case name" in completed.stderr + completed.stdout
+        completed = deployment.finish("status")
+        assert completed.popen.returncode != 0
+        assert "lower-case name" in completed.stderr() + completed.stdout()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
@@ -13,12 +12,13 @@ from projections.base import generation_suffix
 from projections.engine.catalog import BUILDING, SERVING, Generation
 from projections.engine.runtime import ProjectionRuntime
 from projections.order_summaries import list_order_summaries
-from tests.support.processes import CliProcesses, cli_processes, wait_watching
+from tests.e2e.conftest import Deploy
+from tests.support.orders import generate_orders
+from tests.support.processes import Deployment
 from tests.support.projections import checksum, run_until_caught_up, table_contents
 from tests.support.stores import (
     all_serving_at,
     checksums,
-    generate_orders,
     generations_by_role,
     opened_store,
     owner_pid,
@@ -44,18 +44,18 @@ class TestWorkerKilledDuringCatchUp:
     """A worker SIGKILLed over and over while catching up loses and repeats nothing."""
 
     def test_a_worker_killed_at_random_moments_ends_equal_to_a_clean_rebuild(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """20 kills spread over catch-up on 20k events; then every table equals a rebuild."""
         rng = random.Random(20240330)
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(
-                tmp_path,
+            deploy(
+                store_url,
                 projection_lease_ttl=1.0,
                 projection_batch_size=500,
                 projection_idle_wait=0.2,
-            ) as cli,
+            ) as deployment,
         ):
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=EVENTS, seed=7)
@@ -63,14 +63,14 @@ class TestWorkerKilledDuringCatchUp:
 
             positions_at_kill = []
             for target in targets:
-                worker = cli.start("worker", "--database-url", store_url)
+                worker = deployment.start("worker")
 
                 def working(target: int = target, pid: int = worker.pid) -> bool:
                     rows = runtime.catalog.rows()
                     holds_a_lease = any(owner_pid(row) == pid for row in rows)
                     return holds_a_lease and _serving_position(runtime) >= target
 
-                wait_watching(
+                deployment.wait_for(
                     working,
                     f"the worker holds a lease and passed position {target}",
                     watch=[worker],
@@ -83,19 +83,19 @@ class TestWorkerKilledDuringCatchUp:
             mid_catch_up = [p for p in positions_at_kill if p < head]
             assert len(mid_catch_up) >= KILLS // 2, f"kills landed at {positions_at_kill}"
 
-            worker = cli.start("worker", "--database-url", store_url)
-            wait_watching(
+            worker = deployment.start("worker")
+            deployment.wait_for(
                 lambda: all_serving_at(runtime, names, head),
                 "the last worker brought every projection to the head",
                 watch=[worker],
             )
-            assert cli.terminate(worker) == 0, worker.output()
+            assert deployment.terminate(worker) == 0, worker.output()
             for row in runtime.catalog.rows():
                 assert not row.failed, f"{row.name} stopped: {row.error_message}"
 
             survived = checksums(runtime)
             before = generations_by_role(runtime, SERVING)
-            cli.run("rebuild", "--all", "--database-url", store_url)
+            deployment.run("rebuild", "--all")
             after = generations_by_role(runtime, SERVING)
 
             assert {n: after[n].generation > before[n].generation for n in names} == dict.fromkeys(
@@ -111,18 +111,18 @@ class TestWorkerKilledDuringRebuild:
     """A worker SIGKILLed while it builds new generations, up to and around their takeover."""
 
     def test_generations_rebuilt_under_kills_take_over_equal_to_the_ones_they_replace(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """Kills spread over a rebuild of every projection; the result equals what it replaced."""
         rng = random.Random(20240331)
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(
-                tmp_path,
+            deploy(
+                store_url,
                 projection_lease_ttl=1.0,
                 projection_batch_size=500,
                 projection_idle_wait=0.2,
-            ) as cli,
+            ) as deployment,
         ):
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=10_000, seed=17)
@@ -136,7 +136,7 @@ class TestWorkerKilledDuringRebuild:
 
             still_building_at_kill = []
             for target in sorted(rng.sample(range(1, head), KILLS // 2)):
-                worker = cli.start("worker", "--database-url", store_url)
+                worker = deployment.start("worker")
 
                 def working(target: int = target, pid: int = worker.pid) -> bool:
                     rows = runtime.catalog.rows()
@@ -145,7 +145,7 @@ class TestWorkerKilledDuringRebuild:
                     built = row.role != BUILDING or row.position >= target
                     return built and any(owner_pid(r) == pid for r in rows)
 
-                wait_watching(
+                deployment.wait_for(
                     working,
                     f"the worker holds a lease and built past position {target}",
                     watch=[worker],
@@ -157,13 +157,13 @@ class TestWorkerKilledDuringRebuild:
                 )
 
             assert sum(still_building_at_kill) >= KILLS // 4, still_building_at_kill
-            worker = cli.start("worker", "--database-url", store_url)
-            wait_watching(
+            worker = deployment.start("worker")
+            deployment.wait_for(
                 lambda: all_serving_at(runtime, names, head),
                 "every rebuilt generation took over at the head",
                 watch=[worker],
             )
-            assert cli.terminate(worker) == 0, worker.output()
+            assert deployment.terminate(worker) == 0, worker.output()
 
             serving = generations_by_role(runtime, SERVING)
             assert {n: serving[n].generation for n in names} == building
@@ -195,16 +195,16 @@ def _building(runtime: ProjectionRuntime) -> Generation | None:
 
 
 def _kill_rebuild_midway(
-    runtime: ProjectionRuntime, cli: CliProcesses, store_url: str, head: int
+    runtime: ProjectionRuntime, deployment: Deployment, head: int
 ) -> Generation:
     """Start `rebuild order_summaries`, SIGKILL it between event zero and the head."""
-    rebuilding = cli.start("rebuild", SUMMARIES, "--database-url", store_url)
+    rebuilding = deployment.start("rebuild", SUMMARIES)
 
     def midway() -> Generation | None:
         building = _building(runtime)
         return building if building is not None and 0 < building.position < head else None
 
-    wait_watching(midway, "the rebuild is part-way", watch=[rebuilding])
+    deployment.wait_for(midway, "the rebuild is part-way", watch=[rebuilding])
     rebuilding.kill()
     killed = _building(runtime)
     assert killed is not None, "the killed rebuild's generation is gone"
@@ -217,12 +217,12 @@ class TestRebuildKilledMidway:
     """A rebuild SIGKILLed part-way leaves serving alone and resumes (or restarts) on request."""
 
     def test_a_killed_rebuild_leaves_serving_untouched_and_a_second_run_resumes_it(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """The serving generation keeps its rows; the rerun finishes the same generation."""
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(tmp_path, projection_lease_ttl=2.0) as cli,
+            deploy(store_url, projection_lease_ttl=2.0) as deployment,
         ):
             head = generate_orders(ledger, events=EVENTS, seed=11)
             run_until_caught_up(runtime, [SUMMARIES])
@@ -230,7 +230,7 @@ class TestRebuildKilledMidway:
             assert serving is not None
             original = checksum(table_contents(runtime, SUMMARIES))
 
-            killed = _kill_rebuild_midway(runtime, cli, store_url, head)
+            killed = _kill_rebuild_midway(runtime, deployment, head)
 
             still = runtime.catalog.serving(SUMMARIES)
             assert still is not None
@@ -239,7 +239,7 @@ class TestRebuildKilledMidway:
             with runtime.reading(SUMMARIES) as (conn, tables):
                 assert len(list_order_summaries(conn, tables, limit=5).items) == 5
 
-            output = cli.run("rebuild", SUMMARIES, "--database-url", store_url)
+            output = deployment.run("rebuild", SUMMARIES)
 
             rebuilt = runtime.catalog.serving(SUMMARIES)
             assert rebuilt is not None
@@ -250,12 +250,12 @@ class TestRebuildKilledMidway:
             assert summary_figures(runtime) == store_figures(ledger)
 
     def test_rebuild_with_restart_discards_a_killed_rebuild_and_builds_a_new_generation(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """--restart drops the half-built generation and builds the next one from zero."""
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(tmp_path, projection_lease_ttl=2.0) as cli,
+            deploy(store_url, projection_lease_ttl=2.0) as deployment,
         ):
             head = generate_orders(ledger, events=EVENTS, seed=13)
             run_until_caught_up(runtime, [SUMMARIES])
@@ -263,8 +263,8 @@ class TestRebuildKilledMidway:
             assert serving is not None
             original = checksum(table_contents(runtime, SUMMARIES))
 
-            killed = _kill_rebuild_midway(runtime, cli, store_url, head)
-            cli.run("rebuild", SUMMARIES, "--restart", "--database-url", store_url)
+            killed = _kill_rebuild_midway(runtime, deployment, head)
+            deployment.run("rebuild", SUMMARIES, "--restart")
 
             rebuilt = runtime.catalog.serving(SUMMARIES)
             assert rebuilt is not None

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Deploy
-from tests.support.servers import Server
+from tests.support.processes import Server
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import Process
-from tests.support.servers import Deployment, Server
+from tests.support.processes import Deployment, Process, Server
 from tests.support.shop import MIN_POSITION, Shop
 
 LEASE_TTL = 2

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from projections.engine.catalog import SERVING
-from tests.support.processes import PROCESS_TIMEOUT, cli_processes, wait_watching
+from tests.e2e.conftest import Deploy
+from tests.support.orders import generate_orders
+from tests.support.processes import PROCESS_TIMEOUT
 from tests.support.stores import (
     all_serving_at,
-    generate_orders,
     generations_by_role,
     opened_store,
     owner_pid,
@@ -33,25 +33,25 @@ class TestLeaseTakeover:
     """Two worker processes share the work through leases; a killed one is replaced."""
 
     def test_the_survivor_takes_over_a_killed_owners_leases_and_applies_each_event_once(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """SIGKILL the lease owner: the other worker takes its leases and reaches the new head."""
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(
-                tmp_path,
+            deploy(
+                store_url,
                 projection_lease_ttl=LEASE_TTL,
                 projection_batch_size=200,
                 projection_idle_wait=0.2,
-            ) as cli,
+            ) as deployment,
         ):
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=3000, seed=101)
             workers = {
                 process.pid: process
                 for process in (
-                    cli.start("worker", "--database-url", store_url),
-                    cli.start("worker", "--database-url", store_url),
+                    deployment.start("worker"),
+                    deployment.start("worker"),
                 )
             }
 
@@ -60,7 +60,7 @@ class TestLeaseTakeover:
                 owned = all(owner_pid(row) is not None for row in serving.values())
                 return owned and all_serving_at(runtime, names, target)
 
-            wait_watching(
+            deployment.wait_for(
                 lambda: caught_up_and_owned(head),
                 "both workers caught up and every serving generation has an owner",
                 watch=list(workers.values()),
@@ -73,20 +73,20 @@ class TestLeaseTakeover:
             victim = workers.pop(owner_pid(serving["order_summaries"]) or 0)
             [survivor] = workers.values()
             victim.kill()
-            new_head = generate_orders(ledger, events=2000, seed=102, serial=1_000_000)
+            new_head = generate_orders(ledger, events=2000, seed=102)
             assert new_head > head
 
             def all_owned_by_survivor() -> bool:
                 rows = generations_by_role(runtime, SERVING).values()
                 return all(owner_pid(row) == survivor.pid for row in rows)
 
-            wait_watching(
+            deployment.wait_for(
                 all_owned_by_survivor,
                 "the surviving worker holds every serving generation's lease",
                 timeout=TAKEOVER_TIMEOUT,
                 watch=[survivor],
             )
-            wait_watching(
+            deployment.wait_for(
                 lambda: all_serving_at(runtime, names, new_head),
                 "the surviving worker brought every projection to the new head",
                 watch=[survivor],
@@ -100,23 +100,23 @@ class TestWorkerLifecycle:
     """A worker catches up, reports live, and gives its leases back when told to stop."""
 
     def test_a_stopped_worker_leaves_every_projection_at_the_head_and_its_leases_free(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """SIGTERM after catch-up: exit code 0, read models equal the store, no lease held."""
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(tmp_path, projection_lease_ttl=LEASE_TTL) as cli,
+            deploy(store_url, projection_lease_ttl=LEASE_TTL) as deployment,
         ):
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=1500, seed=201)
-            worker = cli.start("worker", "--database-url", store_url)
-            wait_watching(
+            worker = deployment.start("worker")
+            deployment.wait_for(
                 lambda: all_serving_at(runtime, names, head),
                 "the worker caught up",
                 watch=[worker],
             )
 
-            assert cli.terminate(worker) == 0, worker.output()
+            assert deployment.terminate(worker) == 0, worker.output()
             rows = runtime.catalog.rows()
             assert sorted(row.name for row in rows) == sorted(names)
             assert [row.lease_owner for row in rows] == [None] * len(rows)
@@ -124,29 +124,29 @@ class TestWorkerLifecycle:
             assert _error_lines(worker.output()) == []
 
     def test_status_shows_not_started_before_a_worker_and_live_after_its_catch_up(
-        self, store_url: str, tmp_path: Path
+        self, store_url: str, deploy: Deploy
     ) -> None:
         """`orderledger status` names every projection with its state and position."""
         with (
             opened_store(store_url) as (ledger, runtime),
-            cli_processes(tmp_path, projection_lease_ttl=LEASE_TTL) as cli,
+            deploy(store_url, projection_lease_ttl=LEASE_TTL) as deployment,
         ):
             names = [p.name for p in runtime.projections]
             head = generate_orders(ledger, events=600, seed=301)
 
-            before = _states(cli.run("status", "--database-url", store_url), names)
+            before = _states(deployment.run("status"), names)
             assert before == {name: "not_started" for name in names}
 
-            worker = cli.start("worker", "--database-url", store_url)
+            worker = deployment.start("worker")
             try:
-                wait_watching(
+                deployment.wait_for(
                     lambda: all_serving_at(runtime, names, head),
                     "the worker caught up",
                     watch=[worker],
                 )
-                output = cli.run("status", "--database-url", store_url, timeout=PROCESS_TIMEOUT)
+                output = deployment.run("status", timeout=PROCESS_TIMEOUT)
             finally:
-                cli.terminate(worker)
+                deployment.terminate(worker)
 
             assert _states(output, names) == {name: "live" for name in names}
             for name in names:

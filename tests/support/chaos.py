@@ -19,14 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from uuid import UUID
 
-from domain.ledger import OrderLedger
 from projections.effects.senders import InvalidSignatureError, verify
-from tests.support.processes import CliProcesses, Process
+from tests.support.orders import place_and_follow
+from tests.support.processes import Deployment, Process
 from tests.support.stores import open_ledger_at
-
-_SKUS = {"TEA-SENCHA-100G": 1250, "MUG-STONEWARE": 2490, "KETTLE-CAST-IRON": 8900}
 
 
 @dataclass(frozen=True)
@@ -217,29 +214,6 @@ class FlakyReceiver:
 # -- orders -----------------------------------------------------------------------------------
 
 
-def place_and_follow(ledger: OrderLedger, rng: random.Random, serial: int) -> int:
-    """Place and pay an order, then maybe ship, cancel or refund it; returns events recorded."""
-    quantities = {sku: rng.randint(1, 3) for sku in rng.sample(sorted(_SKUS), rng.randint(1, 2))}
-    lines = [{"sku": s, "quantity": q, "unit_price": _SKUS[s]} for s, q in quantities.items()]
-    total = sum(q * _SKUS[s] for s, q in quantities.items())
-    placed = ledger.place_order(customer_id=f"cust-{serial % 37}", currency="EUR", lines=lines)
-    order_id: UUID = placed.order_id
-    ledger.capture_payment(order_id, amount=total, payment_reference=f"pay-{serial}")
-    story = rng.randrange(4)
-    if story == 0:
-        return 2
-    if story == 1:
-        ledger.ship_order(order_id, carrier="DHL", tracking_number=f"T{serial}")
-        return 3
-    if story == 2:
-        ledger.cancel_order(order_id, reason="changed my mind")
-        ledger.issue_refund(order_id, amount=total, reason="cancelled")
-        return 4
-    ledger.ship_order(order_id, carrier="UPS", tracking_number=f"U{serial}")
-    ledger.issue_refund(order_id, amount=max(1, total // 4), reason="damaged in transit")
-    return 4
-
-
 class OrderWriter:
     """Places orders from threads of this process, each through its own ledger, spread over time.
 
@@ -254,14 +228,12 @@ class OrderWriter:
         orders: int,
         seconds: float,
         seed: int,
-        first_serial: int = 0,
         threads: int = 3,
     ) -> None:
         self.url = url
         self.orders = orders
         self.seconds = seconds
         self.seed = seed
-        self.first_serial = first_serial
         self.placed = 0
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -301,11 +273,11 @@ class OrderWriter:
         pace = self.seconds / self.orders * step
         try:
             started = time.monotonic()
-            for count, index in enumerate(range(first, self.orders, step)):
+            for count, _ in enumerate(range(first, self.orders, step)):
                 # Spread the orders over the run (no faster; a loaded machine may be slower).
                 if self._stop.wait(max(0.0, started + count * pace - time.monotonic())):
                     return
-                place_and_follow(ledger, rng, self.first_serial + index)
+                place_and_follow(ledger, rng)
                 with self._lock:
                     self.placed += 1
         except BaseException as error:  # reported by join() in the test's thread
@@ -329,20 +301,20 @@ class Victim:
 
     def __init__(
         self,
-        cli: CliProcesses,
+        deployment: Deployment,
         args: Sequence[str],
         rng: random.Random,
         *,
         longest: float,
         cold: float = 0.25,
     ) -> None:
-        self.cli = cli
+        self.deployment = deployment
         self.args = list(args)
         self.rng = rng
         self.longest = longest
         self.cold = cold
         self.kills = 0
-        self.process = cli.start(*self.args)
+        self.process = deployment.start(*self.args)
         self._replacement: Process | None = None
         self._kill_at: float | None = None
 
@@ -368,7 +340,7 @@ class Victim:
         if self.rng.random() < self.cold:
             self._kill_and_swap(None)
         else:
-            self._replacement = self.cli.start(*self.args)
+            self._replacement = self.deployment.start(*self.args)
 
     def _runs(self, process: Process) -> bool:
         return process.running()
@@ -376,5 +348,5 @@ class Victim:
     def _kill_and_swap(self, replacement: Process | None) -> None:
         self.process.kill()
         self.kills += 1
-        self.process = replacement or self.cli.start(*self.args)
+        self.process = replacement or self.deployment.start(*self.args)
         self._replacement = None

@@ -1,13 +1,11 @@
-"""The store in tests that run processes: orders to fill it, figures to check it against.
+"""The store in tests that run processes: figures to check it against, its tracking table.
 
-Test data is real but fast: orders are built in memory with the aggregate's own commands and
-saved several hundred at a time through the ledger (the library's encoding and recorder, one
-transaction per save). Figures to check read models against are read back from the store.
+Figures to check read models against are read back from the store (orders to fill it come
+from tests/support/orders.py).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,75 +23,10 @@ from projections.engine.catalog import BUILDING, SERVING, Generation
 from projections.engine.runtime import ProjectionRuntime
 from tests.support.projections import checksum, table_contents
 
-_SKUS = {
-    "TEA-SENCHA-100G": 1250,
-    "MUG-STONEWARE": 2490,
-    "KETTLE-CAST-IRON": 8900,
-    "WHISK-BAMBOO": 1599,
-    "FILTER-PAPER-100": 399,
-    "TRAY-WALNUT": 4500,
-}
-_CUSTOMERS = ("cust-alice", "cust-bruno", "cust-chiyo", "cust-dmitri", "cust-eleanor")
-_CURRENCIES = ("EUR", "USD", "GBP")
-
 
 def open_ledger_at(database_url: str) -> OrderLedger:
     """The ledger on a store, opened as every process opens it (with the test master key)."""
     return open_ledger(Settings(database_url=database_url))
-
-
-# -- test data ------------------------------------------------------------------------------
-
-
-def _one_order(rng: random.Random, serial: int) -> Order:
-    """An order taken through one of several stories, entirely in memory."""
-    skus = rng.sample(sorted(_SKUS), rng.randint(1, 3))
-    order = Order.place(
-        customer_id=rng.choice(_CUSTOMERS),
-        currency=rng.choice(_CURRENCIES),
-        lines=[{"sku": s, "quantity": rng.randint(1, 4), "unit_price": _SKUS[s]} for s in skus],
-    )
-    story = rng.randrange(6)
-    if story == 0:
-        return order
-    if story == 1:
-        spare = next(s for s in sorted(_SKUS) if s not in order.lines)
-        order.add_line(sku=spare, quantity=1, unit_price=_SKUS[spare])
-        order.cancel(reason="changed my mind")
-        return order
-    part = max(1, order.total // 3)
-    order.capture_payment(amount=part, payment_reference=f"p{serial}-1")
-    if story == 2:
-        return order
-    if story == 3:
-        order.cancel(reason="out of stock")
-        order.issue_refund(amount=part, reason="cancelled")
-        return order
-    order.capture_payment(amount=order.total - part, payment_reference=f"p{serial}-2")
-    order.ship(carrier="DHL", tracking_number=f"T{serial}")
-    if story == 5:
-        order.deliver()
-        order.issue_refund(amount=max(1, part // 2), reason="goodwill")
-    return order
-
-
-def generate_orders(
-    ledger: OrderLedger, *, events: int, seed: int, per_save: int = 500, serial: int = 0
-) -> int:
-    """Record orders until at least ``events`` new events are in the store; return the head.
-
-    ``serial`` keeps payment references unique when a test generates several times.
-    """
-    rng = random.Random(seed)
-    recorded = 0
-    while recorded < events:
-        orders = []
-        for _ in range(per_save):
-            orders.append(_one_order(rng, serial))
-            serial += 1
-        recorded += sum(len(order.pending_events) for order in orders)
-        ledger.save(*orders)
-    return ledger.head_position()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import pytest
 
 from domain.ledger import OrderLedger
 from projections.engine.runtime import ProjectionRuntime
-from tests.support.projections import LedgerClock, OrderMix, run_until_caught_up
+from tests.support.orders import OrderMix
+from tests.support.projections import LedgerClock, run_until_caught_up
 
 CatchUp = Callable[..., None]
 

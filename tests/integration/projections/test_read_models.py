@@ -18,7 +18,7 @@ from projections.daily_sales import DailySales, daily_sales_between
 from projections.engine.runtime import ProjectionRuntime
 from projections.sku_sales import SkuSales, top_skus
 from tests.integration.projections.conftest import CatchUp
-from tests.support.projections import (
+from tests.support.orders import (
     CANCELLED,
     CUSTOMERS,
     LINE_ADDED,
@@ -27,12 +27,9 @@ from tests.support.projections import (
     PLACED,
     REFUND,
     IssuedCommand,
-    LedgerClock,
     OrderMix,
-    checksum,
-    table_contents,
-    utc,
 )
+from tests.support.projections import LedgerClock, checksum, table_contents, utc
 
 READ_MODELS = ("customer_stats", "daily_sales", "sku_sales")
 HANDLED = {
