@@ -43,9 +43,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from projections.engine.database import read_model_engine, write_transaction
+from projections.engine.database import install_schema, read_model_engine, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +192,7 @@ class ApiKeyStore:
 
     def _install(self) -> None:
         """Create the table (idempotent; safe when several processes start at once)."""
-        for attempt in (1, 2):
-            try:
-                with write_transaction(self.engine) as conn:
-                    metadata.create_all(conn, checkfirst=True)
-                return
-            except (IntegrityError, OperationalError, ProgrammingError):
-                # Another process created it between our check and our CREATE.
-                if attempt == 2:
-                    raise
+        install_schema(self.engine, functools.partial(metadata.create_all, checkfirst=True))
 
     # -- issuing and revoking ---------------------------------------------------------------
 

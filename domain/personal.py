@@ -59,6 +59,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from domain.eventstore import DATA_KEYS_TABLE
+from domain.schema import changing_schema_alone
 
 ERASED = "[erased]"
 """What a personal value reads as once its customer's data keys were erased."""
@@ -281,10 +282,11 @@ class PersonalData:
         key, a key by its id, or the count of erasures."""
 
     def install(self) -> None:
-        """Create the table; refuse a master key that did not wrap the keys already there."""
-        metadata.create_all(self.engine, checkfirst=True)
+        """Create the tables; refuse a master key that did not wrap the keys already there."""
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        with self._write() as conn:  # processes starting together: one row all the same
+        with self._write() as conn:
+            changing_schema_alone(conn)
+            metadata.create_all(conn, checkfirst=True)
             conn.execute(dialect.insert(erasures).values(id=1, erased=0).on_conflict_do_nothing())
         with self.engine.connect() as conn:
             used = {row[0] for row in conn.execute(select(data_keys.c.master_key_id).distinct())}

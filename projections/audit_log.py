@@ -36,14 +36,18 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from domain.audit import metadata_of
 from domain.chain import ALGORITHM, GENESIS, extend_digest
 from domain.eventstore import START
 from domain.eventstore import Checkpoint as StoreCheckpoint
 from projections.base import Batch, Projection
-from projections.engine.database import add_missing_columns, insert_rows, write_transaction
+from projections.engine.database import (
+    add_missing_columns,
+    insert_rows,
+    install_schema,
+    write_transaction,
+)
 from projections.engine.source import RecordedEvent
 
 CHECKPOINT_INTERVAL = 10_000
@@ -193,15 +197,11 @@ class AuditLogProjection(Projection):
     """Every event: the digest must cover every stored row."""
 
     def setup(self, engine: Engine, head: StoreCheckpoint) -> None:
-        for attempt in (1, 2):
-            try:
-                with write_transaction(engine) as conn:
-                    checkpoint_metadata.create_all(conn, checkfirst=True)
-                    add_missing_columns(conn, checkpoints)
-                return
-            except (IntegrityError, OperationalError, ProgrammingError):
-                if attempt == 2:  # another process created it at the same moment
-                    raise
+        def install(conn: Connection) -> None:
+            checkpoint_metadata.create_all(conn, checkfirst=True)
+            add_missing_columns(conn, checkpoints)
+
+        install_schema(engine, install)
 
     def define_tables(self, metadata: MetaData, suffix: str) -> dict[str, Table]:
         log = Table(

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from fastapi import Depends, HTTPException, Request, Response
@@ -54,13 +55,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 from starlette.concurrency import run_in_threadpool
 
 from api.http.dependencies import IdempotencyKeyHeader, idempotency_scope
 from api.http.problems import problem_responses, response_headers
-from projections.engine.database import write_transaction
+from projections.engine.database import install_schema, write_transaction
 
 DEFAULT_TTL_SECONDS = 24 * 3600
 ABANDONED_AFTER = 60.0
@@ -135,13 +136,7 @@ class HttpIdempotencyStore:
 
     def _install(self) -> None:
         """Create the table (idempotent; safe when several processes start at once)."""
-        try:
-            with self._writing() as conn:
-                metadata.create_all(conn, checkfirst=True)
-        except (IntegrityError, OperationalError, ProgrammingError):
-            # Another process created it between our check and our CREATE.
-            with self._writing() as conn:
-                metadata.create_all(conn, checkfirst=True)
+        install_schema(self.engine, partial(metadata.create_all, checkfirst=True))
 
     def claim(self, claim: Claim, now: float) -> StoredResponse | None:
         """Claim the key (None), or return the first response, or raise why not."""

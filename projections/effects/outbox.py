@@ -39,7 +39,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.sql import FromClause
 
 from domain.eventstore import START, Checkpoint, Snapshot
@@ -47,7 +46,11 @@ from domain.order import EVENT_TYPES, Order
 from domain.personal import ERASED, PersonalDataErasure, reveal
 from projections.base import Batch, Projection
 from projections.effects.tally import install_counts
-from projections.engine.database import add_missing_columns, db_now, write_transaction
+from projections.engine.database import (
+    add_missing_columns,
+    db_now,
+    install_schema,
+)
 from projections.engine.source import RecordedEvent
 
 PENDING = "pending"
@@ -160,37 +163,34 @@ def install_outbox(engine: Engine, head: Checkpoint) -> None:
     import) trigger nothing. Email effects recorded by an older version, whose target was the
     address itself, lose it (the sender reads the address from the order).
     """
-    for attempt in (1, 2):
-        try:
-            with write_transaction(engine) as conn:
-                outbox_metadata.create_all(conn, checkfirst=True)
-                install_counts(conn, effects, destination_of)
-                add_missing_columns(conn, watermarks)
-                add_missing_columns(conn, subscriptions)
-                for index in effects.indexes:  # added to a table created by an older version
-                    index.create(conn, checkfirst=True)
-                exists = conn.execute(
-                    select(watermarks.c.name).where(watermarks.c.name == OutboxProjection.name)
-                ).first()
-                if exists is None:
-                    conn.execute(
-                        insert(watermarks).values(
-                            name=OutboxProjection.name,
-                            installed_position=head.position,
-                            installed_tx_id=head.tx,
-                            position=head.position,
-                            tx_id=head.tx,
-                        )
-                    )
-                conn.execute(
-                    update(effects)
-                    .where(effects.c.kind == EMAIL, effects.c.target.not_like(f"{EMAIL}:%"))
-                    .values(target=email_target("unknown"))
+
+    def install(conn: Connection) -> None:
+        outbox_metadata.create_all(conn, checkfirst=True)
+        install_counts(conn, effects, destination_of)
+        add_missing_columns(conn, watermarks)
+        add_missing_columns(conn, subscriptions)
+        for index in effects.indexes:  # added to a table created by an older version
+            index.create(conn, checkfirst=True)
+        exists = conn.execute(
+            select(watermarks.c.name).where(watermarks.c.name == OutboxProjection.name)
+        ).first()
+        if exists is None:
+            conn.execute(
+                insert(watermarks).values(
+                    name=OutboxProjection.name,
+                    installed_position=head.position,
+                    installed_tx_id=head.tx,
+                    position=head.position,
+                    tx_id=head.tx,
                 )
-            return
-        except (IntegrityError, OperationalError, ProgrammingError):
-            if attempt == 2:
-                raise
+            )
+        conn.execute(
+            update(effects)
+            .where(effects.c.kind == EMAIL, effects.c.target.not_like(f"{EMAIL}:%"))
+            .values(target=email_target("unknown"))
+        )
+
+    install_schema(engine, install)
 
 
 @dataclass(frozen=True)

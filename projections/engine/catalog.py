@@ -34,11 +34,16 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError
 
 from domain.eventstore import Checkpoint
 from projections.base import Projection, generation_suffix
-from projections.engine.database import add_missing_columns, db_now, write_transaction
+from projections.engine.database import (
+    add_missing_columns,
+    db_now,
+    install_schema,
+    write_transaction,
+)
 
 log = logging.getLogger("orderledger.projections")
 
@@ -219,17 +224,13 @@ class Catalog:
 
     def install(self) -> None:
         """Create the tracking table (idempotent; safe when several processes start at once)."""
-        for attempt in (1, 2):
-            try:
-                with self.engine.begin() as conn:
-                    catalog_metadata.create_all(conn, checkfirst=True)
-                    # A position-only checkpoint p of an older version is the pair (0, p).
-                    add_missing_columns(conn, generations)
-                return
-            except (IntegrityError, OperationalError, ProgrammingError):
-                # Another process created it between our check and our CREATE.
-                if attempt == 2:
-                    raise
+
+        def install(conn: Connection) -> None:
+            catalog_metadata.create_all(conn, checkfirst=True)
+            # A position-only checkpoint p of an older version is the pair (0, p).
+            add_missing_columns(conn, generations)
+
+        install_schema(self.engine, install)
 
     # -- tables of a generation -------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.types import Float
 
 from domain.eventstore import create_schema_statement, postgres_schema
+from domain.schema import changing_schema_alone
 from domain.sqlite_writes import SQLiteWriteLock, sqlite_write_lock
 
 WRITE = {"orderledger_write": True}
@@ -93,6 +94,14 @@ def write_transaction(engine: Engine, options: Mapping[str, bool] = WRITE) -> It
         conn.begin(),
     ):
         yield conn
+
+
+def install_schema(engine: Engine, install: Callable[[Connection], None]) -> None:
+    """Run ``install`` (create tables if missing, add columns an older version lacks) in one
+    write transaction, alone: idempotent, and safe when several processes start at once."""
+    with write_transaction(engine) as conn:
+        changing_schema_alone(conn)
+        install(conn)
 
 
 _engine_locks: WeakKeyDictionary[Engine, SQLiteWriteLock | None] = WeakKeyDictionary()

@@ -394,3 +394,17 @@ def write_orders(
                 ledger.capture_payment(hot_order, amount=1, payment_reference=f"{prefix}-{index}")
     finally:
         ledger.close()
+
+
+def starting_process(url: str, ready: Any, results: Any) -> None:
+    """Open everything a starting API process opens (ledger, read models, key store) on
+    ``url`` once every other such process is ready too; report what went wrong, if anything."""
+    ready.wait(WAIT_TIMEOUT)
+    try:
+        settings = Settings(database_url=url)
+        with bootstrap.opened(settings):
+            bootstrap.open_key_store(settings).close()
+    except Exception as error:
+        results.put(repr(error))
+    else:
+        results.put(None)

@@ -35,6 +35,7 @@ from tests.support.engine import (
     opened,
     place_and_pay,
     race_worker_process,
+    starting_process,
     store_events,
 )
 from tests.support.waiting import wait_for
@@ -551,3 +552,26 @@ class TestLagHistory:
 
             assert [(s.lag_events, s.lag_seconds) for s in samples] == [(5, 2.5), (3, 0.5)]
             assert [s.minute for s in samples] == [int(now // 60) - 1, int(now // 60)]
+
+
+class TestStartingTogether:
+    STARTING = 8
+
+    def test_processes_starting_at_once_on_a_new_store_all_start(self, store_url: str) -> None:
+        """Eight processes opening a store that has no tables yet: each one creates or finds
+        every table, none fails (SQLite refused the losers with "database is locked")."""
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Barrier(self.STARTING)
+        results = ctx.Queue()
+        processes = [
+            ctx.Process(target=starting_process, args=(store_url, ready, results))
+            for _ in range(self.STARTING)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            failures = [results.get(timeout=WAIT_TIMEOUT) for _ in processes]
+        finally:
+            for process in processes:
+                process.join(WAIT_TIMEOUT)
+        assert [f for f in failures if f is not None] == []
