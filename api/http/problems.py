@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from api.http.schemas.commands import FieldError, Problem
+from api.key_store import KeyNotFoundError
 from api.logs import REQUEST_ID_HEADER
 from domain.errors import (
     CommandOutcomeUnknownError,
@@ -26,6 +27,7 @@ from domain.errors import (
     OrderNotFoundError,
     OrderRuleError,
 )
+from projections.effects.service import EffectNotFoundError
 from projections.engine.runtime import ReadModelUpgradingError
 
 log = logging.getLogger("orderledger.api")
@@ -128,6 +130,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OrderLedgerError, ledger_error_problem)
     app.add_exception_handler(RequestValidationError, validation_problem)
     app.add_exception_handler(StarletteHTTPException, http_problem)
+    for missing in (KeyNotFoundError, EffectNotFoundError):
+        app.add_exception_handler(missing, not_found_problem)
     app.add_exception_handler(PersistenceError, store_unavailable_problem)
     app.add_exception_handler(ReadModelUpgradingError, upgrading_problem)
     app.add_exception_handler(Exception, internal_error_problem)
@@ -193,6 +197,11 @@ async def validation_problem(request: Request, exc: Exception) -> Response:
         detail=summary,
         errors=errors,
     )
+
+
+async def not_found_problem(request: Request, exc: Exception) -> Response:
+    """A key, effect or webhook subscription that does not exist: its message is the detail."""
+    return await http_problem(request, StarletteHTTPException(404, detail=str(exc)))
 
 
 async def http_problem(request: Request, exc: Exception) -> Response:

@@ -17,7 +17,6 @@ from api.http.schemas.reads import (
 )
 from projections.effects.service import (
     EffectNotDeadError,
-    EffectNotFoundError,
     Effects,
     EffectView,
 )
@@ -65,10 +64,7 @@ def read_effects(
 @router.get("/{effect_id}", responses=problem_responses(404))
 def read_effect(effect_id: EffectId, effects: EffectsDep) -> EffectDetailPublic:
     """One effect with the time, outcome, status code and error of every attempt."""
-    try:
-        return _detail(effects.get(effect_id))
-    except EffectNotFoundError as error:
-        raise HTTPException(404, detail=str(error)) from None
+    return _detail(effects.get(effect_id))
 
 
 @router.post("/{effect_id}/retry", responses=problem_responses(404, 409))
@@ -76,7 +72,5 @@ def retry_effect(effect_id: EffectId, effects: EffectsDep) -> EffectDetailPublic
     """Send a dead effect again with a fresh set of attempts; its history is kept."""
     try:
         return _detail(effects.retry(effect_id))
-    except EffectNotFoundError as error:
-        raise HTTPException(404, detail=str(error)) from None
     except EffectNotDeadError as error:
         raise HTTPException(409, detail=str(error)) from None

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from api.http.auth import KeyStoreDep
 from api.http.idempotency import IdempotentRoute, replay_instead
 from api.http.problems import problem_response, problem_responses
-from api.key_store import MAX_NAME_LENGTH, ApiKey, KeyNotFoundError, Role
+from api.key_store import MAX_NAME_LENGTH, ApiKey, Role
 
 router = APIRouter(prefix="/keys", tags=["keys"], route_class=IdempotentRoute)
 
@@ -91,8 +91,5 @@ def read_keys(keys: KeyStoreDep) -> KeysPublic:
 @router.delete("/{key_id}", status_code=204, responses=problem_responses(404, 422))
 def revoke_key(key_id: KeyId, keys: KeyStoreDep) -> Response:
     """Revoke a key: every API process refuses it within about a second."""
-    try:
-        keys.revoke(key_id)
-    except KeyNotFoundError as error:
-        raise HTTPException(404, detail=str(error)) from None
+    keys.revoke(key_id)
     return Response(status_code=204)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from api.http.dependencies import JSON_BODY
@@ -13,7 +13,6 @@ from api.http.problems import problem_response, problem_responses
 from api.http.routes.effects import EffectsDep
 from api.http.schemas.reads import WebhookCreate, WebhookCreated, WebhookPublic, WebhooksPublic
 from projections.effects.service import (
-    EffectNotFoundError,
     InvalidSubscriptionError,
     SubscriptionView,
 )
@@ -69,8 +68,5 @@ def read_webhooks(effects: EffectsDep) -> WebhooksPublic:
 @router.delete("/{subscription_id}", status_code=204, responses=problem_responses(404, 422))
 def delete_webhook(subscription_id: SubscriptionId, effects: EffectsDep) -> Response:
     """Stop recording deliveries for a subscription; those already recorded still go out."""
-    try:
-        effects.remove_subscription(subscription_id)
-    except EffectNotFoundError as error:
-        raise HTTPException(404, detail=str(error)) from None
+    effects.remove_subscription(subscription_id)
     return Response(status_code=204)
