@@ -21,7 +21,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from prometheus_client import Counter
@@ -68,6 +68,13 @@ def backoff(attempt: int, settings: DispatchSettings, rng: random.Random | None 
     """Full jitter: a uniform wait up to min(cap, base * 2^(attempt-1))."""
     ceiling = min(settings.backoff_cap, settings.backoff_base * 2 ** (attempt - 1))
     return (rng or random).uniform(0, ceiling)
+
+
+_CLAIMED = (
+    *(effects.c[field.name] for field in fields(Effect) if field.name != "attempt"),
+    (effects.c.attempts + 1).label("attempt"),
+)
+"""What a claim reads of each outbox row: an Effect, on its next attempt."""
 
 
 class Dispatcher:
@@ -205,7 +212,7 @@ class Dispatcher:
             busy = self._claims_by_target(conn)
             full = [target for target, claims in busy.items() if claims >= self.settings.per_target]
             query = (
-                select(effects)
+                select(*_CLAIMED)
                 .where(
                     effects.c.status == PENDING,
                     effects.c.next_attempt_at <= self.now,
@@ -231,21 +238,7 @@ class Dispatcher:
                 .where(effects.c.id.in_([row.id for row in rows]))
                 .values(claimed_by=self.owner, claim_expires_at=self.now + self.settings.claim_ttl)
             )
-        return [
-            Effect(
-                id=row.id,
-                effect=row.effect,
-                kind=row.kind,
-                position=row.position,
-                order_id=row.order_id,
-                order_version=row.order_version,
-                event_type=row.event_type,
-                occurred_at=row.occurred_at,
-                target=row.target,
-                attempt=row.attempts + 1,
-            )
-            for row in rows
-        ]
+        return [Effect(**row._mapping) for row in rows]
 
     def _claims_by_target(self, conn: Connection) -> Tally[str]:
         """Unexpired claims per target, once no other dispatcher is claiming."""
