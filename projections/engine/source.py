@@ -162,13 +162,17 @@ class EventSource:
             return None
         return self._decode(*rows[0]).event.timestamp.timestamp()
 
-    def wait_for_events(self, after: Checkpoint, timeout: float) -> None:
-        """Block until an event after ``after`` may be safe to read, or the timeout passes.
+    def wait_for_events(
+        self, after: Checkpoint, timeout: float, stop: threading.Event | None = None
+    ) -> None:
+        """Block until an event after ``after`` may be safe to read, the timeout passes, or
+        ``stop`` is set.
 
         PostgreSQL wakes up on the store's NOTIFY, and polls too: the safe head also moves
         when a transaction that held it back ends, which notifies nobody. SQLite (and a lost
         listener) polls.
         """
+        stopped = stop or threading.Event()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             listener = self._listener
@@ -176,8 +180,8 @@ class EventSource:
                 if listener.wait(min(left, self.horizon_poll)):
                     return
             else:
-                time.sleep(min(self.poll_interval, left))
-            if self.safe_head() > after:
+                stopped.wait(min(self.poll_interval, left))
+            if stopped.is_set() or self.safe_head() > after:
                 return
 
     def close(self) -> None:

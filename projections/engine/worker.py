@@ -103,7 +103,9 @@ class Worker:
                     self._stop.wait(1.0)
                     continue
                 if not busy:
-                    self.source.wait_for_events(self._lowest_checkpoint(), self.idle_wait)
+                    self.source.wait_for_events(
+                        self._lowest_checkpoint(), self.idle_wait, self._stop
+                    )
                     rest = started + self.gather - time.monotonic()
                     if rest > 0:
                         self._stop.wait(rest)

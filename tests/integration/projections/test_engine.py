@@ -525,6 +525,24 @@ class TestLivePasses:
             assert runtime.worker().gather == 0.0
 
 
+class TestStopping:
+    IDLE_WAIT = 20.0
+
+    def test_an_idle_worker_stops_at_once_not_after_its_idle_wait(self, store_url: str) -> None:
+        """Waiting for events, it notices the stop within a poll (it slept out its whole idle
+        wait before: half a second per stop in the default settings)."""
+        with opened(store_url, [AppliedPositionsProjection()]) as (ledger, runtime):
+            place_and_pay(ledger, 1)
+            worker = runtime.worker(idle_wait=self.IDLE_WAIT)
+            worker.start()
+            head = ledger.head_position()
+            wait_for(lambda: serving_position(runtime) >= head, "the worker caught up", timeout=10)
+            time.sleep(0.2)  # into its wait for more events
+            started = time.monotonic()
+            worker.stop(timeout=self.IDLE_WAIT)
+            assert time.monotonic() - started < self.IDLE_WAIT / 4
+
+
 class TestLagHistory:
     """Workers record each serving projection's lag once a minute, kept for an hour."""
 
