@@ -573,10 +573,10 @@ class TestLagHistory:
 
 
 class TestStartingTogether:
-    STARTING = 8
+    STARTING = 4
 
     def test_processes_starting_at_once_on_a_new_store_all_start(self, store_url: str) -> None:
-        """Eight processes opening a store that has no tables yet: each one creates or finds
+        """Four processes opening a store that has no tables yet: each one creates or finds
         every table, none fails (SQLite refused the losers with "database is locked")."""
         ctx = multiprocessing.get_context("spawn")
         ready = ctx.Barrier(self.STARTING)
