@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     read_your_writes_timeout: float = Field(
         default=5.0, ge=0, le=60, description="Longest wait for min_position before a 503"
     )
+    read_threads: int = Field(
+        default=6,
+        ge=1,
+        le=64,
+        description="Reads (lists, reports, histories) an API process runs at once; more wait",
+    )
 
     @field_validator("webhook_allowed_networks")
     @classmethod

@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Table, func, select
 
 from api.bootstrap import open_ledger, open_read_models, opened
 from api.http.routes.order_queries import order_listing, public, public_json
-from api.http.routes.orders import read_order_history
+from api.http.routes.orders import order_history
 from api.http.schemas.reads import OrderSummariesPublic
 from api.settings import Settings
 from benchmarks.common import (
@@ -454,7 +454,7 @@ def _direct_operation(
     if spec.operation == "history":
         # What GET /orders/{id}/history does: the route's own function, then its JSON.
         def history(_number: int) -> str:
-            read_order_history(UUID(rng.choice(ids)), ledger).model_dump_json()
+            order_history(ledger, UUID(rng.choice(ids))).model_dump_json()
             return "200"
 
         return history

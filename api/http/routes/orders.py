@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.http.dependencies import (
@@ -17,6 +18,7 @@ from api.http.dependencies import (
     recorded_context,
 )
 from api.http.problems import problem_responses, response_headers
+from api.http.read_models import in_read_thread
 from api.http.schemas.commands import (
     CancellationCreate,
     CommandAccepted,
@@ -30,7 +32,7 @@ from api.http.schemas.commands import (
     RefundCreate,
     ShipmentCreate,
 )
-from domain.ledger import CommandResult
+from domain.ledger import CommandResult, OrderLedger
 from domain.money import MAX_AMOUNT
 from domain.order import MAX_ID_LENGTH
 
@@ -218,9 +220,14 @@ history_router = APIRouter(
 
 
 @history_router.get("/{order_id}/history")
-async def read_order_history(order_id: UUID, ledger: LedgerDep) -> OrderHistory:
+async def read_order_history(order_id: UUID, ledger: LedgerDep, request: Request) -> OrderHistory:
     """Every event of the order, oldest first, with its global position."""
-    entries = await run_in_threadpool(ledger.order_history, order_id)
+    return await in_read_thread(request, order_history, ledger, order_id)
+
+
+def order_history(ledger: OrderLedger, order_id: UUID) -> OrderHistory:
+    """GET /orders/{id}/history's answer, read from the store."""
+    entries = ledger.order_history(order_id)
     events = [HistoryEvent.model_validate(entry, from_attributes=True) for entry in entries]
     return OrderHistory(order_id=order_id, events=events)
 
@@ -229,11 +236,13 @@ async def read_order_history(order_id: UUID, ledger: LedgerDep) -> OrderHistory:
 async def read_order_state(
     order_id: UUID,
     ledger: LedgerDep,
+    request: Request,
     version: Annotated[int | None, Query(ge=1, le=MAX_AMOUNT)] = None,
     at: Annotated[
         datetime | None, Query(description="A moment with its timezone, e.g. 2026-01-31T12:00Z")
     ] = None,
 ) -> OrderState:
     """The order as it was at a version or a moment (give one, or neither for now)."""
-    order = await run_in_threadpool(ledger.order_as_of, order_id, version=version, at=at)
+    as_of = partial(ledger.order_as_of, version=version, at=at)
+    order = await in_read_thread(request, as_of, order_id)
     return OrderState.model_validate(order.snapshot())
