@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-SCHEMA_LOCK = "orderledger.schema"
+SCHEMA_LOCK = "orderledger.schema."
+"""The advisory lock's name, followed by the store's schema (stores in other schemas of the
+same database do not wait for each other)."""
 
 
 def changing_schema_alone(conn: Connection) -> None:
@@ -15,4 +17,7 @@ def changing_schema_alone(conn: Connection) -> None:
     IMMEDIATE``) already is the only writer.
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": SCHEMA_LOCK})
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key || current_schema()))"),
+            {"key": SCHEMA_LOCK},
+        )

@@ -31,7 +31,7 @@ from sqlalchemy.orm import aliased
 from projections.effects.outbox import CANCELLED, DEAD, DELIVERED, PENDING, attempts, effects
 from projections.effects.senders import Effect, Outcome, Sender
 from projections.effects.tally import fold_counts
-from projections.engine.background import Background
+from projections.engine.background import LoopThread
 from projections.engine.database import db_now, write_transaction
 
 log = logging.getLogger("orderledger.effects")
@@ -103,7 +103,7 @@ class Dispatcher:
         self._renewed_at = 0.0
         self._folded_at = 0.0
         self._wake = threading.Event()
-        self._background = Background("orderledger-dispatch")
+        self._background = LoopThread("orderledger-dispatch")
         self._stop = self._background.stopping
 
     # -- running ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from projections.effects.service import Effects
-from projections.engine.background import Background
+from projections.engine.background import LoopThread
 
 log = logging.getLogger("orderledger.effects")
 
@@ -20,7 +20,7 @@ class Reconciler:
     def __init__(self, effects: Effects, interval: float) -> None:
         self.effects = effects
         self.interval = interval
-        self._background = Background("orderledger-reconcile")
+        self._background = LoopThread("orderledger-reconcile")
         self._stop = self._background.stopping
 
     def start(self) -> None:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 
 
-class Background:
+class LoopThread:
     """Runs a loop in a daemon thread named ``name``; the loop ends once ``stopping`` is set."""
 
     def __init__(self, name: str) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from domain.eventstore import Checkpoint
 from projections.base import Projection
-from projections.engine.background import Background
+from projections.engine.background import LoopThread
 from projections.engine.catalog import BUILDING, RETIRED, SERVING, Catalog
 from projections.engine.processor import Outcome, Processor, ProcessorSettings
 from projections.engine.source import EventSource, SharedReads
@@ -64,7 +64,7 @@ class Worker:
         """Least seconds from the start of one live pass to the start of the next."""
         self.owner = owner or worker_id()
         self.processors: dict[tuple[str, int], Processor] = {}
-        self._background = Background("orderledger-worker")
+        self._background = LoopThread("orderledger-worker")
         self._stop = self._background.stopping
         self._last_refresh = 0.0
         self._last_heartbeat = 0.0

@@ -273,7 +273,7 @@ class OrderWriter:
         pace = self.seconds / self.orders * step
         try:
             started = time.monotonic()
-            for count, _ in enumerate(range(first, self.orders, step)):
+            for count in range(len(range(first, self.orders, step))):
                 # Spread the orders over the run (no faster; a loaded machine may be slower).
                 if self._stop.wait(max(0.0, started + count * pace - time.monotonic())):
                     return

@@ -213,9 +213,12 @@ async def issue_refund(
     return _accepted(response, result)
 
 
-# The audit reads of one order: the same place and roles, without the commands' dependencies.
+# The audit reads of one order: the same place, roles and body check, without the command context.
 history_router = APIRouter(
-    prefix=router.prefix, tags=["orders"], responses=problem_responses(404, 422)
+    prefix=router.prefix,
+    tags=["orders"],
+    dependencies=[JSON_BODY],
+    responses=problem_responses(404, 422),
 )
 
 
